@@ -1,0 +1,90 @@
+"""Finding a VibeVoice checkpoint and loading the part of its weights one process owns.
+
+Each GPU service loads only its own modules: the checkpoint's safetensors are read by key prefix, so the llm
+process never materializes acoustic weights and the acoustic process never materializes the language model.
+The modules themselves are transformers' VibeVoice classes, built from the checkpoint's own config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+
+from services.common.tiny_model import TINY_MARKER, ensure_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: object  # transformers.VibeVoiceConfig
+    random_weights: bool
+
+    @property
+    def name(self) -> str:
+        return "tiny (random weights)" if self.random_weights and self.path.name == "tiny-checkpoint" else str(
+            self.path
+        )
+
+
+def resolve_checkpoint(model: str) -> Checkpoint:
+    """`tiny` builds (once) and loads the random-weight test model; anything else is a checkpoint directory."""
+    from transformers import VibeVoiceConfig
+
+    path = ensure_tiny_checkpoint() if model == "tiny" else Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a VibeVoice checkpoint directory (no config.json)")
+    config = VibeVoiceConfig.from_pretrained(path)
+    random_weights = bool(getattr(config, TINY_MARKER, False))
+    if random_weights:
+        log.warning("model %s has RANDOM WEIGHTS: its audio is noise-like and its stop decisions meaningless", path)
+    return Checkpoint(path=path, config=config, random_weights=random_weights)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    return files
+
+
+def read_tensors(ckpt: Checkpoint, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor whose name starts with one of `prefixes` (names kept whole)."""
+    out: dict[str, torch.Tensor] = {}
+    for file in _weight_files(ckpt.path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key.startswith(prefixes):
+                    out[key] = f.get_tensor(key)
+    return out
+
+
+def load_module(
+    factory, tensors: dict[str, torch.Tensor], prefix: str, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """Build `factory()` without allocating its weights, then fill it with `tensors[prefix + '.' + name]`."""
+    with init_empty_weights(include_buffers=False):
+        module = factory()
+    state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def parameter_count(modules: dict[str, nn.Module | torch.Tensor]) -> int:
+    total = 0
+    for m in modules.values():
+        total += m.numel() if isinstance(m, torch.Tensor) else sum(p.numel() for p in m.parameters())
+    return total

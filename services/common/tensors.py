@@ -1,0 +1,32 @@
+"""Tensors on the wire: raw little-endian bytes with a dtype name and a shape."""
+
+from __future__ import annotations
+
+import torch
+from vibevoice.mesh.v1 import mesh_pb2
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def to_proto(t: torch.Tensor) -> mesh_pb2.Tensor:
+    t = t.detach().contiguous().cpu()
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return mesh_pb2.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape), data=data)
+
+
+def from_proto(msg: mesh_pb2.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    dtype = _DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise ValueError(f"unsupported tensor dtype {msg.dtype!r}")
+    shape = tuple(msg.shape)
+    if not msg.data:
+        return torch.empty(shape, dtype=dtype, device=device)
+    flat = torch.frombuffer(bytearray(msg.data), dtype=dtype)
+    return flat.reshape(shape).to(device)
