@@ -28,6 +28,18 @@ SAMPLES_PER_FRAME = 3200
 VOICE_CACHE_ENTRIES = 64
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the acoustic side needs to know about a stream when it joins."""
+
+    stream_id: int
+    seed: int
+    cfg_scale: float
+    diffusion_steps: int
+    voice_count: int = 0
+    voice_max_frames: int = 0
+
+
 @dataclass
 class StreamState:
     # Frame noise comes from a CPU generator, as in the reference (it draws on the CPU and moves the noise).
@@ -82,8 +94,9 @@ class AcousticEngine:
         self._scheduler_factory = lambda: VibeVoiceGenerationMixin._build_default_noise_scheduler(generation_config)
         self._schedulers: dict[int, object] = {}
 
-        self.decoder_state = ConvStateStore.discover(self._probe(self.audio_tower.decode, self.latent_size, 1),
-                                                     self.device, dtype)
+        self.decoder_state = ConvStateStore.discover(
+            self._probe(self.audio_tower.decode, self.latent_size, 1), self.device, dtype
+        )
         self.semantic_state = ConvStateStore.discover(
             self._probe(self.semantic_encoder, 1, SAMPLES_PER_FRAME), self.device, dtype
         )
@@ -135,7 +148,9 @@ class AcousticEngine:
             self._voice_means.popitem(last=False)
         return mean
 
-    def _voice_draws(self, generator: torch.Generator, count: int, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _voice_draws(
+        self, generator: torch.Generator, count: int, max_frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # The reference samples all voices of a request as one padded batch: one std per voice, then
         # `randn_like` noise for the whole block. The encoder's latents are a transposed view, and the
         # noise is drawn into a tensor of that same layout. These are the first draws of the seed.
@@ -160,15 +175,14 @@ class AcousticEngine:
 
     # ------------------------------------------------------------------ streams
 
-    def start(self, stream_id: int, seed: int, cfg_scale: float, diffusion_steps: int, voice_count: int,
-              voice_max_frames: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        if voice_count and self.device.type == "cpu":
+    def start(self, spec: StreamSpec) -> None:
+        generator = torch.Generator().manual_seed(spec.seed)
+        if spec.voice_count and self.device.type == "cpu":
             # On the CPU voice sampling and frame noise share one generator: replay the voice draws.
-            self._voice_draws(generator, voice_count, voice_max_frames)
-        self.streams[stream_id] = StreamState(generator, cfg_scale, diffusion_steps)
-        self.decoder_state.add(stream_id)
-        self.semantic_state.add(stream_id)
+            self._voice_draws(generator, spec.voice_count, spec.voice_max_frames)
+        self.streams[spec.stream_id] = StreamState(generator, spec.cfg_scale, spec.diffusion_steps)
+        self.decoder_state.add(spec.stream_id)
+        self.semantic_state.add(spec.stream_id)
 
     def end(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
@@ -202,7 +216,9 @@ class AcousticEngine:
         return latent
 
     @torch.inference_mode()
-    def render(self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def render(
+        self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched step: (N, hidden) conditions -> next input embeddings (N, hidden), audio (N, 3200)."""
         positive = positive.to(self.device, self.dtype)
         negative = negative.to(self.device, self.dtype)
@@ -227,3 +243,19 @@ class AcousticEngine:
 
         embeds = self.acoustic_connector(latent) + self.semantic_connector(semantic)
         return embeds[:, 0].float().cpu(), audio[:, 0].float().cpu()
+
+    def step(
+        self,
+        starts: list[StreamSpec],
+        ids: list[int],
+        positive: torch.Tensor | None,
+        negative: torch.Tensor | None,
+        ends: list[int],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One message of the Render protocol: join `starts`, render `ids`, then release `ends`."""
+        for spec in starts:
+            self.start(spec)
+        result = self.render(ids, positive, negative) if ids else (None, None)
+        for s in ends:
+            self.end(s)
+        return result

@@ -32,8 +32,8 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return "tiny (random weights)" if self.random_weights and self.path.name == "tiny-checkpoint" else str(
-            self.path
+        return (
+            "tiny (random weights)" if self.random_weights and self.path.name == "tiny-checkpoint" else str(self.path)
         )
 
 

@@ -52,14 +52,13 @@ class LMEngine:
         tensors = read_tensors(ckpt, ("model.language_model.", "lm_head."))
         text_config = cfg.text_config
         text_config._attn_implementation = "sdpa"
-        self.lm = load_module(lambda: AutoModel.from_config(text_config), tensors, "model.language_model",
-                              self.device, dtype)
+        self.lm = load_module(
+            lambda: AutoModel.from_config(text_config), tensors, "model.language_model", self.device, dtype
+        )
         self.embed_tokens = self.lm.get_input_embeddings()
         # Only four tokens can follow a speech prompt; their lm_head rows are all of the head we keep,
         # in ascending token-id order so that ties break as the reference's full-vocabulary argmax does.
-        self.token_ids = sorted(
-            [cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id]
-        )
+        self.token_ids = sorted([cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id])
         head = tensors.get("lm_head.weight")
         if head is None:  # tied embeddings
             head = tensors["model.language_model.embed_tokens.weight"]

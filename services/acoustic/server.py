@@ -1,0 +1,118 @@
+"""Acoustic service: voice prompts to embeddings, and the per-step rendering stream from the llm."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.common.checkpoint import resolve_checkpoint
+from services.common.grpc_server import Service
+from services.common.logs import mark_random_weights, setup_logging
+from services.common.model_args import add_model_args, resolve_dtype
+from services.common.telemetry import setup_tracing
+from services.common.tensors import from_proto, to_proto
+
+log = logging.getLogger(__name__)
+
+
+def _key(conn: int, stream_id: int) -> int:
+    # Stream ids are the llm's; they are made unique per connection so several llm replicas can share us.
+    return (conn << 40) | stream_id
+
+
+def model_info(engine, model_name: str) -> mesh_pb2.ModelInfo:
+    return mesh_pb2.ModelInfo(
+        model=model_name,
+        random_weights=engine.ckpt.random_weights,
+        device=str(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        parameters=engine.parameter_count(),
+        modules=list(engine.modules()),
+    )
+
+
+class Acoustic(mesh_pb2_grpc.AcousticServicer):
+    def __init__(self, engine: AcousticEngine) -> None:
+        self.engine = engine
+        # One engine, one device: steps and encodes run one at a time, off the event loop.
+        self.lock = asyncio.Lock()
+        self._connections = itertools.count(1)
+
+    async def _run(self, fn, *args):
+        async with self.lock:
+            return await asyncio.to_thread(fn, *args)
+
+    async def EncodeVoice(self, request, context):  # noqa: N802
+        voices = [from_proto(v) for v in request.voices]
+        embeddings, frames = await self._run(self.engine.encode_voices, voices, request.seed)
+        return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
+
+    def _step(self, conn: int, request: mesh_pb2.RenderRequest) -> mesh_pb2.RenderResponse:
+        starts = [
+            StreamSpec(
+                _key(conn, s.stream_id), s.seed, s.cfg_scale, s.diffusion_steps, s.voice_count, s.voice_max_frames
+            )
+            for s in request.starts
+        ]
+        ids = [_key(conn, s) for s in request.stream_ids]
+        positive = from_proto(request.positive) if ids else None
+        negative = from_proto(request.negative) if ids else None
+        embeds, audio = self.engine.step(starts, ids, positive, negative, [_key(conn, s) for s in request.ends])
+        response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
+        if ids:
+            response.embeddings.CopyFrom(to_proto(embeds))
+            response.audio.CopyFrom(to_proto(audio))
+        return response
+
+    async def Render(self, request_iterator: AsyncIterator, context) -> AsyncIterator:  # noqa: N802
+        conn = next(self._connections)
+        started: set[int] = set()
+        log.info("render stream %d opened by %s", conn, context.peer())
+        try:
+            async for request in request_iterator:
+                started.update(s.stream_id for s in request.starts)
+                started.difference_update(request.ends)
+                yield await self._run(self._step, conn, request)
+        finally:
+            # The llm went away: release whatever its streams held.
+            for s in started:
+                self.engine.end(_key(conn, s))
+            log.info("render stream %d closed (%d streams released)", conn, len(started))
+
+    async def DescribeModel(self, request, context):  # noqa: N802
+        return mesh_pb2.AcousticDescribeModelResponse(info=model_info(self.engine, str(self.engine.ckpt.path)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="vvmesh serve acoustic")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50063)
+    args = p.parse_args(argv)
+    setup_logging("acoustic")
+    setup_tracing("acoustic")
+    ckpt = resolve_checkpoint(args.model)
+    mark_random_weights(ckpt.random_weights)
+    torch.set_grad_enabled(False)
+    engine = AcousticEngine(ckpt, args.device, resolve_dtype(args))
+    log.info("acoustic weights loaded: %d parameters on %s", engine.parameter_count(), args.device)
+
+    async def run() -> None:
+        service = Service(
+            "acoustic", args.host, args.port, [mesh_pb2.DESCRIPTOR.services_by_name["Acoustic"].full_name]
+        )
+        mesh_pb2_grpc.add_AcousticServicer_to_server(Acoustic(engine), service.server)
+        await service.run(grace_s=30)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""How the llm reaches the acoustic engine: in its own process, or over one gRPC Render stream.
+
+Both speak the same step: streams that join, the conditions of the streams that spoke, streams that end;
+and both answer with next-step embeddings and audio. They must produce the same audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+import grpc
+import torch
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.common.grpc_server import insecure_channel
+from services.common.tensors import from_proto, to_proto
+
+log = logging.getLogger(__name__)
+
+StepResult = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+class AcousticUnavailable(Exception):
+    """The acoustic side failed mid-step; every stream it carried is lost."""
+
+
+class AcousticLink(Protocol):
+    async def step(
+        self,
+        step: int,
+        starts: list[StreamSpec],
+        ids: list[int],
+        positive: torch.Tensor | None,
+        negative: torch.Tensor | None,
+        ends: list[int],
+    ) -> StepResult: ...
+
+    async def encode_voices(self, voices: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalAcoustic:
+    """The acoustic engine in this process (one GPU, no hop)."""
+
+    def __init__(self, engine: AcousticEngine) -> None:
+        self.engine = engine
+
+    async def step(self, step, starts, ids, positive, negative, ends) -> StepResult:
+        return await asyncio.to_thread(self.engine.step, starts, ids, positive, negative, ends)
+
+    async def encode_voices(self, voices, seed):
+        return await asyncio.to_thread(self.engine.encode_voices, voices, seed)
+
+    async def close(self) -> None:
+        pass
+
+
+class RemoteAcoustic:
+    """A remote acoustic service over one bidirectional Render stream, opened on first use."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel: grpc.aio.Channel | None = None
+        self.call = None
+
+    async def _open(self):
+        if self.call is None:
+            self.channel = insecure_channel(self.address)
+            self.call = mesh_pb2_grpc.AcousticStub(self.channel).Render()
+        return self.call
+
+    async def step(self, step, starts, ids, positive, negative, ends) -> StepResult:
+        request = mesh_pb2.RenderRequest(
+            step=step,
+            starts=[
+                mesh_pb2.StreamStart(
+                    stream_id=s.stream_id,
+                    seed=s.seed,
+                    cfg_scale=s.cfg_scale,
+                    diffusion_steps=s.diffusion_steps,
+                    voice_count=s.voice_count,
+                    voice_max_frames=s.voice_max_frames,
+                )
+                for s in starts
+            ],
+            stream_ids=ids,
+            ends=ends,
+        )
+        if ids:
+            request.positive.CopyFrom(to_proto(positive))
+            request.negative.CopyFrom(to_proto(negative))
+        try:
+            call = await self._open()
+            await call.write(request)
+            response = await call.read()
+        except grpc.aio.AioRpcError as e:
+            await self.close()
+            raise AcousticUnavailable(
+                f"acoustic service at {self.address} failed: {e.code().name}: {e.details()}"
+            ) from e
+        if response is grpc.aio.EOF:
+            await self.close()
+            raise AcousticUnavailable(f"acoustic service at {self.address} closed the render stream")
+        if not ids:
+            return None, None
+        return from_proto(response.embeddings), from_proto(response.audio)
+
+    async def encode_voices(self, voices, seed):
+        raise NotImplementedError("voices are encoded by the gateway's call to the acoustic service")
+
+    async def close(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+        if self.channel is not None:
+            await self.channel.close()
+        self.call = self.channel = None

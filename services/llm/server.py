@@ -1,0 +1,149 @@
+"""LLM service: Generate streams one request's audio frames, batched with every other stream by the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+import torch
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.acoustic.server import model_info
+from services.common.checkpoint import resolve_checkpoint
+from services.common.errors import RequestError, abort, invalid_argument, unavailable
+from services.common.grpc_server import Service
+from services.common.logs import mark_random_weights, setup_logging
+from services.common.model_args import add_model_args, resolve_dtype
+from services.common.telemetry import setup_tracing
+from services.common.tensors import from_proto, to_proto
+from services.llm.acoustic_link import LocalAcoustic, RemoteAcoustic
+from services.llm.engine import LMEngine, LMStream
+from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class LLM(mesh_pb2_grpc.LLMServicer):
+    def __init__(self, engine: LMEngine, scheduler: Scheduler, allow_fixed_frames: bool) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.allow_fixed_frames = allow_fixed_frames
+
+    def _job(self, request: mesh_pb2.GenerateRequest) -> Job:
+        if request.fixed_frames and not self.allow_fixed_frames:
+            raise invalid_argument(
+                "options.fixed_frames", "this server does not accept fixed_frames (start it with --allow-fixed-frames)"
+            )
+        if not request.prompt_ids:
+            raise invalid_argument("prompt_ids", "empty prompt")
+        room = self.engine.max_positions - len(request.prompt_ids) - 1
+        max_frames = min(request.max_frames or room, room)
+        if request.fixed_frames > room:
+            raise invalid_argument(
+                "options.fixed_frames",
+                f"{request.fixed_frames} frames do not fit: the prompt leaves room for {room} in the model's context",
+            )
+        voices = from_proto(request.voice_embeddings) if request.HasField("voice_embeddings") else None
+        placeholders = sum(1 for t in request.prompt_ids if t == self.engine.audio_token_id)
+        if (voices.shape[0] if voices is not None else 0) != placeholders:
+            raise invalid_argument(
+                "voice_embeddings",
+                f"{placeholders} placeholder positions but {0 if voices is None else voices.shape[0]} voice embeddings",
+            )
+        stream = LMStream(
+            prompt_ids=list(request.prompt_ids),
+            voice_embeddings=voices,
+            fixed_frames=request.fixed_frames,
+            max_frames=max_frames,
+        )
+        spec = StreamSpec(
+            stream_id=self.scheduler.new_stream_id(),
+            seed=request.seed,
+            cfg_scale=request.cfg_scale or 1.3,
+            diffusion_steps=request.diffusion_steps or 10,
+            voice_count=request.voice_count,
+            voice_max_frames=request.voice_max_frames,
+        )
+        return Job(stream=stream, spec=spec)
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
+        try:
+            job = self._job(request)
+        except RequestError as e:
+            await abort(context, e)
+            return
+        self.scheduler.submit(job)
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, Frame):
+                    yield mesh_pb2.GenerateResponse(
+                        frame=mesh_pb2.GeneratedFrame(
+                            index=event.index, segment_index=event.segment, audio=to_proto(event.audio)
+                        )
+                    )
+                elif isinstance(event, PromptDone):
+                    yield mesh_pb2.GenerateResponse(
+                        progress=mesh_pb2.GenerateProgress(prompt_tokens_done=event.tokens, prompt_tokens=event.tokens)
+                    )
+                elif isinstance(event, Finished):
+                    yield mesh_pb2.GenerateResponse(
+                        done=mesh_pb2.GenerateDone(frames=event.frames, finish_reason=event.reason)
+                    )
+                    return
+                elif isinstance(event, Failed):
+                    await abort(context, unavailable(event.message))
+                    return
+        finally:
+            # Client gone, deadline passed, or done: the slot is released at the next step boundary.
+            self.scheduler.cancel(job)
+
+    async def DescribeModel(self, request, context):  # noqa: N802
+        return mesh_pb2.LLMDescribeModelResponse(info=model_info(self.engine, str(self.engine.ckpt.path)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="vvmesh serve llm")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50064)
+    p.add_argument(
+        "--acoustic",
+        default="127.0.0.1:50063",
+        help="address of the acoustic service, or 'local' to host the acoustic engine in this process",
+    )
+    p.add_argument("--max-streams", type=int, default=64)
+    p.add_argument(
+        "--allow-fixed-frames",
+        action="store_true",
+        help="accept the fixed_frames request option (benchmarks and random-weight models)",
+    )
+    args = p.parse_args(argv)
+    setup_logging("llm")
+    setup_tracing("llm")
+    ckpt = resolve_checkpoint(args.model)
+    mark_random_weights(ckpt.random_weights)
+    torch.set_grad_enabled(False)
+    dtype = resolve_dtype(args)
+    engine = LMEngine(ckpt, args.device, dtype)
+    log.info("language model loaded: %d parameters on %s", engine.parameter_count(), args.device)
+
+    async def run() -> None:
+        if args.acoustic == "local":
+            link = LocalAcoustic(AcousticEngine(ckpt, args.device, dtype))
+        else:
+            link = RemoteAcoustic(args.acoustic)
+        scheduler = Scheduler(engine, link, args.max_streams)
+        service = Service("llm", args.host, args.port, [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name])
+        mesh_pb2_grpc.add_LLMServicer_to_server(LLM(engine, scheduler, args.allow_fixed_frames), service.server)
+        await service.run(grace_s=120)
+        await link.close()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

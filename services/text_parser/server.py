@@ -1,0 +1,120 @@
+"""TextParser.Parse: script -> validated turns and the prompt in the reference layout (CPU, tokenizer only)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+from transformers import AutoTokenizer
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from services.common.checkpoint import Checkpoint, resolve_checkpoint
+from services.common.errors import RequestError, abort, invalid_argument
+from services.common.grpc_server import Service
+from services.common.logs import mark_random_weights, setup_logging
+from services.common.telemetry import setup_tracing
+from services.text_parser.prompt import PromptBuilder, SpecialTokens
+from services.text_parser.script import ParsedScript, ScriptError, parse_text, parse_turns
+
+log = logging.getLogger(__name__)
+
+
+class TextParser(mesh_pb2_grpc.TextParserServicer):
+    def __init__(self, ckpt: Checkpoint) -> None:
+        cfg = ckpt.config
+        self.builder = PromptBuilder(
+            AutoTokenizer.from_pretrained(ckpt.path),
+            SpecialTokens(cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id),
+        )
+        self.context = cfg.text_config.max_position_embeddings
+
+    def parse(self, request: mesh_pb2.ParseRequest) -> mesh_pb2.ParseResponse:
+        try:
+            if request.WhichOneof("script") == "turns":
+                script = parse_turns([(t.speaker, t.text) for t in request.turns.turns])
+            else:
+                script = parse_text(request.text)
+        except ScriptError as e:
+            raise invalid_argument(e.field, e.reason) from e
+        voice_frames = self._voice_frames(script, request.voices)
+        ids, order = self.builder.build(script, voice_frames)
+        # One position for the first generated token at least; every speech frame takes one more.
+        room = self.context - len(ids)
+        if room < 1:
+            field = "turns" if request.WhichOneof("script") == "turns" else "text"
+            raise invalid_argument(
+                field,
+                f"the script and voice prompts take {len(ids)} tokens; the model's context is {self.context}",
+            )
+        by_model_speaker = {script.model_speaker(v.speaker): i for i, v in enumerate(request.voices)}
+        counts: dict[int, int] = {}
+        for t in script.turns:
+            counts[t.speaker] = counts.get(t.speaker, 0) + 1
+        return mesh_pb2.ParseResponse(
+            prompt_ids=ids,
+            turns=[mesh_pb2.ScriptTurn(speaker=script.model_speaker(t.speaker), text=t.text) for t in script.turns],
+            speakers=[
+                mesh_pb2.SpeakerMapping(
+                    speaker=s,
+                    model_speaker=script.model_speaker(s),
+                    turns=counts[s],
+                    has_voice=script.model_speaker(s) in voice_frames,
+                )
+                for s in script.speakers
+            ],
+            warnings=script.warnings,
+            voice_order=[by_model_speaker[k] for k in order],
+            max_new_frames=room - 1,
+        )
+
+    @staticmethod
+    def _voice_frames(script: ParsedScript, voices) -> dict[int, int]:
+        speaking = set(script.speakers)
+        frames: dict[int, int] = {}
+        for i, v in enumerate(voices):
+            if v.speaker not in speaking:
+                raise invalid_argument(
+                    f"voices[{i}].speaker",
+                    f"speaker {v.speaker} has a voice but does not speak in the script "
+                    f"(speakers: {', '.join(map(str, sorted(speaking)))})",
+                )
+            k = script.model_speaker(v.speaker)
+            if k in frames:
+                raise invalid_argument(f"voices[{i}].speaker", f"speaker {v.speaker} has more than one voice")
+            if v.frames < 1:
+                raise invalid_argument(f"voices[{i}].audio", "the voice prompt has no audio")
+            frames[k] = v.frames
+        return frames
+
+    async def Parse(self, request, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC method name)
+        try:
+            return await asyncio.to_thread(self.parse, request)
+        except RequestError as e:
+            await abort(context, e)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="vvmesh serve text_parser")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50062)
+    args = p.parse_args(argv)
+    setup_logging("text_parser")
+    setup_tracing("text_parser")
+    ckpt = resolve_checkpoint(args.model)
+    mark_random_weights(ckpt.random_weights)
+
+    async def run() -> None:
+        service = Service(
+            "text_parser", args.host, args.port, [mesh_pb2.DESCRIPTOR.services_by_name["TextParser"].full_name]
+        )
+        mesh_pb2_grpc.add_TextParserServicer_to_server(TextParser(ckpt), service.server)
+        await service.run(grace_s=5)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

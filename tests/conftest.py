@@ -1,0 +1,56 @@
+"""Shared fixtures: one tiny random-weight checkpoint and one running mesh (real processes, real Envoy)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from services.common.tiny_model import build_tiny_checkpoint
+from services.mesh import Mesh, Ports
+
+TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "vibevoice-demo"
+SCRIPTS = TESTDATA / "scripts"
+VOICES = TESTDATA / "voices"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def new_ports() -> Ports:
+    return Ports(*free_ports(6))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def mesh(tiny_checkpoint, tmp_path_factory):
+    """The four services and Envoy as separate processes on loopback, CPU float32, fixed_frames allowed."""
+    m = Mesh(
+        ports=new_ports(),
+        model=str(tiny_checkpoint),
+        device="cpu",
+        dtype="float32",
+        allow_fixed_frames=True,
+        log_dir=tmp_path_factory.mktemp("mesh-logs"),
+    )
+    with m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def envoy_address(mesh) -> str:
+    return f"127.0.0.1:{mesh.ports.envoy}"
