@@ -71,7 +71,7 @@ class Mesh:
         if service == "text_parser":
             return [*serve, "--model", self.model, "--port", str(p.text_parser)]
         if service == "acoustic":
-            return [*serve, *self._model_args(), "--port", str(p.acoustic)]
+            return [*serve, *self._model_args(), "--port", str(p.acoustic), "--max-streams", str(self.max_streams)]
         if service == "llm":
             acoustic = "local" if self.acoustic == "local" else f"127.0.0.1:{p.acoustic}"
             extra = ["--allow-fixed-frames"] if self.allow_fixed_frames else []

@@ -1,12 +1,16 @@
 """Per-stream streaming-convolution state for the sigma-VAE decoder and the semantic encoder.
 
-transformers' `VibeVoiceAcousticTokenizerConv1dPaddingCache` holds one batch tensor per convolution layer. A
-stream owns one row of that state for its whole life; each step gathers the rows of the streams that speak in
-it into a batch cache, runs the model, and writes the rows back, so a stream's state never depends on which
-other streams share its batch.
+transformers' `VibeVoiceAcousticTokenizerConv1dPaddingCache` holds one batch tensor per convolution layer.
+Here every layer's state is one tensor with a row per stream, allocated once for the most streams the
+service takes; streams stay packed at the front (the last one moves into a freed row), so a step over the
+first n streams hands the model views of rows [0, n) and the model updates them in place. A step over any
+other set of streams gathers its rows and writes them back. Either way a stream's state never depends on
+which other streams share its batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acoustic_tokenizer import (
@@ -15,45 +19,45 @@ from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acousti
 )
 
 
-class ConvStateStore:
-    def __init__(self, shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype) -> None:
-        # layer key -> (channels, left padding), discovered once by running the model on one frame
+class ConvStateRows:
+    def __init__(self, shapes: dict[str, tuple[int, int]], rows: int, device, dtype: torch.dtype) -> None:
+        # layer key -> (channels, left padding), as the model's streaming layers define them
         self.shapes = shapes
-        self.device = device
-        self.dtype = dtype
-        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.state = {k: torch.zeros(rows, c, pad, device=device, dtype=dtype) for k, (c, pad) in shapes.items()}
 
     @classmethod
-    def discover(cls, run_one_frame, device: torch.device, dtype: torch.dtype) -> ConvStateStore:
+    def discover(cls, run_one_frame: Callable, rows: int, device, dtype: torch.dtype) -> ConvStateRows:
         cache = VibeVoiceAcousticTokenizerConv1dPaddingCache()
         run_one_frame(cache)
         shapes = {key: (layer.in_channels, layer.left_pad) for key, layer in cache.layers.items()}
-        return cls(shapes, device, dtype)
+        return cls(shapes, rows, device, dtype)
 
-    def add(self, stream_id: int) -> None:
-        self.states[stream_id] = {
-            key: torch.zeros(1, c, pad, device=self.device, dtype=self.dtype) for key, (c, pad) in self.shapes.items()
-        }
+    def bytes_per_row(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.state.values())
 
-    def remove(self, stream_id: int) -> None:
-        self.states.pop(stream_id, None)
+    def reset(self, row: int) -> None:
+        for t in self.state.values():
+            t[row].zero_()
 
-    def gather(self, stream_ids: list[int]) -> VibeVoiceAcousticTokenizerConv1dPaddingCache:
+    def move(self, src: int, dst: int) -> None:
+        for t in self.state.values():
+            t[dst] = t[src]
+
+    def _cache(self, tensors: dict[str, torch.Tensor]) -> VibeVoiceAcousticTokenizerConv1dPaddingCache:
         cache = VibeVoiceAcousticTokenizerConv1dPaddingCache()
         for key, (channels, pad) in self.shapes.items():
             layer = VibeVoiceAcousticTokenizerConv1dCacheLayer()
-            layer.cache = torch.cat([self.states[s][key] for s in stream_ids], dim=0)
-            layer.left_pad = pad
-            layer.in_channels = channels
-            layer.is_initialized = True
+            layer.cache, layer.left_pad, layer.in_channels, layer.is_initialized = tensors[key], pad, channels, True
             cache.layers[key] = layer
         return cache
 
-    def scatter(self, stream_ids: list[int], cache: VibeVoiceAcousticTokenizerConv1dPaddingCache) -> None:
-        for key, layer in cache.layers.items():
-            for row, s in enumerate(stream_ids):
-                self.states[s][key] = layer.cache[row : row + 1]
+    def leading(self, n: int) -> VibeVoiceAcousticTokenizerConv1dPaddingCache:
+        """A cache over rows [0, n) that the model updates in place."""
+        return self._cache({k: t[:n] for k, t in self.state.items()})
 
-    def bytes_per_stream(self) -> int:
-        item = torch.empty((), dtype=self.dtype).element_size()
-        return sum(c * pad * item for c, pad in self.shapes.values())
+    def gather(self, rows: torch.Tensor) -> VibeVoiceAcousticTokenizerConv1dPaddingCache:
+        return self._cache({k: t.index_select(0, rows) for k, t in self.state.items()})
+
+    def scatter(self, rows: torch.Tensor, cache: VibeVoiceAcousticTokenizerConv1dPaddingCache) -> None:
+        for key, layer in cache.layers.items():
+            self.state[key].index_copy_(0, rows, layer.cache)

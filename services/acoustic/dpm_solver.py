@@ -62,14 +62,18 @@ class DPMSolverPlan:
         self.steps = plan
 
     def sample(self, model, latent: torch.Tensor) -> torch.Tensor:
-        """Run the plan: `model(sample, timestep) -> v`, starting from `latent` (noise)."""
-        x = latent.float()
+        """Run the plan: `model(sample, timestep) -> v`, starting from `latent` (noise).
+
+        As in diffusers, the data prediction is formed in the model's dtype, the update in float32, and the
+        sample is cast back to the model's dtype after every step.
+        """
+        x = latent
         previous = None
         for step in self.steps:
-            v = model(x.to(latent.dtype), step.timestep).float()
-            x0 = step.alpha * x - step.sigma * v
-            x = step.a * x + step.b * x0
+            x0 = step.alpha * x - step.sigma * model(x, step.timestep)
+            update = step.a * x.float() + step.b * x0.float()
             if step.c:
-                x = x + step.c * previous
+                update = update + step.c * previous.float()
             previous = x0
-        return x.to(latent.dtype)
+            x = update.to(latent.dtype)
+        return x

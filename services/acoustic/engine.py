@@ -19,13 +19,16 @@ from transformers import AutoModel, GenerationConfig
 from transformers.models.vibevoice.generation_vibevoice import VibeVoiceGenerationMixin
 from transformers.models.vibevoice.modeling_vibevoice import VibeVoiceDiffusionHead, VibeVoiceMultiModalProjector
 
-from services.acoustic.conv_state import ConvStateStore
+from services.acoustic.conv_state import ConvStateRows
+from services.acoustic.dpm_solver import DPMSolverPlan
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
+from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
 
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 3200
 VOICE_CACHE_ENTRIES = 64
+GRAPH_DIFFUSION_STEPS = 10  # steps captured as CUDA graphs; other step counts run eagerly
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,18 @@ class StreamState:
     generator: torch.Generator
     cfg_scale: float
     diffusion_steps: int
+    row: int
 
 
 class AcousticEngine:
-    def __init__(self, ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_streams: int = 64,
+        cuda_graphs: bool = True,
+    ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
         self.device = torch.device(device)
@@ -89,25 +100,34 @@ class AcousticEngine:
         self.vae_std = cfg.audio_config.vae_std
         self.hidden_size = hidden
 
-        # The reference's noise scheduler, built the way generate() builds its default one.
+        # The reference's noise scheduler, built the way generate() builds its default one, turned into a
+        # fixed tensor plan per step count.
         generation_config = GenerationConfig.from_pretrained(ckpt.path)
         self._scheduler_factory = lambda: VibeVoiceGenerationMixin._build_default_noise_scheduler(generation_config)
-        self._schedulers: dict[int, object] = {}
+        self._plans: dict[int, DPMSolverPlan] = {}
 
-        self.decoder_state = ConvStateStore.discover(
-            self._probe(self.audio_tower.decode, self.latent_size, 1), self.device, dtype
+        # Per-stream convolution state, one row per stream, planned for the most streams we take.
+        self.max_streams = max_streams
+        self.decoder_state = ConvStateRows.discover(
+            self._probe(lambda x, **kw: self.audio_tower.decode(x.transpose(1, 2), **kw), self.latent_size, 1),
+            max_streams,
+            self.device,
+            dtype,
         )
-        self.semantic_state = ConvStateStore.discover(
-            self._probe(self.semantic_encoder, 1, SAMPLES_PER_FRAME), self.device, dtype
+        self.semantic_state = ConvStateRows.discover(
+            self._probe(self.semantic_encoder, 1, SAMPLES_PER_FRAME), max_streams, self.device, dtype
         )
         self.streams: dict[int, StreamState] = {}
+        self.order: list[int] = []  # stream ids by row
         self._voice_means: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+        self.graphs: dict[int, CapturedStep] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs()
 
     def _probe(self, fn, channels: int, length: int):
         def run(cache):
             x = torch.zeros(1, channels, length, device=self.device, dtype=self.dtype)
-            if fn == self.audio_tower.decode:
-                x = x.transpose(1, 2)
             with torch.inference_mode():
                 fn(x, padding_cache=cache, use_cache=True)
 
@@ -158,14 +178,11 @@ class AcousticEngine:
         noise = torch.empty(count, self.latent_size, max_frames, device=self.device, dtype=self.dtype)
         return std, noise.transpose(1, 2).normal_(generator=generator)
 
-    def new_generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def encode_voices(self, voices: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]:
-        """Voice prompts -> embeddings for their placeholder positions, (sum of frames, hidden)."""
+        """Voice prompts -> embeddings for their placeholder positions, (sum of frames, hidden), on the CPU."""
         means = [self._voice_mean(v) for v in voices]
         frames = [m.shape[0] for m in means]
-        std, noise = self._voice_draws(self.new_generator(seed), len(voices), max(frames))
+        std, noise = self._voice_draws(torch.Generator(device=self.device).manual_seed(seed), len(voices), max(frames))
         with torch.inference_mode():
             latents = torch.cat(
                 [m + self.vae_std * std[i] * noise[i, : m.shape[0]] for i, m in enumerate(means)], dim=0
@@ -176,73 +193,122 @@ class AcousticEngine:
     # ------------------------------------------------------------------ streams
 
     def start(self, spec: StreamSpec) -> None:
+        if len(self.order) >= self.max_streams:
+            raise RuntimeError(f"acoustic engine is full ({self.max_streams} streams)")
         generator = torch.Generator().manual_seed(spec.seed)
         if spec.voice_count and self.device.type == "cpu":
             # On the CPU voice sampling and frame noise share one generator: replay the voice draws.
             self._voice_draws(generator, spec.voice_count, spec.voice_max_frames)
-        self.streams[spec.stream_id] = StreamState(generator, spec.cfg_scale, spec.diffusion_steps)
-        self.decoder_state.add(spec.stream_id)
-        self.semantic_state.add(spec.stream_id)
+        row = len(self.order)
+        self.streams[spec.stream_id] = StreamState(generator, spec.cfg_scale, spec.diffusion_steps, row)
+        self.order.append(spec.stream_id)
+        self.decoder_state.reset(row)
+        self.semantic_state.reset(row)
 
     def end(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
-        self.decoder_state.remove(stream_id)
-        self.semantic_state.remove(stream_id)
+        state = self.streams.pop(stream_id, None)
+        if state is None:
+            return
+        last = len(self.order) - 1
+        if state.row != last:
+            moved = self.order[last]
+            for store in (self.decoder_state, self.semantic_state):
+                store.move(last, state.row)
+            self.streams[moved].row = state.row
+            self.order[state.row] = moved
+        self.order.pop()
 
-    def _scheduler(self, steps: int):
-        if steps not in self._schedulers:
-            self._schedulers[steps] = self._scheduler_factory()
-        return self._schedulers[steps]
+    def _plan(self, steps: int) -> DPMSolverPlan:
+        if steps not in self._plans:
+            self._plans[steps] = DPMSolverPlan(self._scheduler_factory(), steps)
+        return self._plans[steps]
 
-    @torch.inference_mode()
-    def _sample_latents(self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        """Diffusion with classifier-free guidance for the streams `ids` (all with the same step count)."""
-        states = [self.streams[s] for s in ids]
-        n = len(ids)
+    def _noise(self, states: list[StreamState]) -> torch.Tensor:
         # Each stream draws (2, latent) as the reference does for a batch of one, and uses the first row.
         noise = torch.stack([torch.randn(2, self.latent_size, generator=st.generator)[0] for st in states])
-        noise = noise.to(self.device, self.dtype)
-        cfg = torch.tensor([st.cfg_scale for st in states], device=self.device, dtype=self.dtype)[:, None]
-        condition = torch.cat([positive, negative], dim=0)
-        scheduler = self._scheduler(states[0].diffusion_steps)
-        scheduler.set_timesteps(num_inference_steps=states[0].diffusion_steps)
-        latent = noise
-        for t in scheduler.timesteps:
-            both = torch.cat([latent, latent], dim=0)
-            v = self.diffusion_head(both, t.repeat(2 * n).to(both), condition=condition)
-            v_cond, v_uncond = v[:n], v[n:]
-            guided = v_uncond + cfg * (v_cond - v_uncond)
-            latent = scheduler.step(guided, t, latent).prev_sample
-        return latent
+        return noise.to(self.device, self.dtype)
+
+    def _frame(self, condition, noise, cfg, plan: DPMSolverPlan, decoder_cache, semantic_cache):
+        """Diffusion with CFG, decode, semantic encode, connectors for one frame of n streams."""
+        n = noise.shape[0]
+
+        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+            both = torch.cat([x, x], dim=0)
+            v = self.diffusion_head(both, torch.full((2 * n,), t, device=x.device, dtype=x.dtype), condition=condition)
+            return v[n:] + cfg * (v[:n] - v[n:])
+
+        latent = plan.sample(velocity, noise)[:, None, :]  # (n, 1, latent): one frame per stream
+        audio = self.audio_tower.decode(
+            latent / self.latent_scale - self.latent_bias, padding_cache=decoder_cache, use_cache=True
+        ).audio
+        semantic = self.semantic_encoder(audio, padding_cache=semantic_cache, use_cache=True).latents
+        embeds = self.acoustic_connector(latent) + self.semantic_connector(semantic)
+        return embeds[:, 0], audio[:, 0]
+
+    def _capture_graphs(self) -> None:
+        plan = self._plan(GRAPH_DIFFUSION_STEPS)
+        rows = self.max_streams
+        self._condition = torch.zeros(2 * rows, self.hidden_size, device=self.device, dtype=self.dtype)
+        self._noise_in = torch.zeros(rows, self.latent_size, device=self.device, dtype=self.dtype)
+        self._cfg_in = torch.ones(rows, 1, device=self.device, dtype=self.dtype)
+        for n in buckets_up_to(rows):
+
+            def step(n=n):
+                condition = torch.cat([self._condition[:n], self._condition[rows : rows + n]], dim=0)
+                return self._frame(
+                    condition,
+                    self._noise_in[:n],
+                    self._cfg_in[:n],
+                    plan,
+                    self.decoder_state.leading(n),
+                    self.semantic_state.leading(n),
+                )
+
+            with torch.inference_mode():
+                self.graphs[n] = CapturedStep(step)
+        for store in (self.decoder_state, self.semantic_state):  # warm-up ran on rows no stream owns yet
+            for t in store.state.values():
+                t.zero_()
+        log.info("captured acoustic graphs for batch sizes %s", sorted(self.graphs))
 
     @torch.inference_mode()
     def render(
         self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched step: (N, hidden) conditions -> next input embeddings (N, hidden), audio (N, 3200)."""
+        """One batched step: (N, hidden) conditions -> next input embeddings (N, hidden), audio (N, 3200).
+
+        Results stay on the engine's device.
+        """
+        states = [self.streams[s] for s in ids]
+        n = len(ids)
         positive = positive.to(self.device, self.dtype)
         negative = negative.to(self.device, self.dtype)
-        latent = torch.empty(len(ids), self.latent_size, device=self.device, dtype=self.dtype)
-        by_steps: dict[int, list[int]] = {}
-        for row, s in enumerate(ids):
-            by_steps.setdefault(self.streams[s].diffusion_steps, []).append(row)
-        for rows in by_steps.values():
-            index = torch.tensor(rows, device=self.device)
-            latent[index] = self._sample_latents([ids[r] for r in rows], positive[index], negative[index])
-        latent = latent[:, None, :]  # (N, 1, latent): one frame per stream
+        noise = self._noise(states)
+        cfg = torch.tensor([st.cfg_scale for st in states], dtype=self.dtype)[:, None].to(self.device)
+        steps = {st.diffusion_steps for st in states}
+        packed = [st.row for st in states] == list(range(n)) and n == len(self.order)
+        if self.graphs and packed and steps == {GRAPH_DIFFUSION_STEPS}:
+            bucket = bucket_for(n, self.max_streams)
+            rows = self.max_streams
+            self._condition[:n], self._condition[rows : rows + n] = positive, negative
+            self._noise_in[:n], self._cfg_in[:n] = noise, cfg
+            embeds, audio = self.graphs[bucket].replay()
+            return embeds[:n], audio[:n]
 
-        decoder_cache = self.decoder_state.gather(ids)
-        audio = self.audio_tower.decode(
-            latent / self.latent_scale - self.latent_bias, padding_cache=decoder_cache, use_cache=True
-        ).audio
-        self.decoder_state.scatter(ids, decoder_cache)
-
-        semantic_cache = self.semantic_state.gather(ids)
-        semantic = self.semantic_encoder(audio, padding_cache=semantic_cache, use_cache=True).latents
-        self.semantic_state.scatter(ids, semantic_cache)
-
-        embeds = self.acoustic_connector(latent) + self.semantic_connector(semantic)
-        return embeds[:, 0].float().cpu(), audio[:, 0].float().cpu()
+        embeds = torch.empty(n, self.hidden_size, device=self.device, dtype=self.dtype)
+        audio = torch.empty(n, SAMPLES_PER_FRAME, device=self.device, dtype=self.dtype)
+        for count in sorted(steps):
+            group = [i for i, st in enumerate(states) if st.diffusion_steps == count]
+            index = torch.tensor(group, device=self.device)
+            rows = torch.tensor([states[i].row for i in group], device=self.device)
+            decoder_cache = self.decoder_state.gather(rows)
+            semantic_cache = self.semantic_state.gather(rows)
+            condition = torch.cat([positive[index], negative[index]], dim=0)
+            e, a = self._frame(condition, noise[index], cfg[index], self._plan(count), decoder_cache, semantic_cache)
+            self.decoder_state.scatter(rows, decoder_cache)
+            self.semantic_state.scatter(rows, semantic_cache)
+            embeds[index], audio[index] = e, a
+        return embeds, audio
 
     def step(
         self,

@@ -95,13 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50063)
+    p.add_argument("--max-streams", type=int, default=64, help="most streams rendered together")
+    p.add_argument("--no-cuda-graphs", action="store_true")
     args = p.parse_args(argv)
     setup_logging("acoustic")
     setup_tracing("acoustic")
     ckpt = resolve_checkpoint(args.model)
     mark_random_weights(ckpt.random_weights)
     torch.set_grad_enabled(False)
-    engine = AcousticEngine(ckpt, args.device, resolve_dtype(args))
+    engine = AcousticEngine(ckpt, args.device, resolve_dtype(args), args.max_streams, not args.no_cuda_graphs)
     log.info("acoustic weights loaded: %d parameters on %s", engine.parameter_count(), args.device)
 
     async def run() -> None:

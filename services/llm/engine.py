@@ -1,26 +1,30 @@
-"""The language-model side of a generation step: the Qwen2.5 LM, both CFG branches and the token choice.
+"""The language-model side of every generation step, for all streams at once.
 
-Per step and per stream: the positive branch reads the stream's current input embedding, the four special
-tokens' logits choose what comes next, and for a speech token the CFG-negative branch reads the same input,
-so the two final hidden states can condition the diffusion head (MODEL.md, "One generation step").
+Per step: each new stream's prompt is prefilled in chunks between decode steps; then one batched forward
+runs every decoding stream's positive and CFG-negative branch (row 2s and 2s + 1 of the KV slots), the four
+special tokens' logits choose what comes next, and the two final hidden states of the streams that chose a
+speech token go to the acoustic side (MODEL.md, "One generation step").
+
+Stream state lives in persistent device buffers indexed by slot (next input embedding, positive and negative
+lengths), so the decode step has fixed shapes per batch bucket and is captured as a CUDA graph on the GPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
 import torch
-from transformers import AutoModel, DynamicCache
+from transformers import AutoModel
 
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
+from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
+from services.llm.decoder import SlotDecoder
+from services.llm.kv_slots import KVSlots
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class Decision:
-    stream: LMStream
-    token: int
-    positive: torch.Tensor | None = None  # (hidden,) for speech tokens
-    negative: torch.Tensor | None = None
+KEY_BLOCK = 256  # eager attention reads keys up to the next multiple of this
 
 
 @dataclass
@@ -31,42 +35,89 @@ class LMStream:
     max_frames: int
     frames: int = 0
     segment: int = 0
-    positive_cache: DynamicCache = field(default_factory=DynamicCache)
-    negative_cache: DynamicCache = field(default_factory=DynamicCache)
-    # The embedding the positive branch reads next (None until the prompt is prefilled).
-    next_input: torch.Tensor | None = None
-    # The embedding the positive branch read last: the negative branch reads the same one.
-    last_input: torch.Tensor | None = None
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens written to the KV cache (all but the last, which the first step reads)
+    positive_len: int = 0
+    negative_len: int = 0
+    prompt_embeds: torch.Tensor | None = None
 
     @property
-    def prefilled(self) -> bool:
-        return self.next_input is not None or self.last_input is not None
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt_ids) - 1 and self.prompt_embeds is None
+
+
+@dataclass
+class Decision:
+    stream: LMStream
+    row: int  # the stream's row in this step's batch
+    token: int
+    speech: bool  # a speech frame: its conditions go to the acoustic side
 
 
 class LMEngine:
-    def __init__(self, ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_streams: int = 64,
+        max_context: int | None = None,
+        prefill_chunk: int = 512,
+        memory_fraction: float = 0.9,
+        cuda_graphs: bool = True,
+    ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
         self.device = torch.device(device)
         self.dtype = dtype
         tensors = read_tensors(ckpt, ("model.language_model.", "lm_head."))
-        text_config = cfg.text_config
-        text_config._attn_implementation = "sdpa"
-        self.lm = load_module(
-            lambda: AutoModel.from_config(text_config), tensors, "model.language_model", self.device, dtype
-        )
+        text = cfg.text_config
+        text._attn_implementation = "sdpa"
+        self.lm = load_module(lambda: AutoModel.from_config(text), tensors, "model.language_model", self.device, dtype)
         self.embed_tokens = self.lm.get_input_embeddings()
-        # Only four tokens can follow a speech prompt; their lm_head rows are all of the head we keep,
-        # in ascending token-id order so that ties break as the reference's full-vocabulary argmax does.
+        # Only four tokens can follow a speech prompt; their lm_head rows are all of the head we keep, in
+        # ascending token-id order so that ties break as the reference's full-vocabulary argmax does.
         self.token_ids = sorted([cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id])
-        head = tensors.get("lm_head.weight")
-        if head is None:  # tied embeddings
-            head = tensors["model.language_model.embed_tokens.weight"]
+        head = tensors.get("lm_head.weight", tensors["model.language_model.embed_tokens.weight"])  # tied
         self.head_rows = head[self.token_ids].to(self.device, dtype)
         self.audio_token_id = cfg.audio_token_id
         self.audio_bos_token_id = cfg.audio_bos_token_id
         self.eos_token_id = cfg.eos_token_id
-        self.max_positions = text_config.max_position_embeddings
+        self.hidden = text.hidden_size
+        self.prefill_chunk = prefill_chunk
+
+        # Memory is planned here, once: KV slots for both branches of every stream, from the budget.
+        max_len = min(max_context or text.max_position_embeddings, text.max_position_embeddings)
+        head_dim = self.lm.layers[0].self_attn.head_dim
+        per_slot = KVSlots.bytes_per_slot(text.num_hidden_layers, text.num_key_value_heads, head_dim, max_len, dtype)
+        slots = max_streams
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            free_budget = int(total * memory_fraction) - torch.cuda.memory_allocated(self.device)
+            slots = min(max_streams, max(0, free_budget) // per_slot)
+            if slots < 1:
+                raise RuntimeError(
+                    f"no room for one stream: {per_slot / 2**30:.2f} GiB of KV per stream at --max-context {max_len}"
+                )
+        self.kv = KVSlots(
+            text.num_hidden_layers, text.num_key_value_heads, head_dim, slots, max_len, self.device, dtype
+        )
+        self.decoder = SlotDecoder(self.lm, self.kv)
+        self.max_positions = max_len - 1  # the last position of every row is scratch space
+        log.info("KV slots: %d streams x %d positions (%.2f GiB)", slots, max_len, slots * per_slot / 2**30)
+
+        self.streams: list[LMStream] = []  # by slot: decoding streams first, then those being prefilled
+        self.next_inputs = torch.zeros(slots, self.hidden, device=self.device, dtype=dtype)
+        self.positions = torch.full((slots, 2), self.kv.scratch, device=self.device, dtype=torch.long)
+        self.graphs: dict[int, CapturedStep] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs()
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.slots
 
     def modules(self) -> dict[str, object]:
         return {"model.language_model": self.lm, "lm_head[special tokens]": self.head_rows}
@@ -74,57 +125,137 @@ class LMEngine:
     def parameter_count(self) -> int:
         return parameter_count(self.modules())
 
-    def embed(self, token: int) -> torch.Tensor:
-        return self.embed_tokens(torch.tensor([[token]], device=self.device))
+    # ------------------------------------------------------------------ admission and release
 
-    def prompt_embeddings(self, stream: LMStream) -> torch.Tensor:
-        ids = torch.tensor([stream.prompt_ids], device=self.device)
-        embeds = self.embed_tokens(ids)
-        if stream.voice_embeddings is not None:
-            mask = (ids == self.audio_token_id).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, stream.voice_embeddings.to(self.device, self.dtype))
-        return embeds
+    def admit(self, stream: LMStream) -> bool:
+        """Give the stream a slot if one is free; its prompt is prefilled by later `prefill` calls."""
+        if len(self.streams) >= self.kv.slots:
+            return False
+        stream.slot = len(self.streams)
+        self.streams.append(stream)
+        ids = torch.tensor(stream.prompt_ids, device=self.device)
+        with torch.inference_mode():
+            embeds = self.embed_tokens(ids)
+            if stream.voice_embeddings is not None:
+                mask = (ids == self.audio_token_id)[:, None].expand_as(embeds)
+                embeds = embeds.masked_scatter(mask, stream.voice_embeddings.to(self.device, self.dtype))
+        stream.prompt_embeds = embeds
+        return True
 
-    def _forward(self, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        out = self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        return out.last_hidden_state[:, -1]
+    def _move(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
+        stream = self.streams[src]
+        self.kv.move(src, dst)
+        self.next_inputs[dst] = self.next_inputs[src]
+        self.positions[dst] = self.positions[src]
+        self.streams[dst] = stream
+        stream.slot = dst
 
-    def _choose(self, stream: LMStream, hidden: torch.Tensor) -> int:
-        if stream.fixed_frames:
-            return self.audio_token_id if stream.frames < stream.fixed_frames else self.eos_token_id
-        if stream.frames >= stream.max_frames:
-            return self.eos_token_id
-        logits = (hidden @ self.head_rows.T).float()
-        return self.token_ids[int(torch.argmax(logits, dim=-1)[0])]
+    def release(self, stream: LMStream) -> None:
+        """Free the stream's slot, keeping decoding streams packed first and prefilling ones after them."""
+        if stream.slot is None:
+            return
+        i, n = stream.slot, self.decoding_count
+        if i < n:
+            self._move(n - 1, i)
+            i = n - 1
+        self._move(len(self.streams) - 1, i)
+        self.streams.pop()
+        self.positions[len(self.streams)] = self.kv.scratch
+        stream.slot = None
+
+    @property
+    def decoding_count(self) -> int:
+        return sum(1 for s in self.streams if s.decoding)
+
+    # ------------------------------------------------------------------ prefill
+
+    def _keys(self, upto: int) -> int:
+        return min(self.kv.max_len, -(-upto // KEY_BLOCK) * KEY_BLOCK)
 
     @torch.inference_mode()
-    def step(self, streams: list[LMStream]) -> list[Decision]:
-        """One LM step for every stream: prefill new ones, read each stream's next input, choose its token."""
-        decisions = []
-        for s in streams:
-            embeds = self.prompt_embeddings(s) if not s.prefilled else s.next_input
-            hidden = self._forward(embeds, s.positive_cache)
-            s.last_input, s.next_input = embeds[:, -1:], None
-            token = self._choose(s, hidden)
-            decision = Decision(stream=s, token=token)
-            if token == self.audio_bos_token_id:
-                # A new speech segment: the negative branch restarts from its single audio_bos position.
-                if s.negative_cache.get_seq_length() > 1:
-                    s.negative_cache.crop(1)
-                s.segment += 1
-            if token == self.audio_token_id:
-                # The first negative step reads audio_bos (the prompt's last token); later ones the same
-                # input embedding as the positive branch.
-                decision.negative = self._forward(s.last_input, s.negative_cache)[0]
-                decision.positive = hidden[0]
-            decisions.append(decision)
-        return decisions
+    def prefill(self, budget: int) -> list[LMStream]:
+        """Write up to `budget` prompt tokens into the KV cache; returns the streams that became ready."""
+        ready = []
+        for stream in self.streams[self.decoding_count :]:
+            if budget <= 0:
+                break
+            target = len(stream.prompt_ids) - 1
+            while stream.prefilled < target and budget > 0:
+                a = stream.prefilled
+                b = min(target, a + self.prefill_chunk, a + budget)
+                positions = torch.arange(a, b, device=self.device)[None]
+                self.decoder.forward(stream.prompt_embeds[None, a:b], 2 * stream.slot, positions, self._keys(b))
+                stream.prefilled, budget = b, budget - (b - a)
+            if stream.prefilled == target:
+                # The prompt's last token (audio_bos) is the first step's input for both branches.
+                self.next_inputs[stream.slot] = stream.prompt_embeds[-1]
+                stream.positive_len, stream.negative_len = target, 0
+                self.positions[stream.slot, 0] = target
+                self.positions[stream.slot, 1] = 0
+                stream.prompt_embeds = None
+                ready.append(stream)
+        return ready
 
-    def accept(self, decision: Decision, speech_embedding: torch.Tensor | None) -> None:
-        """Set the stream's next input: the frame's embedding for speech, else the token's embedding."""
-        s = decision.stream
-        if speech_embedding is not None:
-            s.next_input = speech_embedding.to(self.device, self.dtype).view(1, 1, -1)
-            s.frames += 1
+    # ------------------------------------------------------------------ decode
+
+    def _decode_rows(self, rows: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.next_inputs[:rows].repeat_interleave(2, dim=0)[:, None]
+        hidden = self.decoder.forward(x, 0, self.positions[:rows].reshape(2 * rows, 1), keys)[:, 0]
+        logits = (hidden[0::2] @ self.head_rows.T).float()
+        return hidden, logits
+
+    def _capture_graphs(self) -> None:
+        for rows in buckets_up_to(self.kv.slots):
+            with torch.inference_mode():
+                self.graphs[rows] = CapturedStep(lambda r=rows: self._decode_rows(r, self.kv.max_len))
+        log.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
+
+    @torch.inference_mode()
+    def decode(self) -> tuple[list[Decision], torch.Tensor, torch.Tensor]:
+        """One step for every decoding stream: (decisions, positive hidden, negative hidden) in row order."""
+        n = self.decoding_count
+        if n == 0:
+            return [], torch.empty(0), torch.empty(0)
+        if self.graphs:
+            rows = bucket_for(n, self.kv.slots)
+            hidden, logits = self.graphs[rows].replay()
         else:
-            s.next_input = self.embed(decision.token)
+            longest = max(max(s.positive_len, s.negative_len) for s in self.streams[:n]) + 1
+            hidden, logits = self._decode_rows(n, self._keys(longest))
+        choice = logits[:n].argmax(dim=-1).tolist()
+        decisions = []
+        for row, stream in enumerate(self.streams[:n]):
+            token = self.token_ids[choice[row]]
+            if stream.fixed_frames:
+                token = self.audio_token_id if stream.frames < stream.fixed_frames else self.eos_token_id
+            elif stream.frames >= stream.max_frames:
+                token = self.eos_token_id
+            decisions.append(Decision(stream, row, token, token == self.audio_token_id))
+        return decisions, hidden[0 : 2 * n : 2], hidden[1 : 2 * n : 2]
+
+    @torch.inference_mode()
+    def accept(self, decisions: list[Decision], speech_embeddings: torch.Tensor | None) -> None:
+        """Advance every stream past this step: the next input is the frame's embedding or the token's."""
+        speech_rows = [d.row for d in decisions if d.speech]
+        if speech_rows:
+            index = torch.tensor(speech_rows, device=self.device)
+            self.next_inputs[index] = speech_embeddings.to(self.device, self.dtype)
+        other = [d for d in decisions if not d.speech and d.token != self.eos_token_id]
+        if other:
+            index = torch.tensor([d.row for d in other], device=self.device)
+            tokens = torch.tensor([d.token for d in other], device=self.device)
+            self.next_inputs[index] = self.embed_tokens(tokens)
+        for d in decisions:
+            s = d.stream
+            s.positive_len += 1
+            if d.speech:
+                s.negative_len += 1
+                s.frames += 1
+            elif d.token == self.audio_bos_token_id:
+                # A new speech segment: the negative branch restarts from its single audio_bos position.
+                s.negative_len = min(s.negative_len, 1)
+                s.segment += 1
+        rows = torch.tensor([[d.stream.positive_len, d.stream.negative_len] for d in decisions], dtype=torch.long)
+        self.positions[: len(decisions)] = rows.to(self.device, non_blocking=True)

@@ -1,4 +1,10 @@
-"""The llm's step loop: streams join and leave at step boundaries; one acoustic message per batched step."""
+"""The llm's step loop: streams join and leave at step boundaries; one acoustic message per batched step.
+
+Every step: release streams that were cancelled, give waiting streams free slots, prefill up to a token
+budget of new prompts (so a long new script never freezes the streams already playing), run one batched
+decode step for every ready stream, send the speaking streams' conditions to the acoustic side in one
+message, and hand each stream its frame.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import torch
 
 from services.acoustic.engine import StreamSpec
 from services.llm.acoustic_link import AcousticLink, AcousticUnavailable
-from services.llm.engine import Decision, LMEngine, LMStream
+from services.llm.engine import LMEngine, LMStream
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +58,12 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: LMEngine, link: AcousticLink, max_streams: int) -> None:
+    def __init__(self, engine: LMEngine, link: AcousticLink, prefill_budget: int = 512) -> None:
         self.engine = engine
         self.link = link
-        self.max_streams = max_streams
-        self.pending: deque[Job] = deque()
-        self.active: list[Job] = []
+        self.prefill_budget = prefill_budget
+        self.waiting: deque[Job] = deque()
+        self.active: list[Job] = []  # holding an engine slot
         self.wake = asyncio.Event()
         self._ids = itertools.count(1)
         self._step = 0
@@ -67,24 +73,24 @@ class Scheduler:
         return next(self._ids)
 
     def submit(self, job: Job) -> None:
-        self.pending.append(job)
+        self.waiting.append(job)
         self.wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="llm-step-loop")
 
     def cancel(self, job: Job) -> None:
         job.cancelled = True
-        if job in self.pending:
-            self.pending.remove(job)
+        if job in self.waiting:
+            self.waiting.remove(job)
         self.wake.set()
 
     @property
-    def load(self) -> int:
-        return len(self.active) + len(self.pending)
+    def free_slots(self) -> int:
+        return self.engine.capacity - len(self.active)
 
     async def _run(self) -> None:
         while True:
-            if not self.active and not self.pending:
+            if not self.active and not self.waiting:
                 self.wake.clear()
                 await self.wake.wait()
             try:
@@ -99,48 +105,59 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         for job in self.active:
             job.events.put_nowait(Failed(message))
+            self.engine.release(job.stream)
         self.active = []
 
+    def _retire(self, jobs: list[Job]) -> list[int]:
+        for job in jobs:
+            self.engine.release(job.stream)
+        gone = {id(j) for j in jobs}
+        self.active = [j for j in self.active if id(j) not in gone]
+        return [j.spec.stream_id for j in jobs]
+
     async def _one_step(self) -> None:
-        ends = [j.spec.stream_id for j in self.active if j.cancelled]
-        self.active = [j for j in self.active if not j.cancelled]
+        ends = self._retire([j for j in self.active if j.cancelled])
         joined = []
-        while self.pending and len(self.active) < self.max_streams:
-            job = self.pending.popleft()
+        while self.waiting and self.engine.admit(self.waiting[0].stream):
+            job = self.waiting.popleft()
             self.active.append(job)
             joined.append(job)
-        if not self.active:
-            if ends:
-                await self.link.step(self._step, [], [], None, None, ends)
+
+        def compute():
+            ready = self.engine.prefill(self.prefill_budget)
+            return ready, *self.engine.decode()
+
+        ready, decisions, positive, negative = await asyncio.to_thread(compute)
+        by_stream = {id(j.stream): j for j in self.active}
+        for stream in ready:
+            by_stream[id(stream)].events.put_nowait(PromptDone(len(stream.prompt_ids)))
+
+        speech = [d for d in decisions if d.speech]
+        if speech and len(speech) != len(decisions):
+            rows = torch.tensor([d.row for d in speech], device=positive.device)
+            positive, negative = positive.index_select(0, rows), negative.index_select(0, rows)
+        done = [by_stream[id(d.stream)] for d in decisions if d.token == self.engine.eos_token_id]
+        ids = [by_stream[id(d.stream)].spec.stream_id for d in speech]
+        if not (joined or ids or ends or done):
             return
-
-        jobs = list(self.active)
-        decisions: list[Decision] = await asyncio.to_thread(self.engine.step, [j.stream for j in jobs])
-        for job in joined:
-            job.events.put_nowait(PromptDone(len(job.stream.prompt_ids)))
-
-        speech = [(j, d) for j, d in zip(jobs, decisions, strict=True) if d.positive is not None]
-        done = [(j, d) for j, d in zip(jobs, decisions, strict=True) if d.token == self.engine.eos_token_id]
-        ends += [j.spec.stream_id for j, _ in done]
-        positive = torch.stack([d.positive for _, d in speech]) if speech else None
-        negative = torch.stack([d.negative for _, d in speech]) if speech else None
         embeds, audio = await self.link.step(
-            self._step, [j.spec for j in joined], [j.spec.stream_id for j, _ in speech], positive, negative, ends
+            self._step,
+            [j.spec for j in joined],
+            ids,
+            positive if ids else None,
+            negative if ids else None,
+            ends + [j.spec.stream_id for j in done],
         )
         self._step += 1
-
-        rows = {id(j): i for i, (j, _) in enumerate(speech)}
-        for job, decision in zip(jobs, decisions, strict=True):
-            if decision.token == self.engine.eos_token_id:
-                continue
-            row = rows.get(id(job))
-            self.engine.accept(decision, embeds[row] if row is not None else None)
-            if row is not None:
-                s = job.stream
-                job.events.put_nowait(Frame(s.frames - 1, s.segment, audio[row]))
-        for job, _ in done:
+        if decisions:
+            await asyncio.to_thread(self.engine.accept, decisions, embeds)
+        if speech:
+            audio = audio.float().cpu()
+            for row, d in enumerate(speech):
+                s = d.stream
+                by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, audio[row]))
+        for job in done:
             s = job.stream
             reason = "fixed_frames" if s.fixed_frames else ("max_frames" if s.frames >= s.max_frames else "eos")
             job.events.put_nowait(Finished(s.frames, reason))
-        finished = {id(j) for j, _ in done}
-        self.active = [j for j in self.active if id(j) not in finished]
+        self._retire(done)

@@ -40,6 +40,12 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         if not request.prompt_ids:
             raise invalid_argument("prompt_ids", "empty prompt")
         room = self.engine.max_positions - len(request.prompt_ids) - 1
+        if room < 1:
+            raise invalid_argument(
+                "prompt_ids",
+                f"the prompt takes {len(request.prompt_ids)} positions; this server's context is "
+                f"{self.engine.max_positions} (--max-context)",
+            )
         max_frames = min(request.max_frames or room, room)
         if request.fixed_frames > room:
             raise invalid_argument(
@@ -115,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         default="127.0.0.1:50063",
         help="address of the acoustic service, or 'local' to host the acoustic engine in this process",
     )
-    p.add_argument("--max-streams", type=int, default=64)
+    p.add_argument("--max-streams", type=int, default=64, help="most streams decoded together")
+    p.add_argument("--max-context", type=int, default=None, help="positions per stream (default: the model's)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory this process plans")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
+    p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument(
         "--allow-fixed-frames",
         action="store_true",
@@ -128,15 +138,24 @@ def main(argv: list[str] | None = None) -> None:
     mark_random_weights(ckpt.random_weights)
     torch.set_grad_enabled(False)
     dtype = resolve_dtype(args)
-    engine = LMEngine(ckpt, args.device, dtype)
+    graphs = not args.no_cuda_graphs
+    # A local acoustic engine loads first, so the KV budget is planned around its weights.
+    acoustic = AcousticEngine(ckpt, args.device, dtype, args.max_streams, graphs) if args.acoustic == "local" else None
+    engine = LMEngine(
+        ckpt,
+        args.device,
+        dtype,
+        max_streams=args.max_streams,
+        max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
+        memory_fraction=args.gpu_memory_fraction,
+        cuda_graphs=graphs,
+    )
     log.info("language model loaded: %d parameters on %s", engine.parameter_count(), args.device)
 
     async def run() -> None:
-        if args.acoustic == "local":
-            link = LocalAcoustic(AcousticEngine(ckpt, args.device, dtype))
-        else:
-            link = RemoteAcoustic(args.acoustic)
-        scheduler = Scheduler(engine, link, args.max_streams)
+        link = LocalAcoustic(acoustic) if acoustic is not None else RemoteAcoustic(args.acoustic)
+        scheduler = Scheduler(engine, link, args.prefill_chunk)
         service = Service("llm", args.host, args.port, [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name])
         mesh_pb2_grpc.add_LLMServicer_to_server(LLM(engine, scheduler, args.allow_fixed_frames), service.server)
         await service.run(grace_s=120)
