@@ -58,6 +58,7 @@ class Mesh:
     allow_fixed_frames: bool = False
     acoustic: str = "remote"  # or "local": the llm hosts the acoustic engine
     max_streams: int = 64
+    llm_args: list[str] = field(default_factory=list)  # extra llm options, e.g. --max-context
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -85,6 +86,7 @@ class Mesh:
                 "--max-streams",
                 str(self.max_streams),
                 *extra,
+                *self.llm_args,
             ]
         if service == "gateway":
             return [

@@ -95,16 +95,23 @@ def _make_audible(model) -> None:
     decoder.head.conv.bias.mul_(TARGET_AUDIO_RMS / rms)
 
 
-def build_tiny_checkpoint(path: str | os.PathLike, shape: str = "tiny") -> Path:
-    """Write a random-weight checkpoint (config, safetensors, generation config, tokenizer) to `path`."""
+def build_tiny_checkpoint(
+    path: str | os.PathLike, shape: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write a random-weight checkpoint (config, safetensors, generation config, tokenizer) to `path`.
+
+    The full-size shapes (`1.5b`, `7b`) are for benchmarks: build them on the GPU and save them in bfloat16.
+    """
     from transformers import AutoTokenizer, VibeVoiceForConditionalGeneration
 
     path = Path(path)
     torch.manual_seed(TINY_SEED)
     config = tiny_config(shape)
-    model = VibeVoiceForConditionalGeneration(config).eval()
+    with torch.device(device):
+        model = VibeVoiceForConditionalGeneration(config).eval()
     if shape == "tiny":
         _make_audible(model)
+    model = model.to(dtype)
     model.generation_config.noise_scheduler_config = {
         "beta_schedule": "squaredcos_cap_v2",
         "prediction_type": "v_prediction",

@@ -1,0 +1,63 @@
+"""Shared pieces of the GPU benchmarks: checkpoints, prompts, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "gen" / "python"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+FRAMES = 200
+SCRIPT = (
+    "Speaker 1: Welcome back to the show, today we talk about long-form speech.\n"
+    "Speaker 2: Thanks, happy to be here."
+)
+
+
+def out_dir() -> Path:
+    out = Path(os.environ.get("OUT", ROOT / "bench" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def checkpoint(shape: str) -> Path:
+    from services.common.tiny_model import build_tiny_checkpoint
+
+    path = Path(os.environ.get("VVMESH_BENCH_CKPT", "/tmp/vvmesh-bench")) / shape
+    if not (path / "config.json").exists():
+        t = time.perf_counter()
+        build_tiny_checkpoint(path, shape, device="cuda", dtype=torch.bfloat16)
+        print(f"built {shape} random-weight checkpoint in {time.perf_counter() - t:.0f} s", flush=True)
+        torch.cuda.empty_cache()
+    return path
+
+
+def prompt_ids(path: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from services.common.checkpoint import resolve_checkpoint
+    from services.text_parser.prompt import PromptBuilder, SpecialTokens
+    from services.text_parser.script import parse_text
+
+    cfg = resolve_checkpoint(str(path)).config
+    builder = PromptBuilder(
+        AutoTokenizer.from_pretrained(path),
+        SpecialTokens(cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id),
+    )
+    ids, _ = builder.build(parse_text(SCRIPT), {})
+    return ids
+
+
+def save(name: str, data: dict) -> None:
+    data["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    data["date"] = time.strftime("%Y-%m-%d")
+    (out_dir() / f"{name}.json").write_text(json.dumps(data, indent=2))
+    print(json.dumps(data, indent=2), flush=True)
