@@ -35,8 +35,14 @@ def reference_run(model, ids: list[int], batch: int, frames: int) -> dict:
     def go(n):
         force[0].frames = n
         torch.manual_seed(0)
-        return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n + 1,
-                              guidance_scale=1.3, num_diffusion_steps=10, logits_processor=force)
+        return model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n + 1,
+            guidance_scale=1.3,
+            num_diffusion_steps=10,
+            logits_processor=force,
+        )
 
     go(3)  # warm-up
     torch.cuda.synchronize()
@@ -52,13 +58,25 @@ def reference_run(model, ids: list[int], batch: int, frames: int) -> dict:
 def summarize(name: str, batch: int, frames: int, elapsed: float) -> dict:
     ms = elapsed / frames * 1000
     return {
-        "system": name, "batch": batch, "frames": frames, "ms_per_step": ms, "frames_per_s": batch * frames / elapsed,
-        "real_time_factor": ms / FRAME_MS, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "system": name,
+        "batch": batch,
+        "frames": frames,
+        "ms_per_step": ms,
+        "frames_per_s": batch * frames / elapsed,
+        "real_time_factor": ms / FRAME_MS,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
 
 
-def engine_run(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], batch: int, frames: int, seed0: int = 0,
-               keep_audio: bool = False):
+def engine_run(
+    lm: LMEngine,
+    acoustic: AcousticEngine,
+    ids: list[int],
+    batch: int,
+    frames: int,
+    seed0: int = 0,
+    keep_audio: bool = False,
+):
     streams = [LMStream(ids, None, fixed_frames=frames, max_frames=frames) for _ in range(batch)]
     specs = [StreamSpec(1000 + i, seed0 + i, 1.3, 10) for i in range(batch)]
     for s in streams:
@@ -156,8 +174,18 @@ def main() -> None:
     # Peak memory at batch 1 against what one stream needs: the weights plus its own KV and conv state.
     torch.cuda.reset_peak_memory_stats()
     lm, ac = build_engines(ckpt, 1, len(ids) + args.frames + 8)
-    weights = sum(p.numel() * p.element_size() for m in (lm.lm, ac.audio_tower, ac.semantic_encoder,
-                  ac.diffusion_head, ac.acoustic_connector, ac.semantic_connector) for p in m.parameters())
+    weights = sum(
+        p.numel() * p.element_size()
+        for m in (
+            lm.lm,
+            ac.audio_tower,
+            ac.semantic_encoder,
+            ac.diffusion_head,
+            ac.acoustic_connector,
+            ac.semantic_connector,
+        )
+        for p in m.parameters()
+    )
     weights += lm.head_rows.numel() * lm.head_rows.element_size()
     kv = sum(t.numel() * t.element_size() for t in (*lm.kv.k, *lm.kv.v))
     conv = ac.decoder_state.bytes_per_row() + ac.semantic_state.bytes_per_row()
@@ -165,8 +193,11 @@ def main() -> None:
     one = engine_run(lm, ac, ids, 1, args.frames)
     peak = torch.cuda.max_memory_allocated()
     results["memory_batch1"] = {
-        "weights_gib": weights / 2**30, "kv_gib": kv / 2**30, "conv_state_gib": conv / 2**30,
-        "peak_gib": peak / 2**30, "peak_over_weights_plus_kv": peak / (weights + kv + conv),
+        "weights_gib": weights / 2**30,
+        "kv_gib": kv / 2**30,
+        "conv_state_gib": conv / 2**30,
+        "peak_gib": peak / 2**30,
+        "peak_over_weights_plus_kv": peak / (weights + kv + conv),
     }
     ref_rows = {r["batch"]: r for r in results["rows"] if r["system"] == "reference"}
     for r in results["rows"]:
