@@ -96,7 +96,7 @@ class Mesh:
                 "--text-parser",
                 f"127.0.0.1:{p.text_parser}",
                 "--acoustic",
-                f"127.0.0.1:{p.acoustic}",
+                f"127.0.0.1:{p.llm if self.acoustic == 'local' else p.acoustic}",
                 "--llm",
                 f"127.0.0.1:{p.llm}",
             ]

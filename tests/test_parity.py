@@ -80,3 +80,34 @@ def test_mesh_audio_equals_reference(envoy_address, reference, with_voices):
         f"{worst / peak:.3g} of the reference's peak {peak:.3f} (RMS {rms:.3f})"
     )
     assert worst < 1e-4 * peak
+
+
+@pytest.fixture(scope="module")
+def local_mesh(tiny_checkpoint, tmp_path_factory):
+    """The llm hosting the acoustic engine in its own process: one GPU, no hop."""
+    from services.mesh import Mesh
+    from tests.conftest import new_ports
+
+    mesh = Mesh(
+        ports=new_ports(),
+        model=str(tiny_checkpoint),
+        device="cpu",
+        dtype="float32",
+        acoustic="local",
+        allow_fixed_frames=True,
+        log_dir=tmp_path_factory.mktemp("local-mesh-logs"),
+    )
+    with mesh:
+        yield mesh
+
+
+def test_in_process_acoustic_gives_the_same_audio(local_mesh, envoy_address):
+    script = (SCRIPTS / "2p_short.txt").read_text()
+    voices = {1: (VOICES / "en-Carter_man.wav").read_bytes()}
+    request = build_request(script, voices, tts_pb2.AUDIO_FORMAT_PCM_F32, seed=99, fixed_frames=6)
+    local = synthesize(f"127.0.0.1:{local_mesh.ports.envoy}", request, timeout=300)
+    remote = synthesize(envoy_address, request, timeout=300)
+    assert "acoustic" not in local_mesh.processes
+    a, b = np.frombuffer(local.data, "<f4"), np.frombuffer(remote.data, "<f4")
+    assert a.shape == b.shape == (6 * 3200,)
+    assert np.abs(a - b).max() < 1e-5 * np.abs(b).max()

@@ -120,6 +120,7 @@ class AcousticEngine:
         self.streams: dict[int, StreamState] = {}
         self.order: list[int] = []  # stream ids by row
         self._voice_means: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._encode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         self.graphs: dict[int, CapturedStep] = {}
         if cuda_graphs and self.device.type == "cuda":
@@ -179,7 +180,16 @@ class AcousticEngine:
         return std, noise.transpose(1, 2).normal_(generator=generator)
 
     def encode_voices(self, voices: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]:
-        """Voice prompts -> embeddings for their placeholder positions, (sum of frames, hidden), on the CPU."""
+        """Voice prompts -> embeddings for their placeholder positions, (sum of frames, hidden), on the CPU.
+
+        On the GPU this runs on its own CUDA stream, beside the frames being rendered.
+        """
+        if self._encode_stream is None:
+            return self._encode_voices(voices, seed)
+        with torch.cuda.stream(self._encode_stream):
+            return self._encode_voices(voices, seed)
+
+    def _encode_voices(self, voices: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]:
         means = [self._voice_mean(v) for v in voices]
         frames = [m.shape[0] for m in means]
         std, noise = self._voice_draws(torch.Generator(device=self.device).manual_seed(seed), len(voices), max(frames))

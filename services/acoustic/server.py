@@ -41,8 +41,10 @@ def model_info(engine, model_name: str) -> mesh_pb2.ModelInfo:
 class Acoustic(mesh_pb2_grpc.AcousticServicer):
     def __init__(self, engine: AcousticEngine) -> None:
         self.engine = engine
-        # One engine, one device: steps and encodes run one at a time, off the event loop.
+        # Steps run one at a time, off the event loop. Voice encoding uses other weights and its own CUDA
+        # stream, so a new request's voices never hold up the frames of streams already playing.
         self.lock = asyncio.Lock()
+        self.encode_lock = asyncio.Lock()
         self._connections = itertools.count(1)
 
     async def _run(self, fn, *args):
@@ -51,7 +53,8 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
 
     async def EncodeVoice(self, request, context):  # noqa: N802
         voices = [from_proto(v) for v in request.voices]
-        embeddings, frames = await self._run(self.engine.encode_voices, voices, request.seed)
+        async with self.encode_lock:
+            embeddings, frames = await asyncio.to_thread(self.engine.encode_voices, voices, request.seed)
         return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
 
     def _step(self, conn: int, request: mesh_pb2.RenderRequest) -> mesh_pb2.RenderResponse:

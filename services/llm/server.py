@@ -11,7 +11,7 @@ import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine, StreamSpec
-from services.acoustic.server import model_info
+from services.acoustic.server import Acoustic, model_info
 from services.common.checkpoint import resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument, unavailable
 from services.common.grpc_server import Service
@@ -156,8 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     async def run() -> None:
         link = LocalAcoustic(acoustic) if acoustic is not None else RemoteAcoustic(args.acoustic)
         scheduler = Scheduler(engine, link, args.prefill_chunk)
-        service = Service("llm", args.host, args.port, [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name])
+        names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name]
+        if acoustic is not None:  # hosting the acoustic engine: serve its EncodeVoice here too
+            names.append(mesh_pb2.DESCRIPTOR.services_by_name["Acoustic"].full_name)
+        service = Service("llm", args.host, args.port, names)
         mesh_pb2_grpc.add_LLMServicer_to_server(LLM(engine, scheduler, args.allow_fixed_frames), service.server)
+        if acoustic is not None:
+            mesh_pb2_grpc.add_AcousticServicer_to_server(Acoustic(acoustic), service.server)
         await service.run(grace_s=120)
         await link.close()
 
