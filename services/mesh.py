@@ -59,6 +59,7 @@ class Mesh:
     acoustic: str = "remote"  # or "local": the llm hosts the acoustic engine
     max_streams: int = 64
     llm_args: list[str] = field(default_factory=list)  # extra llm options, e.g. --max-context
+    gateway_args: list[str] = field(default_factory=list)  # extra gateway options, e.g. --queue-size
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -99,6 +100,7 @@ class Mesh:
                 f"127.0.0.1:{p.llm if self.acoustic == 'local' else p.acoustic}",
                 "--llm",
                 f"127.0.0.1:{p.llm}",
+                *self.gateway_args,
             ]
         if service == "envoy":
             path = Path(tempfile.mkdtemp(prefix="vvmesh-envoy-")) / "envoy.yaml"

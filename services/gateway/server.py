@@ -20,6 +20,7 @@ from services.common.grpc_server import Service, insecure_channel
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
+from services.gateway.admission import Admission
 from services.gateway.options import FRAMES_PER_SECOND, Options, check_options
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,33 @@ def _decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
     return voices
 
 
+def estimated_frames(request: tts_pb2.SynthesizeRequest) -> int:
+    """A job's size for shortest-job-first: fixed frames, or the script's words at 2.5 words per second."""
+    if request.options.HasField("fixed_frames"):
+        return request.options.fixed_frames
+    text = " ".join(t.text for t in request.turns.turns) if request.WhichOneof("script") == "turns" else request.text
+    return int(len(text.split()) / 2.5 * FRAMES_PER_SECOND)
+
+
+def api_key(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-api-key":
+            return value
+    return "anonymous"
+
+
 class Gateway(tts_pb2_grpc.TextToSpeechServicer):
-    def __init__(self, text_parser: str, acoustic: str, llm: str) -> None:
+    def __init__(self, text_parser: str, acoustic: str, llm: str, queue_size: int) -> None:
         self.addresses = {"text_parser": text_parser, "acoustic": acoustic, "llm": llm}
         self.parser = mesh_pb2_grpc.TextParserStub(insecure_channel(text_parser))
         self.acoustic = mesh_pb2_grpc.AcousticStub(insecure_channel(acoustic))
         self.llm = mesh_pb2_grpc.LLMStub(insecure_channel(llm))
         self._model: mesh_pb2.ModelInfo | None = None
+        self.admission = Admission(self._llm_slots, queue_size)
+
+    async def _llm_slots(self) -> int:
+        capacity = await self.llm.Capacity(mesh_pb2.CapacityRequest(), timeout=2.0, wait_for_ready=True)
+        return 0 if capacity.draining else capacity.slots
 
     async def model(self, timeout: float | None) -> mesh_pb2.ModelInfo:
         if self._model is None:
@@ -61,15 +82,24 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
     async def Synthesize(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
         started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
+        key = api_key(context)
+        admitted = None
         try:
-            async for response in self._synthesize(request, request_id, started, context):
+            options = check_options(request)
+            try:
+                admitted = await self.admission.acquire(key, estimated_frames(request))
+            except grpc.aio.AioRpcError as e:
+                raise from_rpc_error(e, f"llm service at {self.addresses['llm']}") from e
+            async for response in self._synthesize(request, options, request_id, started, context):
                 yield response
         except RequestError as e:
             log.info("request %s: %s", request_id, e.status.message)
             await abort(context, e)
+        finally:
+            if admitted is not None:
+                self.admission.release(key, admitted)
 
-    async def _synthesize(self, request, request_id: str, started: float, context):
-        options = check_options(request)
+    async def _synthesize(self, request, options: Options, request_id: str, started: float, context):
         voices = await asyncio.to_thread(_decode_voices, request)
         timeout = context.time_remaining()
         script = (
@@ -216,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-parser", default="127.0.0.1:50062")
     p.add_argument("--acoustic", default="127.0.0.1:50063")
     p.add_argument("--llm", default="127.0.0.1:50064")
+    p.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a free stream slot")
+    p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     args = p.parse_args(argv)
     setup_logging("gateway")
     setup_tracing("gateway")
@@ -224,10 +256,11 @@ def main(argv: list[str] | None = None) -> None:
         service = Service(
             "gateway", args.host, args.port, [tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name]
         )
-        tts_pb2_grpc.add_TextToSpeechServicer_to_server(
-            Gateway(args.text_parser, args.acoustic, args.llm), service.server
-        )
-        await service.run(grace_s=120)
+        gateway = Gateway(args.text_parser, args.acoustic, args.llm, args.queue_size)
+        tts_pb2_grpc.add_TextToSpeechServicer_to_server(gateway, service.server)
+        refresh = asyncio.create_task(gateway.admission.refresh_loop())
+        await service.run(grace_s=args.drain_grace)
+        refresh.cancel()
 
     asyncio.run(run())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._step = 0
         self._task: asyncio.Task | None = None
+        self.step_ms = 0.0  # moving average of a decoding step's wall time
 
     def new_stream_id(self) -> int:
         return next(self._ids)
@@ -116,6 +118,12 @@ class Scheduler:
         return [j.spec.stream_id for j in jobs]
 
     async def _one_step(self) -> None:
+        started = time.perf_counter()
+        await self._step_once()
+        if self.active:
+            self.step_ms = 0.9 * self.step_ms + 0.1 * (time.perf_counter() - started) * 1000
+
+    async def _step_once(self) -> None:
         ends = self._retire([j for j in self.active if j.cancelled])
         joined = []
         while self.waiting and self.engine.admit(self.waiting[0].stream):

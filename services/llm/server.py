@@ -31,6 +31,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         self.engine = engine
         self.scheduler = scheduler
         self.allow_fixed_frames = allow_fixed_frames
+        self.draining = False
 
     def _job(self, request: mesh_pb2.GenerateRequest) -> Job:
         if request.fixed_frames and not self.allow_fixed_frames:
@@ -107,6 +108,16 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             # Client gone, deadline passed, or done: the slot is released at the next step boundary.
             self.scheduler.cancel(job)
 
+    async def Capacity(self, request, context):  # noqa: N802
+        return mesh_pb2.CapacityResponse(
+            slots=self.engine.capacity,
+            active=len(self.scheduler.active),
+            waiting=len(self.scheduler.waiting),
+            max_positions=self.engine.max_positions,
+            step_ms=self.scheduler.step_ms,
+            draining=self.draining,
+        )
+
     async def DescribeModel(self, request, context):  # noqa: N802
         return mesh_pb2.LLMDescribeModelResponse(info=model_info(self.engine, str(self.engine.ckpt.path)))
 
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory this process plans")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     p.add_argument(
         "--allow-fixed-frames",
         action="store_true",
@@ -160,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         if acoustic is not None:  # hosting the acoustic engine: serve its EncodeVoice here too
             names.append(mesh_pb2.DESCRIPTOR.services_by_name["Acoustic"].full_name)
         service = Service("llm", args.host, args.port, names)
-        mesh_pb2_grpc.add_LLMServicer_to_server(LLM(engine, scheduler, args.allow_fixed_frames), service.server)
+        llm = LLM(engine, scheduler, args.allow_fixed_frames)
+        mesh_pb2_grpc.add_LLMServicer_to_server(llm, service.server)
         if acoustic is not None:
             mesh_pb2_grpc.add_AcousticServicer_to_server(Acoustic(acoustic), service.server)
-        await service.run(grace_s=120)
+        await service.run(grace_s=args.drain_grace, on_drain=lambda: setattr(llm, "draining", True))
         await link.close()
 
     asyncio.run(run())

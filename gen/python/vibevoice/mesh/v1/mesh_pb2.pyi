@@ -162,6 +162,26 @@ class AcousticDescribeModelResponse(_message.Message):
     info: ModelInfo
     def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
+class CapacityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CapacityResponse(_message.Message):
+    __slots__ = ("slots", "active", "waiting", "max_positions", "step_ms", "draining")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    slots: int
+    active: int
+    waiting: int
+    max_positions: int
+    step_ms: float
+    draining: bool
+    def __init__(self, slots: _Optional[int] = ..., active: _Optional[int] = ..., waiting: _Optional[int] = ..., max_positions: _Optional[int] = ..., step_ms: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "voice_embeddings", "voice_count", "voice_max_frames", "cfg_scale", "diffusion_steps", "seed", "max_frames", "fixed_frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -285,6 +285,11 @@ class LLMStub:
                 request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Capacity = channel.unary_unary(
+                '/vibevoice.mesh.v1.LLM/Capacity',
+                request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.CapacityRequest.SerializeToString,
+                response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.CapacityResponse.FromString,
+                _registered_method=True)
         self.DescribeModel = channel.unary_unary(
                 '/vibevoice.mesh.v1.LLM/DescribeModel',
                 request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.LLMDescribeModelRequest.SerializeToString,
@@ -303,6 +308,13 @@ class LLMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Capacity(self, request, context):
+        """What the llm can take now; the gateway admits work against it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DescribeModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -316,6 +328,11 @@ def add_LLMServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.GenerateRequest.FromString,
                     response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Capacity': grpc.unary_unary_rpc_method_handler(
+                    servicer.Capacity,
+                    request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.CapacityRequest.FromString,
+                    response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.CapacityResponse.SerializeToString,
             ),
             'DescribeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeModel,
@@ -352,6 +369,33 @@ class LLM:
             '/vibevoice.mesh.v1.LLM/Generate',
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.GenerateRequest.SerializeToString,
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Capacity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vibevoice.mesh.v1.LLM/Capacity',
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.CapacityRequest.SerializeToString,
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.CapacityResponse.FromString,
             options,
             channel_credentials,
             insecure,

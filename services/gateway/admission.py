@@ -1,0 +1,109 @@
+"""Admission: a request runs only if the llm has room for it; a bounded queue holds the rest.
+
+The gateway admits against the llm's reported stream slots. Beyond them, up to `queue_size` requests wait:
+the next one to run comes from the API key with the fewest running streams (fair across keys), and within
+that key the shortest estimated job goes first. Beyond the queue, requests are refused at once with
+RESOURCE_EXHAUSTED and a RetryInfo delay estimated from how fast jobs finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from services.common.errors import resource_exhausted
+
+log = logging.getLogger(__name__)
+
+CAPACITY_REFRESH_S = 1.0
+
+
+@dataclass(order=True)
+class _Waiter:
+    cost: int
+    order: int
+    key: str = field(compare=False)
+    granted: asyncio.Future = field(compare=False)
+
+
+class Admission:
+    def __init__(self, slots: Callable[[], Awaitable[int]], queue_size: int) -> None:
+        self._fetch_slots = slots
+        self.queue_size = queue_size
+        self.slots = 0
+        self._slots_at = 0.0
+        self.running: Counter[str] = Counter()
+        self.waiting: list[_Waiter] = []
+        self._order = itertools.count()
+        self._job_seconds = 10.0  # moving average of how long an admitted job runs
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.running.values())
+
+    async def _refresh(self) -> None:
+        if time.monotonic() - self._slots_at > CAPACITY_REFRESH_S:
+            self.slots = await self._fetch_slots()
+            self._slots_at = time.monotonic()
+
+    def retry_after(self) -> float:
+        """Seconds until a place is likely free: queued work ahead divided by the parallel slots."""
+        ahead = len(self.waiting) + 1
+        return min(60.0, max(0.5, self._job_seconds * ahead / max(self.slots, 1)))
+
+    async def acquire(self, key: str, cost: int) -> float:
+        """Wait for a place (raises RESOURCE_EXHAUSTED when the queue is full); returns the admission time."""
+        await self._refresh()
+        if self.in_flight < self.slots and not self.waiting:
+            self.running[key] += 1
+            return time.monotonic()
+        if len(self.waiting) >= self.queue_size:
+            raise resource_exhausted(
+                f"the service is at capacity ({self.in_flight} streams running, {len(self.waiting)} queued)",
+                self.retry_after(),
+            )
+        waiter = _Waiter(cost, next(self._order), key, asyncio.get_running_loop().create_future())
+        self.waiting.append(waiter)
+        try:
+            await waiter.granted
+        except BaseException:
+            if waiter in self.waiting:
+                self.waiting.remove(waiter)
+            elif waiter.granted.done() and not waiter.granted.cancelled():
+                self.release(key, started=None)  # granted just as the caller gave up
+            raise
+        return time.monotonic()
+
+    def release(self, key: str, started: float | None) -> None:
+        self.running[key] -= 1
+        if self.running[key] <= 0:
+            del self.running[key]
+        if started is not None:
+            self._job_seconds = 0.9 * self._job_seconds + 0.1 * (time.monotonic() - started)
+        self._grant()
+
+    def _grant(self) -> None:
+        while self.waiting and self.in_flight < self.slots:
+            # Fair across keys first, then the shortest job.
+            best = min(self.waiting, key=lambda w: (self.running[w.key], w))
+            self.waiting.remove(best)
+            if best.granted.done():
+                continue
+            self.running[best.key] += 1
+            best.granted.set_result(None)
+
+    async def refresh_loop(self) -> None:
+        """Keeps the slot count fresh so queued requests start as soon as the llm has room."""
+        while True:
+            try:
+                self._slots_at = 0.0
+                await self._refresh()
+                self._grant()
+            except Exception as e:  # the llm may be restarting; keep the last known value
+                log.debug("capacity refresh failed: %s", e)
+            await asyncio.sleep(CAPACITY_REFRESH_S)

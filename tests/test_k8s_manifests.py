@@ -1,0 +1,257 @@
+"""k8s/: the kustomize base and the a10g overlay render to valid Kubernetes objects that keep the mesh whole.
+
+`render` implements the small part of kustomize the manifests use (`resources` and JSON6902 `patches`) so
+the tests need no kubectl, and refuses any other kustomization field rather than silently ignoring it;
+where kubectl is installed, its built-in kustomize must render the same objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from services.mesh import ENVOY_CONFIG
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "k8s" / "base"
+OVERLAY = ROOT / "k8s" / "overlays" / "a10g"
+K8S_VERSION = kubernetes_validate.latest_version()  # the newest schema set the package ships
+
+PORTS = {"gateway": 50061, "text-parser": 50062, "acoustic": 50063, "llm": 50064, "envoy": 50051}
+GPU = {"llm", "acoustic"}
+A10G_TYPES = [f"g5.{size}" for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")]
+A10G_TYPES += ["g5.24xlarge", "g5.48xlarge"]
+
+# --- a tiny kustomize: resources + JSON6902 patches ---
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _parent(doc, parts: list[str]):
+    for p in parts[:-1]:
+        doc = doc[int(p)] if isinstance(doc, list) else doc[p]
+    return doc
+
+
+def apply_json6902(doc: dict, ops: list[dict]) -> dict:
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        parts = _pointer(op["path"])
+        parent, last = _parent(doc, parts), parts[-1]
+        if op["op"] == "test":
+            actual = parent[int(last)] if isinstance(parent, list) else parent[last]
+            assert actual == op["value"], f"test failed at {op['path']}: {actual!r} != {op['value']!r}"
+        elif op["op"] == "add" and isinstance(parent, list):
+            parent.insert(len(parent) if last == "-" else int(last), copy.deepcopy(op["value"]))
+        elif op["op"] in ("add", "replace"):
+            assert op["op"] == "add" or last in parent, f"replace of a missing {op['path']}"
+            parent[last if isinstance(parent, dict) else int(last)] = copy.deepcopy(op["value"])
+        elif op["op"] == "remove":
+            del parent[last if isinstance(parent, dict) else int(last)]
+        else:
+            raise AssertionError(f"unsupported op {op['op']}")
+    return doc
+
+
+def _matches(obj: dict, target: dict) -> bool:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    want = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"]}
+    return all(want[k] == v for k, v in target.items())
+
+
+def render(directory: Path) -> list[dict]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = set(kustomization) - {"apiVersion", "kind", "resources", "patches"}
+    assert not unsupported, f"{directory}: the test's renderer does not implement {sorted(unsupported)}"
+    objects: list[dict] = []
+    for entry in kustomization.get("resources", []):
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            objects += render(path)
+        else:
+            objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        ops = yaml.safe_load((directory / patch["path"]).read_text() if "path" in patch else patch["patch"])
+        assert isinstance(ops, list), "only JSON6902 patches (a list of ops) are used"
+        hits = [i for i, o in enumerate(objects) if _matches(o, patch["target"])]
+        assert len(hits) == 1, f"patch target {patch['target']} matched {len(hits)} objects"
+        objects[hits[0]] = apply_json6902(objects[hits[0]], ops)
+    return objects
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def container(deployment: dict) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+@pytest.fixture(scope="module", params=["base", "a10g"])
+def rendered(request) -> list[dict]:
+    return render(BASE if request.param == "base" else OVERLAY)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("directory", [BASE, OVERLAY], ids=["base", "a10g"])
+def test_render_agrees_with_kubectl_kustomize(directory):
+    out = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True)
+    theirs = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out.stdout) if o}
+    ours = {(o["kind"], o["metadata"]["name"]): o for o in render(directory)}
+    assert theirs == ours
+
+
+# --- schema ---
+
+
+def test_every_object_is_valid_kubernetes(rendered):
+    assert tuple(int(x) for x in K8S_VERSION.split(".")[:2]) >= (1, 30)
+    for obj in rendered:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_validation_really_checks():
+    deployment = by_kind(render(BASE), "Deployment")["llm"]
+    container(deployment)["readinessProbe"]["grpc"]["no_such_field"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_patch_applier_handles_pointer_escapes_and_append():
+    doc = {"a": {"x/y": [1]}}
+    ops = [{"op": "add", "path": "/a/x~1y/-", "value": 2}, {"op": "test", "path": "/a/x~1y/1", "value": 2}]
+    assert apply_json6902(doc, ops) == {"a": {"x/y": [1, 2]}}
+    with pytest.raises(AssertionError):
+        apply_json6902(doc, [{"op": "test", "path": "/a/x~1y/0", "value": 3}])
+
+
+# --- the mesh's shape ---
+
+
+def test_one_deployment_and_service_per_service(rendered):
+    deployments, services = by_kind(rendered, "Deployment"), by_kind(rendered, "Service")
+    assert set(deployments) == set(services) == set(PORTS)
+    for name, port in PORTS.items():
+        c = container(deployments[name])
+        assert [p["containerPort"] for p in c["ports"]] == [port]
+        assert [p["port"] for p in services[name]["spec"]["ports"]] == [port]
+        assert services[name]["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert deployments[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert services[name]["spec"]["selector"].items() <= labels.items()
+
+
+def test_services_run_vvmesh_serve_on_their_port(rendered):
+    for name, d in by_kind(rendered, "Deployment").items():
+        c = container(d)
+        assert c["image"] == "vvmesh:latest"
+        if name == "envoy":
+            continue
+        assert c["command"] == ["vvmesh", "serve", name.replace("-", "_")]
+        args = c["args"]
+        assert args[args.index("--port") + 1] == str(PORTS[name])
+        assert args[args.index("--host") + 1] == "0.0.0.0"  # probes and peers reach the pod's IP
+
+
+def test_every_deployment_has_probes_and_resources(rendered):
+    for name, d in by_kind(rendered, "Deployment").items():
+        c = container(d)
+        assert c["readinessProbe"]["grpc"]["port"] == PORTS[name], name
+        assert "livenessProbe" in c, name
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][kind]), (name, kind)
+
+
+def test_gpu_services_request_a_gpu_and_cpu_services_do_not(rendered):
+    for name, d in by_kind(rendered, "Deployment").items():
+        resources = container(d)["resources"]
+        if name in GPU:
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+        else:
+            assert "nvidia.com/gpu" not in str(resources), name
+
+
+def test_llm_and_gateway_drain_for_two_minutes(rendered):
+    deployments = by_kind(rendered, "Deployment")
+    for name in ("llm", "gateway"):
+        assert deployments[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+
+
+def test_envoy_circuit_breaker_is_sized_from_llm_max_streams(rendered):
+    args = container(by_kind(rendered, "Deployment")["llm"])["args"]
+    max_streams = int(args[args.index("--max-streams") + 1])
+    config = yaml.safe_load(by_kind(rendered, "ConfigMap")["envoy-config"]["data"]["envoy.yaml"])
+    gateway = next(c for c in config["static_resources"]["clusters"] if c["name"] == "gateway")
+    assert gateway["circuit_breakers"]["thresholds"][0]["max_requests"] == max_streams
+
+
+# --- the a10g overlay ---
+
+
+def test_overlay_pins_gpu_services_to_a10g():
+    deployments = by_kind(render(OVERLAY), "Deployment")
+    for name in GPU:
+        spec = deployments[name]["spec"]["template"]["spec"]
+        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        [expression] = terms["nodeSelectorTerms"][0]["matchExpressions"]
+        assert expression["key"] == "node.kubernetes.io/instance-type" and expression["operator"] == "In"
+        assert expression["values"] == A10G_TYPES
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert container(deployments[name])["args"][-4:] == ["--dtype", "bfloat16", "--device", "cuda"]
+    base = by_kind(render(BASE), "Deployment")
+    for name in set(PORTS) - GPU:
+        assert deployments[name] == base[name], f"the overlay should leave {name} alone"
+
+
+# --- envoy's config in the cluster is envoy/envoy.yaml, re-addressed ---
+
+
+def k8s_envoy_config() -> dict:
+    return yaml.safe_load(by_kind(render(BASE), "ConfigMap")["envoy-config"]["data"]["envoy.yaml"])
+
+
+def test_envoy_configmap_matches_envoy_yaml_but_for_addresses():
+    local, k8s = yaml.safe_load(ENVOY_CONFIG.read_text()), k8s_envoy_config()
+    listener = next(x for x in k8s["static_resources"]["listeners"] if x["name"] == "public")
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 50051}
+    cluster = next(c for c in k8s["static_resources"]["clusters"] if c["name"] == "gateway")
+    assert cluster["type"] == "STRICT_DNS"
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "gateway", "port_value": 50061}
+    assert k8s["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    # Put the loopback values back: everything else must be identical.
+    listener["address"]["socket_address"]["address"] = "127.0.0.1"
+    cluster["type"] = "STATIC"
+    endpoint["address"]["socket_address"]["address"] = "127.0.0.1"
+    assert k8s == local
+
+
+def test_envoy_accepts_the_configmap(tmp_path):
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(k8s_envoy_config()))
+    binary = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    out = subprocess.run([binary, "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_envoy_deployment_mounts_its_config():
+    objects = render(BASE)
+    d = by_kind(objects, "Deployment")["envoy"]
+    c = container(d)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/envoy")
+    volume = next(v for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "envoy-config"
+    assert c["args"][c["args"].index("-c") + 1] == "/etc/envoy/envoy.yaml"
