@@ -114,6 +114,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:
+        from services.loadgen import main as load_main
+
+        return load_main(argv[1:])
     if argv[:1] == ["serve"]:
         if len(argv) < 2 or argv[1] not in SERVICES:
             raise SystemExit(f"usage: vvmesh serve {{{','.join(SERVICES)}}} [options]")

@@ -92,7 +92,8 @@ def test_gateway_cluster_is_guarded():
     cluster = gateway_cluster(load())
     assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
     thresholds = cluster["circuit_breakers"]["thresholds"][0]
-    assert thresholds["max_requests"] == 64  # llm --max-streams default
+    # What the mesh admits: llm --max-streams (64) running + gateway --queue-size (32) waiting.
+    assert thresholds["max_requests"] == 64 + 32
     assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == ""
 
 

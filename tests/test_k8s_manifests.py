@@ -7,7 +7,10 @@ where kubectl is installed, its built-in kustomize must render the same objects.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import importlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -53,9 +56,12 @@ def apply_json6902(doc: dict, ops: list[dict]) -> dict:
             assert actual == op["value"], f"test failed at {op['path']}: {actual!r} != {op['value']!r}"
         elif op["op"] == "add" and isinstance(parent, list):
             parent.insert(len(parent) if last == "-" else int(last), copy.deepcopy(op["value"]))
-        elif op["op"] in ("add", "replace"):
-            assert op["op"] == "add" or last in parent, f"replace of a missing {op['path']}"
-            parent[last if isinstance(parent, dict) else int(last)] = copy.deepcopy(op["value"])
+        elif op["op"] == "add":
+            parent[last] = copy.deepcopy(op["value"])
+        elif op["op"] == "replace":
+            key = int(last) if isinstance(parent, list) else last
+            assert isinstance(parent, list) or key in parent, f"replace of a missing {op['path']}"
+            parent[key] = copy.deepcopy(op["value"])
         elif op["op"] == "remove":
             del parent[last if isinstance(parent, dict) else int(last)]
         else:
@@ -133,8 +139,12 @@ def test_patch_applier_handles_pointer_escapes_and_append():
     doc = {"a": {"x/y": [1]}}
     ops = [{"op": "add", "path": "/a/x~1y/-", "value": 2}, {"op": "test", "path": "/a/x~1y/1", "value": 2}]
     assert apply_json6902(doc, ops) == {"a": {"x/y": [1, 2]}}
+    assert apply_json6902(doc, [{"op": "replace", "path": "/a/x~1y/0", "value": 3}]) == {"a": {"x/y": [3]}}
+    assert apply_json6902(doc, [{"op": "remove", "path": "/a/x~1y"}]) == {"a": {}}
     with pytest.raises(AssertionError):
         apply_json6902(doc, [{"op": "test", "path": "/a/x~1y/0", "value": 3}])
+    with pytest.raises(AssertionError):
+        apply_json6902(doc, [{"op": "replace", "path": "/a/missing", "value": 3}])
 
 
 # --- the mesh's shape ---
@@ -165,6 +175,26 @@ def test_services_run_vvmesh_serve_on_their_port(rendered):
         assert args[args.index("--host") + 1] == "0.0.0.0"  # probes and peers reach the pod's IP
 
 
+class _Parsed(Exception):
+    pass
+
+
+def test_service_args_are_accepted_by_the_services(monkeypatch):
+    """Each container's args go through the service's own argparse (stopped right after parsing)."""
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse_args(self, args, namespace)  # exits (SystemExit) on an unknown or malformed flag
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for d in by_kind(render(OVERLAY), "Deployment").values():
+        c = container(d)
+        if c["command"][:2] == ["vvmesh", "serve"]:
+            with pytest.raises(_Parsed):
+                importlib.import_module(f"services.{c['command'][2]}.server").main(c["args"])
+
+
 def test_every_deployment_has_probes_and_resources(rendered):
     for name, d in by_kind(rendered, "Deployment").items():
         c = container(d)
@@ -183,18 +213,26 @@ def test_gpu_services_request_a_gpu_and_cpu_services_do_not(rendered):
             assert "nvidia.com/gpu" not in str(resources), name
 
 
+def arg(deployment: dict, flag: str) -> str:
+    args = container(deployment)["args"]
+    return args[args.index(flag) + 1]
+
+
 def test_llm_and_gateway_drain_for_two_minutes(rendered):
     deployments = by_kind(rendered, "Deployment")
     for name in ("llm", "gateway"):
         assert deployments[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+        # The service's own drain ends (streams get a status) before kubelet's SIGKILL.
+        assert float(arg(deployments[name], "--drain-grace")) < 120
 
 
 def test_envoy_circuit_breaker_is_sized_from_llm_max_streams(rendered):
-    args = container(by_kind(rendered, "Deployment")["llm"])["args"]
-    max_streams = int(args[args.index("--max-streams") + 1])
+    d = by_kind(rendered, "Deployment")
+    admitted = int(arg(d["llm"], "--max-streams")) + int(arg(d["gateway"], "--queue-size"))
+    assert arg(d["acoustic"], "--max-streams") == arg(d["llm"], "--max-streams")
     config = yaml.safe_load(by_kind(rendered, "ConfigMap")["envoy-config"]["data"]["envoy.yaml"])
     gateway = next(c for c in config["static_resources"]["clusters"] if c["name"] == "gateway")
-    assert gateway["circuit_breakers"]["thresholds"][0]["max_requests"] == max_streams
+    assert gateway["circuit_breakers"]["thresholds"][0]["max_requests"] == admitted
 
 
 # --- the a10g overlay ---
@@ -237,6 +275,14 @@ def test_envoy_configmap_matches_envoy_yaml_but_for_addresses():
     cluster["type"] = "STATIC"
     endpoint["address"]["socket_address"]["address"] = "127.0.0.1"
     assert k8s == local
+
+
+def test_envoy_configmap_is_generated_from_envoy_yaml():
+    spec = importlib.util.spec_from_file_location("sync_envoy_config", ROOT / "k8s" / "sync_envoy_config.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    expected = sync.configmap(ENVOY_CONFIG.read_text())
+    assert (BASE / "envoy-config.yaml").read_text() == expected, "run: python k8s/sync_envoy_config.py"
 
 
 def test_envoy_accepts_the_configmap(tmp_path):

@@ -15,7 +15,7 @@ from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
 from services.common.audio import MEDIA_TYPES, SAMPLE_RATE, AudioError, StreamEncoder, decode_voice, normalize_voice
-from services.common.errors import RequestError, abort, from_rpc_error, invalid_argument
+from services.common.errors import RequestError, abort, from_rpc_error, invalid_argument, unavailable
 from services.common.grpc_server import Service, insecure_channel
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.telemetry import setup_tracing
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 3200
 PROGRESS_EVERY_FRAMES = 8
+VOICE_TIMEOUT_S = 10.0
 
 
 def _decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
@@ -65,7 +66,9 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
 
     async def _llm_slots(self) -> int:
         capacity = await self.llm.Capacity(mesh_pb2.CapacityRequest(), timeout=2.0, wait_for_ready=True)
-        return 0 if capacity.draining else capacity.slots
+        if capacity.draining:
+            raise unavailable(f"llm service at {self.addresses['llm']} is draining; retry shortly")
+        return capacity.slots
 
     async def model(self, timeout: float | None) -> mesh_pb2.ModelInfo:
         if self._model is None:
@@ -143,7 +146,9 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
                     mesh_pb2.EncodeVoiceRequest(
                         voices=[to_proto(torch.from_numpy(v)) for v in ordered], seed=options.seed
                     ),
-                    timeout=context.time_remaining(),
+                    # a restarting acoustic service gets a few seconds to come back
+                    timeout=min(context.time_remaining() or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S),
+                    wait_for_ready=True,
                 ),
             )
             generate.voice_embeddings.CopyFrom(encoded.embeddings)

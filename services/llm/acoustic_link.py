@@ -20,6 +20,7 @@ from services.common.tensors import from_proto, to_proto
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT_S = 3.0
 StepResult = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
@@ -70,6 +71,11 @@ class RemoteAcoustic:
     async def _open(self):
         if self.call is None:
             self.channel = insecure_channel(self.address)
+            try:  # a restarted acoustic service is picked up here; a dead one fails the step quickly
+                await asyncio.wait_for(self.channel.channel_ready(), CONNECT_TIMEOUT_S)
+            except TimeoutError as e:
+                await self.close()
+                raise AcousticUnavailable(f"acoustic service at {self.address} is unreachable") from e
             self.call = mesh_pb2_grpc.AcousticStub(self.channel).Render()
         return self.call
 

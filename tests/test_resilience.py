@@ -1,0 +1,270 @@
+"""Overload, rate limits, a killed worker, cancellation, deadlines, drain and bad input: real processes,
+real Envoy, the tiny model on the CPU. Each test is bounded in time and request count."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
+
+from services.client import build_request, synthesize
+from services.loadgen import format_summary, run_load, summarize, write_report
+from services.mesh import Mesh
+from tests.conftest import SCRIPTS, VOICES, new_ports
+
+SLOTS = 2
+QUEUE = 2
+SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
+
+
+@pytest.fixture
+def small_mesh(tiny_checkpoint, tmp_path):
+    """A mesh that runs 2 streams and queues 2 more, so overload is cheap to reach."""
+    mesh = Mesh(
+        ports=new_ports(),
+        model=str(tiny_checkpoint),
+        device="cpu",
+        dtype="float32",
+        allow_fixed_frames=True,
+        max_streams=SLOTS,
+        gateway_args=["--queue-size", str(QUEUE)],
+        llm_args=["--drain-grace", "60"],
+        log_dir=tmp_path / "logs",
+    )
+    with mesh:
+        yield mesh
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def capacity(mesh: Mesh) -> mesh_pb2.CapacityResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.llm}") as ch:
+        return mesh_pb2_grpc.LLMStub(ch).Capacity(mesh_pb2.CapacityRequest(), timeout=5)
+
+
+def address(mesh: Mesh) -> str:
+    return f"127.0.0.1:{mesh.ports.envoy}"
+
+
+def test_overload_admits_whole_streams_and_rejects_the_rest_cleanly(small_mesh, tmp_path):
+    warm = asyncio.run(run_load(address(small_mesh), clients=1, frames=5, count=2))
+    assert all(o.status == "OK" for o in warm)
+    services = ("text_parser", "acoustic", "llm", "gateway")
+    before = {s: rss_kib(small_mesh.processes[s].pid) for s in services}
+
+    # Offered load: three times the streams the mesh can run, for 30 s.
+    outcomes = asyncio.run(run_load(address(small_mesh), clients=3 * SLOTS, frames=15, duration_s=30))
+    summary = write_report(outcomes, tmp_path / "load")
+    print("\n" + format_summary(summary))
+
+    ok = [o for o in outcomes if o.status == "OK"]
+    rejected = [o for o in outcomes if o.status != "OK"]
+    assert ok and rejected, summary["by_status"]
+    assert set(summary["by_status"]) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+    assert all(o.frames_received == o.frames_expected for o in ok)  # nothing lost, nothing out of order
+    assert all(o.retry_hint for o in rejected), [o.message for o in rejected if not o.retry_hint][:3]
+    assert all(o.frames_received == 0 for o in rejected)  # rejected up front, never cut mid-stream
+    assert (tmp_path / "load" / "load.png").stat().st_size > 0
+
+    time.sleep(1.0)
+    after = {s: rss_kib(small_mesh.processes[s].pid) for s in services}
+    for s in services:
+        assert after[s] <= before[s] * 1.10, (s, before[s], after[s])
+
+
+def test_rejection_beyond_the_queue_is_fast(small_mesh):
+    long = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=200, seed=1)
+    threads = [
+        threading.Thread(target=lambda: synthesize_quietly(address(small_mesh), long)) for _ in range(SLOTS + QUEUE)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while capacity(small_mesh).active < SLOTS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the queue fills behind them
+    with grpc.insecure_channel(address(small_mesh)) as ch:
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in tts_pb2_grpc.TextToSpeechStub(ch).Synthesize(long, timeout=30):
+                pass
+        elapsed = time.perf_counter() - t0
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry after" in err.value.details()
+    print(f"\nrejected in {elapsed * 1000:.1f} ms")
+    assert elapsed < 0.05
+    for t in threads:
+        t.join(120)
+
+
+def synthesize_quietly(addr: str, request) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        synthesize(addr, request, timeout=120)
+
+
+def test_one_api_key_over_its_rate_is_limited_while_another_is_served(small_mesh):
+    # An unknown format is refused by the gateway before any work, so only Envoy's limiter tells them apart.
+    cheap = tts_pb2.SynthesizeRequest(text=SCRIPT, format=99)
+
+    def outcomes(key: str, n: int) -> list[str]:
+        out = []
+        with grpc.insecure_channel(address(small_mesh)) as ch:
+            stub = tts_pb2_grpc.TextToSpeechStub(ch)
+            for _ in range(n):
+                try:
+                    for _ in stub.Synthesize(cheap, metadata=[("x-api-key", key)], timeout=10):
+                        pass
+                except grpc.RpcError as e:
+                    limited = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "local_rate_limited" in e.details()
+                    out.append("rate_limited" if limited else e.code().name)
+        return out
+
+    t0 = time.perf_counter()
+    greedy = outcomes("greedy", 40)
+    burst_s = time.perf_counter() - t0
+    assert greedy[:10] == ["INVALID_ARGUMENT"] * 10  # served while its bucket lasted
+    assert greedy.count("rate_limited") >= 40 - 20 - int(10 * burst_s) - 1  # bursts of 20, 10 more per second
+    assert outcomes("polite", 3) == ["INVALID_ARGUMENT"] * 3  # another key is still served
+    assert outcomes("greedy", 1) == ["rate_limited"]
+
+
+def test_killed_acoustic_worker_fails_its_streams_and_a_new_one_serves(small_mesh):
+    request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=400, seed=3)
+    with grpc.insecure_channel(address(small_mesh)) as ch:
+        stream = tts_pb2_grpc.TextToSpeechStub(ch).Synthesize(request, timeout=120)
+        chunks = 0
+        with pytest.raises(grpc.RpcError) as err:
+            for response in stream:
+                if response.WhichOneof("event") == "audio":
+                    chunks += 1
+                    if chunks == 3:
+                        small_mesh.processes["acoustic"].send_signal(signal.SIGKILL)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "acoustic" in err.value.details()
+    assert small_mesh.is_serving("gateway") and small_mesh.is_serving("llm")
+
+    small_mesh.processes.pop("acoustic").wait()
+    small_mesh.start_service("acoustic")
+    small_mesh.wait_ready(120, ["acoustic"])
+    voice = {1: (VOICES / "en-Carter_man.wav").read_bytes()}
+    result = synthesize(
+        address(small_mesh),
+        build_request(SCRIPT, voice, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=5, seed=4),
+        timeout=120,
+    )
+    assert result.summary.frames == 5
+
+
+def wait_for_active(mesh: Mesh, n: int, timeout: float = 30.0) -> float:
+    t0 = time.perf_counter()
+    while capacity(mesh).active != n:
+        assert time.perf_counter() - t0 < timeout, f"llm still has {capacity(mesh).active} active streams"
+        time.sleep(0.01)
+    return time.perf_counter() - t0
+
+
+def test_cancel_and_deadline_free_the_slot_within_a_step(small_mesh):
+    request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=500, seed=5)
+    with grpc.insecure_channel(address(small_mesh)) as ch:
+        stub = tts_pb2_grpc.TextToSpeechStub(ch)
+        call = stub.Synthesize(request, timeout=120)
+        for response in call:
+            if response.WhichOneof("event") == "audio":
+                break
+        assert capacity(small_mesh).active == 1
+        step_ms = capacity(small_mesh).step_ms
+        call.cancel()
+        freed_s = wait_for_active(small_mesh, 0)
+        print(f"\ncancel: slot free after {freed_s * 1000:.0f} ms (a step takes {step_ms:.0f} ms)")
+        assert freed_s * 1000 < step_ms + 250  # one step, plus the hops' latency
+
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stub.Synthesize(request, timeout=1.5):
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        freed_s = wait_for_active(small_mesh, 0)
+        assert freed_s * 1000 < step_ms + 250
+
+
+@pytest.mark.parametrize("service", ["llm", "gateway"])
+def test_sigterm_drains_running_streams_and_refuses_new_ones(small_mesh, service):
+    request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=80, seed=6)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["ok"] = synthesize(address(small_mesh), request, timeout=120)
+        except grpc.RpcError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for_active(small_mesh, 1)
+    proc = small_mesh.processes[service]
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert not small_mesh.is_serving(service)  # health says NOT_SERVING (or the port is closed to new calls)
+    with pytest.raises(grpc.RpcError) as err:
+        synthesize(
+            address(small_mesh), build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=3), timeout=30
+        )
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    thread.join(120)
+    assert "error" not in result, result.get("error")
+    assert result["ok"].summary.frames == 80  # the running stream finished
+    assert proc.wait(60) == 0
+
+
+def test_bad_requests_in_a_loop_never_disturb_good_ones(small_mesh):
+    rng = np.random.default_rng(7)
+    bad = [
+        tts_pb2.SynthesizeRequest(text=""),
+        tts_pb2.SynthesizeRequest(text="x" * (1 << 20)),  # 1 MB of text on one line
+        build_request(SCRIPT, {1: rng.bytes(20000)}, tts_pb2.AUDIO_FORMAT_WAV, fixed_frames=2),
+        build_request(SCRIPT, {}, 42, fixed_frames=2),
+        build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_WAV, fixed_frames=2, diffusion_steps=0),
+    ]
+    good = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=3, seed=8)
+    with grpc.insecure_channel(address(small_mesh), options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        stub = tts_pb2_grpc.TextToSpeechStub(ch)
+        for _ in range(3):
+            for req in bad:
+                with pytest.raises(grpc.RpcError) as err:
+                    for _ in stub.Synthesize(req, timeout=30):
+                        pass
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            frames = [
+                r.audio.frame_index
+                for r in stub.Synthesize(good, timeout=60)
+                if r.WhichOneof("event") == "audio" and r.audio.data
+            ]
+            assert frames == [0, 1, 2]
+
+
+def test_load_summary_counts_what_happened():
+    from services.loadgen import Outcome
+
+    outcomes = [
+        Outcome(0, "OK", False, 3, 3, 0.0, 0.1, [0.1, 0.2, 0.5]),
+        Outcome(1, "RESOURCE_EXHAUSTED", True, 3, 0, 0.0, None),
+        Outcome(2, "OK", False, 3, 2, 0.0, 0.3, [0.3, 0.4]),
+    ]
+    s = summarize(outcomes)
+    assert s["by_status"] == {"OK": 2, "RESOURCE_EXHAUSTED": 1}
+    assert s["frames_lost"] == 1 and s["rejections_with_retry_hint"] == 1
+    assert s["max_gap_ms"] == pytest.approx(300.0)
+    assert s["ttfa_ms"]["p50"] == pytest.approx(200.0)
