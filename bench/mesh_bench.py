@@ -135,13 +135,14 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=common.FRAMES)
     p.add_argument("--batches", default="1,16")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--modes", default="local,remote", help="local: acoustic inside the llm; remote: over gRPC")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--playing", type=int, default=32, help="streams playing while new requests arrive")
     args = p.parse_args()
     path = common.checkpoint(args.shape)
     voice = (DATA / "voice10s.wav").read_bytes()
     results: dict = {"shape": args.shape, "modes": {}}
-    for mode in ("local", "remote"):
+    for mode in args.modes.split(","):
         mesh = Mesh(
             ports=free_ports(),
             model=str(path),
@@ -163,9 +164,10 @@ def main() -> None:
                 entry["latency"] = asyncio.run(ttfa_run(address, voice, args.playing))
             results["modes"][mode] = entry
             print(mode, entry, flush=True)
-    local = {r["batch"]: r["frames_per_s"] for r in results["modes"]["local"]["rows"]}
-    for r in results["modes"]["remote"]["rows"]:
-        r["vs_in_process"] = r["frames_per_s"] / local[r["batch"]]
+    if {"local", "remote"} <= set(results["modes"]):
+        local = {r["batch"]: r["frames_per_s"] for r in results["modes"]["local"]["rows"]}
+        for r in results["modes"]["remote"]["rows"]:
+            r["vs_in_process"] = r["frames_per_s"] / local[r["batch"]]
     common.save(f"mesh-{args.shape}", results)
 
 

@@ -18,6 +18,9 @@ import torch
 from transformers import AutoModel, GenerationConfig
 from transformers.models.vibevoice.generation_vibevoice import VibeVoiceGenerationMixin
 from transformers.models.vibevoice.modeling_vibevoice import VibeVoiceDiffusionHead, VibeVoiceMultiModalProjector
+from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acoustic_tokenizer import (
+    VibeVoiceAcousticTokenizerConv1dPaddingCache,
+)
 
 from services.acoustic.conv_state import ConvStateRows
 from services.acoustic.dpm_solver import DPMSolverPlan
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 3200
 VOICE_CACHE_ENTRIES = 64
+VOICE_CHUNK_SAMPLES = 10 * SAMPLES_PER_FRAME
 GRAPH_DIFFUSION_STEPS = 10  # steps captured as CUDA graphs; other step counts run eagerly
 
 
@@ -120,7 +124,11 @@ class AcousticEngine:
         self.streams: dict[int, StreamState] = {}
         self.order: list[int] = []  # stream ids by row
         self._voice_means: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._encode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Rendering runs on a high-priority CUDA stream and voice encoding on a low-priority one, so a new
+        # request's voices wait for playing streams' frames, not the other way round.
+        cuda = self.device.type == "cuda"
+        self._render_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self._encode_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
 
         self.graphs: dict[int, CapturedStep] = {}
         if cuda_graphs and self.device.type == "cuda":
@@ -162,8 +170,15 @@ class AcousticEngine:
         frames = -(-samples.numel() // SAMPLES_PER_FRAME)
         padded = torch.zeros(1, 1, frames * SAMPLES_PER_FRAME, dtype=self.dtype, device=self.device)
         padded[0, 0, : samples.numel()] = samples.to(self.device, self.dtype)
+        # The encoder is causal: encoding in chunks through its streaming cache gives the same latents, in
+        # short kernels that interleave with the frames being rendered instead of holding the GPU.
+        cache = VibeVoiceAcousticTokenizerConv1dPaddingCache()
         with torch.inference_mode():
-            mean = self.audio_tower.encode(padded, sample=False).latents[0]
+            parts = [
+                self.audio_tower.encode(chunk, padding_cache=cache, use_cache=True, sample=False).latents[0]
+                for chunk in padded.split(VOICE_CHUNK_SAMPLES, dim=-1)
+            ]
+        mean = torch.cat(parts)
         self._voice_means[key] = mean
         if len(self._voice_means) > VOICE_CACHE_ENTRIES:
             self._voice_means.popitem(last=False)
@@ -281,8 +296,23 @@ class AcousticEngine:
                 t.zero_()
         log.info("captured acoustic graphs for batch sizes %s", sorted(self.graphs))
 
-    @torch.inference_mode()
     def render(
+        self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched step on the render stream; results are ready on the caller's stream."""
+        if self._render_stream is None:
+            return self._render(ids, positive, negative)
+        caller = torch.cuda.current_stream(self.device)
+        self._render_stream.wait_stream(caller)
+        with torch.cuda.stream(self._render_stream):
+            embeds, audio = self._render(ids, positive, negative)
+        caller.wait_stream(self._render_stream)
+        embeds.record_stream(caller)
+        audio.record_stream(caller)
+        return embeds, audio
+
+    @torch.inference_mode()
+    def _render(
         self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched step: (N, hidden) conditions -> next input embeddings (N, hidden), audio (N, 3200).

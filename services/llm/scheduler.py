@@ -23,6 +23,8 @@ from services.llm.engine import LMEngine, LMStream
 
 log = logging.getLogger(__name__)
 
+FRAME_MS = 3200 / 24000 * 1000
+
 
 @dataclass
 class Frame:
@@ -121,7 +123,12 @@ class Scheduler:
         started = time.perf_counter()
         await self._step_once()
         if self.active:
-            self.step_ms = 0.9 * self.step_ms + 0.1 * (time.perf_counter() - started) * 1000
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self.step_ms = 0.9 * self.step_ms + 0.1 * elapsed_ms
+            if elapsed_ms > FRAME_MS:  # a playing stream just waited longer than one frame of audio
+                log.warning(
+                    "slow step: %.0f ms with %d streams (%d waiting)", elapsed_ms, len(self.active), len(self.waiting)
+                )
 
     async def _step_once(self) -> None:
         ends = self._retire([j for j in self.active if j.cancelled])
