@@ -326,14 +326,22 @@ class AcousticEngine:
         noise = self._noise(states)
         cfg = torch.tensor([st.cfg_scale for st in states], dtype=self.dtype)[:, None].to(self.device)
         steps = {st.diffusion_steps for st in states}
-        packed = [st.row for st in states] == list(range(n)) and n == len(self.order)
-        if self.graphs and packed and steps == {GRAPH_DIFFUSION_STEPS}:
+        rows = [st.row for st in states]
+        # Every stream speaks (the usual step): the graph over rows [0, n) serves, in whatever order the
+        # llm lists the streams.
+        if self.graphs and n == len(self.order) and steps == {GRAPH_DIFFUSION_STEPS}:
             bucket = bucket_for(n, self.max_streams)
-            rows = self.max_streams
-            self._condition[:n], self._condition[rows : rows + n] = positive, negative
-            self._noise_in[:n], self._cfg_in[:n] = noise, cfg
+            limit = self.max_streams
+            if rows == list(range(n)):
+                self._condition[:n], self._condition[limit : limit + n] = positive, negative
+                self._noise_in[:n], self._cfg_in[:n] = noise, cfg
+                embeds, audio = self.graphs[bucket].replay()
+                return embeds[:n], audio[:n]
+            index = torch.tensor(rows, device=self.device)
+            self._condition[index], self._condition[index + limit] = positive, negative
+            self._noise_in[index], self._cfg_in[index] = noise, cfg
             embeds, audio = self.graphs[bucket].replay()
-            return embeds[:n], audio[:n]
+            return embeds[index], audio[index]
 
         embeds = torch.empty(n, self.hidden_size, device=self.device, dtype=self.dtype)
         audio = torch.empty(n, SAMPLES_PER_FRAME, device=self.device, dtype=self.dtype)
