@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.acoustic.engine import StreamSpec
+from services.common.tensors import to_host
 from services.llm.acoustic_link import AcousticLink, AcousticUnavailable
 from services.llm.engine import LMEngine, LMStream
 
@@ -72,6 +73,7 @@ class Scheduler:
         self._step = 0
         self._task: asyncio.Task | None = None
         self.step_ms = 0.0  # moving average of a decoding step's wall time
+        self.phase_ms: dict[str, float] = {}
 
     def new_stream_id(self) -> int:
         return next(self._ids)
@@ -127,7 +129,11 @@ class Scheduler:
             self.step_ms = 0.9 * self.step_ms + 0.1 * elapsed_ms
             if elapsed_ms > FRAME_MS:  # a playing stream just waited longer than one frame of audio
                 log.warning(
-                    "slow step: %.0f ms with %d streams (%d waiting)", elapsed_ms, len(self.active), len(self.waiting)
+                    "slow step: %.0f ms with %d streams (%d waiting); %s",
+                    elapsed_ms,
+                    len(self.active),
+                    len(self.waiting),
+                    ", ".join(f"{k} {v:.0f} ms" for k, v in self.phase_ms.items()),
                 )
 
     async def _step_once(self) -> None:
@@ -142,7 +148,9 @@ class Scheduler:
             ready = self.engine.prefill(self.prefill_budget)
             return ready, *self.engine.decode()
 
+        t0 = time.perf_counter()
         ready, decisions, positive, negative = await asyncio.to_thread(compute)
+        t1 = time.perf_counter()
         by_stream = {id(j.stream): j for j in self.active}
         for stream in ready:
             by_stream[id(stream)].events.put_nowait(PromptDone(len(stream.prompt_ids)))
@@ -155,6 +163,7 @@ class Scheduler:
         ids = [by_stream[id(d.stream)].spec.stream_id for d in speech]
         if not (joined or ids or ends or done):
             return
+        t2 = time.perf_counter()
         embeds, audio = await self.link.step(
             self._step,
             [j.spec for j in joined],
@@ -164,10 +173,12 @@ class Scheduler:
             ends + [j.spec.stream_id for j in done],
         )
         self._step += 1
+        t3 = time.perf_counter()
         if decisions:
             await asyncio.to_thread(self.engine.accept, decisions, embeds)
+        t4 = time.perf_counter()
         if speech:
-            audio = audio.float().cpu()
+            audio = to_host(audio.float())
             for row, d in enumerate(speech):
                 s = d.stream
                 by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, audio[row]))
@@ -176,3 +187,10 @@ class Scheduler:
             reason = "fixed_frames" if s.fixed_frames else ("max_frames" if s.frames >= s.max_frames else "eos")
             job.events.put_nowait(Finished(s.frames, reason))
         self._retire(done)
+        # where a step's time went, for the slow-step log
+        self.phase_ms = {
+            "prefill+decode": (t1 - t0) * 1000,
+            "render": (t3 - t2) * 1000,
+            "accept": (t4 - t3) * 1000,
+            "deliver": (time.perf_counter() - t4) * 1000,
+        }
