@@ -26,7 +26,6 @@ from services.acoustic.conv_state import ConvStateRows
 from services.acoustic.dpm_solver import DPMSolverPlan
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
-from services.common.tensors import to_host
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +213,7 @@ class AcousticEngine:
                 [m + self.vae_std * std[i] * noise[i, : m.shape[0]] for i, m in enumerate(means)], dim=0
             )
             features = (latents + self.latent_bias) * self.latent_scale
-            return to_host(self.acoustic_connector(features).float()), frames
+            return self.acoustic_connector(features).float().cpu(), frames
 
     # ------------------------------------------------------------------ streams
 

@@ -17,7 +17,7 @@ from services.common.grpc_server import Service
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
 from services.common.telemetry import setup_tracing
-from services.common.tensors import from_proto, to_host, to_proto
+from services.common.tensors import from_proto, to_proto
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         embeds, audio = self.engine.step(starts, ids, positive, negative, [_key(conn, s) for s in request.ends])
         response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
         if ids:
-            response.embeddings.CopyFrom(to_proto(to_host(embeds)))
-            response.audio.CopyFrom(to_proto(to_host(audio)))
+            response.embeddings.CopyFrom(to_proto(embeds))
+            response.audio.CopyFrom(to_proto(audio))
         return response
 
     async def Render(self, request_iterator: AsyncIterator, context) -> AsyncIterator:  # noqa: N802

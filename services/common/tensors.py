@@ -30,20 +30,3 @@ def from_proto(msg: mesh_pb2.Tensor, device: torch.device | str = "cpu") -> torc
         return torch.empty(shape, dtype=dtype, device=device)
     flat = torch.frombuffer(bytearray(msg.data), dtype=dtype)
     return flat.reshape(shape).to(device)
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A GPU tensor's values on the CPU, waiting for them without holding the GIL.
-
-    `tensor.cpu()` blocks inside the copy with the GIL held, which stalls every other Python thread of the
-    process (the gRPC event loop delivering audio among them) for as long as the GPU is busy. This copies
-    asynchronously into pinned memory and waits on a CUDA event, which releases the GIL while it waits.
-    """
-    if t.device.type != "cuda":
-        return t.cpu()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(t.device))
-    done.synchronize()
-    return host

@@ -19,7 +19,6 @@ from transformers import AutoModel
 
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
-from services.common.tensors import to_host
 from services.llm.decoder import SlotDecoder
 from services.llm.kv_slots import KVSlots
 
@@ -225,7 +224,7 @@ class LMEngine:
         else:
             longest = max(max(s.positive_len, s.negative_len) for s in self.streams[:n]) + 1
             hidden, logits = self._decode_rows(n, self._keys(longest))
-        choice = to_host(logits[:n].argmax(dim=-1)).tolist()
+        choice = logits[:n].argmax(dim=-1).tolist()
         decisions = []
         for row, stream in enumerate(self.streams[:n]):
             token = self.token_ids[choice[row]]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 
 from services.acoustic.engine import StreamSpec
-from services.common.tensors import to_host
 from services.llm.acoustic_link import AcousticLink, AcousticUnavailable
 from services.llm.engine import LMEngine, LMStream
 
@@ -178,7 +177,7 @@ class Scheduler:
             await asyncio.to_thread(self.engine.accept, decisions, embeds)
         t4 = time.perf_counter()
         if speech:
-            audio = to_host(audio.float())
+            audio = audio.float().cpu()
             for row, d in enumerate(speech):
                 s = d.stream
                 by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, audio[row]))
