@@ -65,7 +65,10 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         self.admission = Admission(self._llm_slots, queue_size)
 
     async def _llm_slots(self) -> int:
-        capacity = await self.llm.Capacity(mesh_pb2.CapacityRequest(), timeout=2.0, wait_for_ready=True)
+        try:
+            capacity = await self.llm.Capacity(mesh_pb2.CapacityRequest(), timeout=2.0, wait_for_ready=True)
+        except grpc.aio.AioRpcError as e:  # stopping, restarting or gone: no new work can start there
+            raise unavailable(f"llm service at {self.addresses['llm']} is not accepting work ({e.code().name})") from e
         if capacity.draining:
             raise unavailable(f"llm service at {self.addresses['llm']} is draining; retry shortly")
         return capacity.slots
