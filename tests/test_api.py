@@ -95,3 +95,27 @@ def test_each_gpu_service_holds_only_its_own_weights(mesh):
     assert not any(m.startswith(("model.audio_tower", "model.diffusion_head")) for m in llm.modules)
     assert not any(m.startswith("model.language_model") for m in acoustic.modules)
     assert llm.random_weights and acoustic.random_weights
+
+
+def test_structured_turns_equal_the_same_script_as_text(envoy_address):
+    from vibevoice.tts.v1 import tts_pb2
+
+    from services.client import build_request, synthesize
+
+    text = (SCRIPTS / "2p_short.txt").read_text()
+    as_text = build_request(text, {}, tts_pb2.AUDIO_FORMAT_PCM_F32, seed=11, fixed_frames=3)
+    as_turns = tts_pb2.SynthesizeRequest(
+        turns=tts_pb2.Script(
+            turns=[
+                tts_pb2.Turn(speaker=int(line.split(":")[0].split()[1]), text=line.split(":", 1)[1])
+                for line in text.splitlines()
+                if line.strip()
+            ]
+        ),
+        format=tts_pb2.AUDIO_FORMAT_PCM_F32,
+        options=tts_pb2.GenerationOptions(seed=11, fixed_frames=3),
+    )
+    a, b = synthesize(envoy_address, as_text, timeout=120), synthesize(envoy_address, as_turns, timeout=120)
+    assert a.header.prompt_tokens == b.header.prompt_tokens
+    assert [s.speaker for s in b.header.speakers] == [1, 2]
+    assert a.data == b.data and len(a.data) == 3 * 3200 * 4
