@@ -182,12 +182,17 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         pending = encoder.header()
         first_audio = None
         frames = 0
+        header_sent = False
         call = self.llm.Generate(generate, timeout=context.time_remaining())
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "progress":
-                    yield tts_pb2.SynthesizeResponse(header=header)
+                    # The llm reports its prompt read once, after admission: errors before it reach the
+                    # client as a status with no header.
+                    if not header_sent:
+                        header_sent = True
+                        yield tts_pb2.SynthesizeResponse(header=header)
                     yield tts_pb2.SynthesizeResponse(
                         progress=tts_pb2.Progress(
                             max_frames=header.max_frames,
