@@ -32,9 +32,11 @@ class _Waiter:
 
 
 class Admission:
-    def __init__(self, slots: Callable[[], Awaitable[int]], queue_size: int) -> None:
+    def __init__(self, slots: Callable[[], Awaitable[int]], queue_size: int, max_wait_s: float = 50.0) -> None:
         self._fetch_slots = slots
         self.queue_size = queue_size
+        # A queued request sends nothing; Envoy ends streams idle for 60 s, so waits end before that.
+        self.max_wait_s = max_wait_s
         self.slots = 0
         self._slots_at = 0.0
         self.running: Counter[str] = Counter()
@@ -70,7 +72,14 @@ class Admission:
         waiter = _Waiter(cost, next(self._order), key, asyncio.get_running_loop().create_future())
         self.waiting.append(waiter)
         try:
-            await waiter.granted
+            await asyncio.wait_for(asyncio.shield(waiter.granted), self.max_wait_s)
+        except TimeoutError:
+            if waiter in self.waiting:
+                self.waiting.remove(waiter)
+                raise resource_exhausted(
+                    f"no stream slot came free within {self.max_wait_s:.0f} s", self.retry_after()
+                ) from None
+            return time.monotonic()  # granted at the last moment
         except BaseException:
             if waiter in self.waiting:
                 self.waiting.remove(waiter)

@@ -56,13 +56,13 @@ def api_key(context: grpc.aio.ServicerContext) -> str:
 
 
 class Gateway(tts_pb2_grpc.TextToSpeechServicer):
-    def __init__(self, text_parser: str, acoustic: str, llm: str, queue_size: int) -> None:
+    def __init__(self, text_parser: str, acoustic: str, llm: str, queue_size: int, max_queue_wait: float) -> None:
         self.addresses = {"text_parser": text_parser, "acoustic": acoustic, "llm": llm}
         self.parser = mesh_pb2_grpc.TextParserStub(insecure_channel(text_parser))
         self.acoustic = mesh_pb2_grpc.AcousticStub(insecure_channel(acoustic))
         self.llm = mesh_pb2_grpc.LLMStub(insecure_channel(llm))
         self._model: mesh_pb2.ModelInfo | None = None
-        self.admission = Admission(self._llm_slots, queue_size)
+        self.admission = Admission(self._llm_slots, queue_size, max_queue_wait)
 
     async def _llm_slots(self) -> int:
         try:
@@ -260,6 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--acoustic", default="127.0.0.1:50063")
     p.add_argument("--llm", default="127.0.0.1:50064")
     p.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a free stream slot")
+    p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=50.0,
+        help="seconds a request may wait for a slot (under Envoy's 60 s stream idle timeout)",
+    )
     p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     args = p.parse_args(argv)
     setup_logging("gateway")
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         service = Service(
             "gateway", args.host, args.port, [tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name]
         )
-        gateway = Gateway(args.text_parser, args.acoustic, args.llm, args.queue_size)
+        gateway = Gateway(args.text_parser, args.acoustic, args.llm, args.queue_size, args.max_queue_wait)
         tts_pb2_grpc.add_TextToSpeechServicer_to_server(gateway, service.server)
         refresh = asyncio.create_task(gateway.admission.refresh_loop())
         await service.run(grace_s=args.drain_grace)

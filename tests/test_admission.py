@@ -1,0 +1,70 @@
+"""The gateway's admission queue: bounded, fair across API keys, shortest job first, and time-limited."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.errors import RequestError
+from services.gateway.admission import Admission
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def slots(n: int) -> int:
+    return n
+
+
+def test_queue_is_bounded_and_rejection_carries_a_delay():
+    async def main():
+        adm = Admission(lambda: slots(1), queue_size=1)
+        await adm.acquire("a", 10)  # runs
+        waiting = asyncio.create_task(adm.acquire("a", 10))  # queued
+        await asyncio.sleep(0)
+        with pytest.raises(RequestError) as err:
+            await adm.acquire("a", 10)
+        waiting.cancel()
+        return err.value.status
+
+    status = run(main())
+    assert status.code == 8  # RESOURCE_EXHAUSTED
+    assert status.details and status.details[0].type_url.endswith("google.rpc.RetryInfo")
+
+
+def test_next_slot_goes_to_the_quietest_key_then_the_shortest_job():
+    async def main():
+        adm = Admission(lambda: slots(2), queue_size=10)
+        started = [await adm.acquire("busy", 100), await adm.acquire("busy", 100)]
+        order = []
+
+        async def wait(key, cost):
+            await adm.acquire(key, cost)
+            order.append((key, cost))
+
+        tasks = [asyncio.create_task(wait(k, c)) for k, c in [("busy", 5), ("calm", 300), ("calm", 50)]]
+        await asyncio.sleep(0)
+        adm.release("busy", started[0])  # "calm" has nothing running: its shortest job goes first
+        await asyncio.sleep(0)
+        adm.release("busy", started[1])  # now each key runs one: the shortest job overall
+        await asyncio.sleep(0)
+        for t in tasks:
+            t.cancel()
+        return order
+
+    assert run(main()) == [("calm", 50), ("busy", 5)]
+
+
+def test_a_queued_request_gives_up_before_envoys_idle_timeout():
+    async def main():
+        adm = Admission(lambda: slots(1), queue_size=4, max_wait_s=0.05)
+        await adm.acquire("a", 1)
+        with pytest.raises(RequestError) as err:
+            await adm.acquire("b", 1)
+        return err.value.status, adm.waiting
+
+    status, waiting = run(main())
+    assert status.code == 8 and "within" in status.message
+    assert waiting == []
