@@ -30,12 +30,6 @@ class Checkpoint:
     config: object  # transformers.VibeVoiceConfig
     random_weights: bool
 
-    @property
-    def name(self) -> str:
-        return (
-            "tiny (random weights)" if self.random_weights and self.path.name == "tiny-checkpoint" else str(self.path)
-        )
-
 
 def resolve_checkpoint(model: str) -> Checkpoint:
     """`tiny` builds (once) and loads the random-weight test model; anything else is a checkpoint directory."""

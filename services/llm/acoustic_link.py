@@ -39,8 +39,6 @@ class AcousticLink(Protocol):
         ends: list[int],
     ) -> StepResult: ...
 
-    async def encode_voices(self, voices: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]: ...
-
     async def close(self) -> None: ...
 
 
@@ -52,9 +50,6 @@ class LocalAcoustic:
 
     async def step(self, step, starts, ids, positive, negative, ends) -> StepResult:
         return await asyncio.to_thread(self.engine.step, starts, ids, positive, negative, ends)
-
-    async def encode_voices(self, voices, seed):
-        return await asyncio.to_thread(self.engine.encode_voices, voices, seed)
 
     async def close(self) -> None:
         pass
@@ -114,9 +109,6 @@ class RemoteAcoustic:
         if not ids:
             return None, None
         return from_proto(response.embeddings), from_proto(response.audio)
-
-    async def encode_voices(self, voices, seed):
-        raise NotImplementedError("voices are encoded by the gateway's call to the acoustic service")
 
     async def close(self) -> None:
         if self.call is not None:

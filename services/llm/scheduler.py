@@ -89,10 +89,6 @@ class Scheduler:
             self.waiting.remove(job)
         self.wake.set()
 
-    @property
-    def free_slots(self) -> int:
-        return self.engine.capacity - len(self.active)
-
     async def _run(self) -> None:
         while True:
             if not self.active and not self.waiting:
