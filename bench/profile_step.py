@@ -31,11 +31,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1.5b")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the captured steps")
     args = p.parse_args()
     path = common.checkpoint(args.shape)
     ckpt = resolve_checkpoint(str(path))
     ids = common.prompt_ids(path)
-    lm, ac = build_engines(ckpt, max(args.batch, 1), len(ids) + 400)
+    lm, ac = build_engines(ckpt, max(args.batch, 1), len(ids) + 400, torch_compile=args.compile)
+    allocated_after_build = torch.cuda.memory_allocated()
     b = args.batch
     streams = [LMStream(ids, None, fixed_frames=300, max_frames=300) for _ in range(b)]
     specs = [StreamSpec(i, i, 1.3, 10) for i in range(b)]
@@ -63,7 +65,10 @@ def main() -> None:
         lm.accept(d, e)
         a.float().cpu()
 
+    torch.cuda.reset_peak_memory_stats()
     out["whole_step_ms"] = timed(whole)
+    out["allocated_after_build_gib"] = allocated_after_build / 2**30
+    out["peak_in_steps_gib"] = torch.cuda.max_memory_allocated() / 2**30
     # eager pieces of the acoustic frame, to see which part dominates inside its graph
     plan = ac._plan(10)
     cond = torch.cat([pos, neg]).to(ac.dtype)
@@ -95,7 +100,8 @@ def main() -> None:
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
     out["batch"] = b
-    common.save(f"profile-{args.shape}-b{b}", out)
+    out["compile"] = args.compile
+    common.save(f"profile-{args.shape}-b{b}" + ("-compiled" if args.compile else ""), out)
 
 
 if __name__ == "__main__":

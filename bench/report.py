@@ -75,8 +75,10 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for system, marker in (("engine", "o"), ("reference", "s")):
+    for system, marker in (("engine+compile", "^"), ("engine", "o"), ("reference", "s")):
         rows = [r for r in data["rows"] if r["system"] == system]
+        if not rows:
+            continue
         a.plot([r["batch"] for r in rows], [r["frames_per_s"] for r in rows], marker=marker, label=system)
         b.plot([r["batch"] for r in rows], [r["ms_per_step"] for r in rows], marker=marker, label=system)
     for ax, label in ((a, "frames per second (all streams)"), (b, "ms per step")):

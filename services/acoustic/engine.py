@@ -24,8 +24,9 @@ from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acousti
 
 from services.acoustic.conv_state import ConvStateRows
 from services.acoustic.dpm_solver import DPMSolverPlan
+from services.acoustic.streaming import convnext_step, streaming_forward
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
-from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
+from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, compiled
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class AcousticEngine:
         dtype: torch.dtype = torch.float32,
         max_streams: int = 64,
         cuda_graphs: bool = True,
+        torch_compile: bool = False,
     ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
@@ -130,8 +132,15 @@ class AcousticEngine:
         self._render_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self._encode_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
 
+        # The captured steps may run torch.compile'd code (one compilation shared by all buckets); the eager
+        # path for unusual steps never does, so it cannot trigger a compilation while streams are playing.
+        self._compiled_diffusion = self._diffuse
+        self._compiled_block = convnext_step
+        if torch_compile and cuda and cuda_graphs:
+            self._compiled_diffusion = compiled(self._diffuse)
+            self._compiled_block = compiled(convnext_step)
         self.graphs: dict[int, CapturedStep] = {}
-        if cuda_graphs and self.device.type == "cuda":
+        if cuda_graphs and cuda:
             self._capture_graphs()
 
     def _probe(self, fn, channels: int, length: int):
@@ -253,8 +262,8 @@ class AcousticEngine:
         noise = torch.stack([torch.randn(2, self.latent_size, generator=st.generator)[0] for st in states])
         return noise.to(self.device, self.dtype)
 
-    def _frame(self, condition, noise, cfg, plan: DPMSolverPlan, decoder_cache, semantic_cache):
-        """Diffusion with CFG, decode, semantic encode, connectors for one frame of n streams."""
+    def _diffuse(self, condition, noise, cfg, plan: DPMSolverPlan) -> torch.Tensor:
+        """The diffusion head's sampling loop with CFG: (2n, hidden) conditions, (n, latent) noise -> latents."""
         n = noise.shape[0]
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -262,11 +271,17 @@ class AcousticEngine:
             v = self.diffusion_head(both, torch.full((2 * n,), t, device=x.device, dtype=x.dtype), condition=condition)
             return v[n:] + cfg * (v[:n] - v[n:])
 
-        latent = plan.sample(velocity, noise)[:, None, :]  # (n, 1, latent): one frame per stream
-        audio = self.audio_tower.decode(
-            latent / self.latent_scale - self.latent_bias, padding_cache=decoder_cache, use_cache=True
-        ).audio
-        semantic = self.semantic_encoder(audio, padding_cache=semantic_cache, use_cache=True).latents
+        return plan.sample(velocity, noise)
+
+    def _frame(self, condition, noise, cfg, plan: DPMSolverPlan, decoder_cache, semantic_cache, use_compiled=False):
+        """Diffusion with CFG, decode, semantic encode, connectors for one frame of n streams."""
+        diffuse, block = (self._diffuse, convnext_step)
+        if use_compiled:
+            diffuse, block = self._compiled_diffusion, self._compiled_block
+        latent = diffuse(condition, noise, cfg, plan)[:, None, :]  # (n, 1, latent): one frame per stream
+        scaled = (latent / self.latent_scale - self.latent_bias).transpose(1, 2)
+        audio = streaming_forward(self.audio_tower.decoder, scaled, decoder_cache, block)
+        semantic = streaming_forward(self.semantic_encoder, audio, semantic_cache, block).transpose(1, 2)
         embeds = self.acoustic_connector(latent) + self.semantic_connector(semantic)
         return embeds[:, 0], audio[:, 0]
 
@@ -276,6 +291,7 @@ class AcousticEngine:
         self._condition = torch.zeros(2 * rows, self.hidden_size, device=self.device, dtype=self.dtype)
         self._noise_in = torch.zeros(rows, self.latent_size, device=self.device, dtype=self.dtype)
         self._cfg_in = torch.ones(rows, 1, device=self.device, dtype=self.dtype)
+        pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
         for n in buckets_up_to(rows):
 
             def step(n=n):
@@ -287,10 +303,11 @@ class AcousticEngine:
                     plan,
                     self.decoder_state.leading(n),
                     self.semantic_state.leading(n),
+                    use_compiled=True,
                 )
 
             with torch.inference_mode():
-                self.graphs[n] = CapturedStep(step)
+                self.graphs[n] = CapturedStep(step, pool)
         for store in (self.decoder_state, self.semantic_state):  # warm-up ran on rows no stream owns yet
             for t in store.state.values():
                 t.zero_()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -16,10 +17,13 @@ from services.common.checkpoint import resolve_checkpoint
 from services.common.grpc_server import Service
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
+from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 
 log = logging.getLogger(__name__)
+
+FRAME_MS = 3200 / 24000 * 1000
 
 
 def _key(conn: int, stream_id: int) -> int:
@@ -46,6 +50,7 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         self.lock = asyncio.Lock()
         self.encode_lock = asyncio.Lock()
         self._connections = itertools.count(1)
+        self.stats = StepStats(log, "render steps")
 
     async def _run(self, fn, *args):
         async with self.lock:
@@ -58,6 +63,7 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
 
     def _step(self, conn: int, request: mesh_pb2.RenderRequest) -> mesh_pb2.RenderResponse:
+        t0 = time.perf_counter()
         starts = [
             StreamSpec(
                 _key(conn, s.stream_id), s.seed, s.cfg_scale, s.diffusion_steps, s.voice_count, s.voice_max_frames
@@ -67,11 +73,23 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         ids = [_key(conn, s) for s in request.stream_ids]
         positive = from_proto(request.positive) if ids else None
         negative = from_proto(request.negative) if ids else None
+        t1 = time.perf_counter()
         embeds, audio = self.engine.step(starts, ids, positive, negative, [_key(conn, s) for s in request.ends])
+        t2 = time.perf_counter()
         response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
         if ids:
             response.embeddings.CopyFrom(to_proto(embeds))
             response.audio.CopyFrom(to_proto(audio))
+        t3 = time.perf_counter()
+        phases = {"unpack": (t1 - t0) * 1000, "render": (t2 - t1) * 1000, "pack": (t3 - t2) * 1000}
+        self.stats.add(len(ids), phases)
+        if (t3 - t0) * 1000 > FRAME_MS:
+            log.warning(
+                "slow render step: %d streams, %d joining; %s",
+                len(ids),
+                len(starts),
+                ", ".join(f"{k} {v:.0f} ms" for k, v in phases.items()),
+            )
         return response
 
     async def Render(self, request_iterator: AsyncIterator, context) -> AsyncIterator:  # noqa: N802
@@ -100,13 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=50063)
     p.add_argument("--max-streams", type=int, default=64, help="most streams rendered together")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument(
+        "--no-compile", action="store_true", help="capture eager kernels (skips torch.compile's start-up minutes)"
+    )
     args = p.parse_args(argv)
     setup_logging("acoustic")
     setup_tracing("acoustic")
     ckpt = resolve_checkpoint(args.model)
     mark_random_weights(ckpt.random_weights)
     torch.set_grad_enabled(False)
-    engine = AcousticEngine(ckpt, args.device, resolve_dtype(args), args.max_streams, not args.no_cuda_graphs)
+    engine = AcousticEngine(
+        ckpt, args.device, resolve_dtype(args), args.max_streams, not args.no_cuda_graphs, not args.no_compile
+    )
     log.info("acoustic weights loaded: %d parameters on %s", engine.parameter_count(), args.device)
 
     async def run() -> None:

@@ -25,20 +25,47 @@ def buckets_up_to(limit: int) -> list[int]:
     return [*out, limit]
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream() -> torch.cuda.Stream:
+    # One stream for every warm-up and capture: each stream that runs matmuls gets its own cuBLAS workspace.
+    device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
 class CapturedStep:
-    """`step()` captured once (after warm-up on a side stream) and replayed."""
+    """`step()` captured once (after warm-up on a side stream) and replayed.
+
+    Graphs of one engine share a memory `pool`: they are replayed one at a time and keep nothing in their
+    intermediates between replays, so one pool the size of the largest serves every bucket.
+    """
 
     def __init__(self, step: Callable[[], object], pool=None, warmup: int = 2) -> None:
-        stream = torch.cuda.Stream()
+        stream = _side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.outputs = step()
 
     def replay(self):
         self.graph.replay()
         return self.outputs
+
+
+def compiled(fn: Callable) -> Callable:
+    """`torch.compile` for code that runs inside our own captured graphs.
+
+    Inductor fuses the small elementwise and normalization kernels that dominate a step once launch overhead
+    is gone; capture stays with `CapturedStep` (not mode="reduce-overhead") because the steps update persistent
+    state tensors in place. Sizes that differ between calls (batch buckets, ConvNeXt stages) make the compiled
+    code shape-generic after the second size, so a handful of compilations cover every bucket.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, fullgraph=True)

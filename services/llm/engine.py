@@ -11,6 +11,7 @@ lengths), so the decode step has fixed shapes per batch bucket and is captured a
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class LMEngine:
         prefill_chunk: int = 512,
         memory_fraction: float = 0.9,
         cuda_graphs: bool = True,
+        torch_compile: bool = False,
     ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
@@ -110,6 +112,9 @@ class LMEngine:
         self.next_inputs = torch.zeros(slots, self.hidden, device=self.device, dtype=dtype)
         self.positions = torch.full((slots, 2), self.kv.scratch, device=self.device, dtype=torch.long)
         self.graphs: dict[int, CapturedStep] = {}
+        self._compiled = torch_compile and cuda_graphs and self.device.type == "cuda"
+        if self._compiled:
+            self.decoder.compile()
         if cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
 
@@ -200,16 +205,18 @@ class LMEngine:
 
     # ------------------------------------------------------------------ decode
 
-    def _decode_rows(self, rows: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_rows(self, rows: int, keys: int, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.next_inputs[:rows].repeat_interleave(2, dim=0)[:, None]
-        hidden = self.decoder.forward(x, 0, self.positions[:rows].reshape(2 * rows, 1), keys)[:, 0]
+        hidden = self.decoder.forward(x, 0, self.positions[:rows].reshape(2 * rows, 1), keys, compiled)[:, 0]
         logits = (hidden[0::2] @ self.head_rows.T).float()
         return hidden, logits
 
     def _capture_graphs(self) -> None:
+        pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
         for rows in buckets_up_to(self.kv.slots):
             with torch.inference_mode():
-                self.graphs[rows] = CapturedStep(lambda r=rows: self._decode_rows(r, self.kv.max_len))
+                step = functools.partial(self._decode_rows, rows, self.kv.max_len, self._compiled)
+                self.graphs[rows] = CapturedStep(step, pool)
         log.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
 
     @torch.inference_mode()

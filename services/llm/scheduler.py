@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.acoustic.engine import StreamSpec
+from services.common.step_stats import StepStats
 from services.llm.acoustic_link import AcousticLink, AcousticUnavailable
 from services.llm.engine import LMEngine, LMStream
 
@@ -73,6 +74,7 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self.step_ms = 0.0  # moving average of a decoding step's wall time
         self.phase_ms: dict[str, float] = {}
+        self.stats = StepStats(log, "llm steps")
 
     def new_stream_id(self) -> int:
         return next(self._ids)
@@ -189,3 +191,4 @@ class Scheduler:
             "accept": (t4 - t3) * 1000,
             "deliver": (time.perf_counter() - t4) * 1000,
         }
+        self.stats.add(len(decisions), self.phase_ms)

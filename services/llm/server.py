@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory this process plans")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument(
+        "--no-compile", action="store_true", help="capture eager kernels (skips torch.compile's start-up minutes)"
+    )
     p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     p.add_argument(
         "--allow-fixed-frames",
@@ -150,9 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     mark_random_weights(ckpt.random_weights)
     torch.set_grad_enabled(False)
     dtype = resolve_dtype(args)
-    graphs = not args.no_cuda_graphs
+    graphs, compile_ = not args.no_cuda_graphs, not args.no_compile
     # A local acoustic engine loads first, so the KV budget is planned around its weights.
-    acoustic = AcousticEngine(ckpt, args.device, dtype, args.max_streams, graphs) if args.acoustic == "local" else None
+    acoustic = (
+        AcousticEngine(ckpt, args.device, dtype, args.max_streams, graphs, compile_)
+        if args.acoustic == "local"
+        else None
+    )
     engine = LMEngine(
         ckpt,
         args.device,
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         prefill_chunk=args.prefill_chunk,
         memory_fraction=args.gpu_memory_fraction,
         cuda_graphs=graphs,
+        torch_compile=compile_,
     )
     log.info("language model loaded: %d parameters on %s", engine.parameter_count(), args.device)
 
