@@ -32,7 +32,9 @@ def main() -> None:
     p.add_argument("--shape", default="1.5b")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the captured steps")
+    p.add_argument("--no-cudnn", action="store_true", help="native convolutions instead of cuDNN's")
     args = p.parse_args()
+    torch.backends.cudnn.enabled = not args.no_cudnn
     path = common.checkpoint(args.shape)
     ckpt = resolve_checkpoint(str(path))
     ids = common.prompt_ids(path)
@@ -101,7 +103,9 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
     out["batch"] = b
     out["compile"] = args.compile
-    common.save(f"profile-{args.shape}-b{b}" + ("-compiled" if args.compile else ""), out)
+    out["cudnn"] = not args.no_cudnn
+    suffix = ("-compiled" if args.compile else "") + ("-nocudnn" if args.no_cudnn else "")
+    common.save(f"profile-{args.shape}-b{b}{suffix}", out)
 
 
 if __name__ == "__main__":

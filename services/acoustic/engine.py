@@ -23,6 +23,7 @@ from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acousti
 )
 
 from services.acoustic.conv_state import ConvStateRows
+from services.acoustic.diffusion import fuse_head, guided_velocity
 from services.acoustic.dpm_solver import DPMSolverPlan
 from services.acoustic.streaming import convnext_step, streaming_forward
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
@@ -52,9 +53,9 @@ class StreamSpec:
 class StreamState:
     # Frame noise comes from a CPU generator, as in the reference (it draws on the CPU and moves the noise).
     generator: torch.Generator
-    cfg_scale: float
     diffusion_steps: int
     row: int
+    noise: torch.Tensor | None = None  # the next frame's noise, drawn while the GPU renders this one
 
 
 class AcousticEngine:
@@ -100,6 +101,7 @@ class AcousticEngine:
             "model.semantic_connector",
         )
         self.diffusion_head = load(lambda: VibeVoiceDiffusionHead(cfg.diffusion_head_config), "model.diffusion_head")
+        fuse_head(self.diffusion_head)
         self.latent_scale = tensors["model.latent_scaling_factor"].to(self.device, dtype)
         self.latent_bias = tensors["model.latent_bias_factor"].to(self.device, dtype)
         self.latent_size = cfg.audio_config.hidden_size
@@ -124,6 +126,7 @@ class AcousticEngine:
             self._probe(self.semantic_encoder, 1, SAMPLES_PER_FRAME), max_streams, self.device, dtype
         )
         self.streams: dict[int, StreamState] = {}
+        self.cfg_rows = torch.ones(max_streams, 1, device=self.device, dtype=dtype)  # guidance scale by row
         self.order: list[int] = []  # stream ids by row
         self._voice_means: OrderedDict[str, torch.Tensor] = OrderedDict()
         # Rendering runs on a high-priority CUDA stream and voice encoding on a low-priority one, so a new
@@ -234,8 +237,9 @@ class AcousticEngine:
             # On the CPU voice sampling and frame noise share one generator: replay the voice draws.
             self._voice_draws(generator, spec.voice_count, spec.voice_max_frames)
         row = len(self.order)
-        self.streams[spec.stream_id] = StreamState(generator, spec.cfg_scale, spec.diffusion_steps, row)
+        self.streams[spec.stream_id] = StreamState(generator, spec.diffusion_steps, row)
         self.order.append(spec.stream_id)
+        self.cfg_rows[row] = spec.cfg_scale
         self.decoder_state.reset(row)
         self.semantic_state.reset(row)
 
@@ -248,6 +252,7 @@ class AcousticEngine:
             moved = self.order[last]
             for store in (self.decoder_state, self.semantic_state):
                 store.move(last, state.row)
+            self.cfg_rows[state.row] = self.cfg_rows[last]
             self.streams[moved].row = state.row
             self.order[state.row] = moved
         self.order.pop()
@@ -257,21 +262,26 @@ class AcousticEngine:
             self._plans[steps] = DPMSolverPlan(self._scheduler_factory(), steps)
         return self._plans[steps]
 
-    def _noise(self, states: list[StreamState]) -> torch.Tensor:
+    def _draw(self, state: StreamState) -> torch.Tensor:
         # Each stream draws (2, latent) as the reference does for a batch of one, and uses the first row.
-        noise = torch.stack([torch.randn(2, self.latent_size, generator=st.generator)[0] for st in states])
-        return noise.to(self.device, self.dtype)
+        return torch.randn(2, self.latent_size, generator=state.generator)[0]
+
+    def _noise(self, states: list[StreamState]) -> torch.Tensor:
+        """This frame's noise per stream: drawn ahead during the previous frame, or now."""
+        noise = [st.noise if st.noise is not None else self._draw(st) for st in states]
+        for st in states:
+            st.noise = None
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    def _draw_ahead(self, states: list[StreamState]) -> None:
+        # The host draws the next frame's noise while the GPU renders this one; each generator still
+        # yields its frames' noise in order.
+        for st in states:
+            st.noise = self._draw(st)
 
     def _diffuse(self, condition, noise, cfg, plan: DPMSolverPlan) -> torch.Tensor:
         """The diffusion head's sampling loop with CFG: (2n, hidden) conditions, (n, latent) noise -> latents."""
-        n = noise.shape[0]
-
-        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            both = torch.cat([x, x], dim=0)
-            v = self.diffusion_head(both, torch.full((2 * n,), t, device=x.device, dtype=x.dtype), condition=condition)
-            return v[n:] + cfg * (v[:n] - v[n:])
-
-        return plan.sample(velocity, noise)
+        return plan.sample(guided_velocity(self.diffusion_head, plan, condition, cfg), noise)
 
     def _frame(self, condition, noise, cfg, plan: DPMSolverPlan, decoder_cache, semantic_cache, use_compiled=False):
         """Diffusion with CFG, decode, semantic encode, connectors for one frame of n streams."""
@@ -290,7 +300,7 @@ class AcousticEngine:
         rows = self.max_streams
         self._condition = torch.zeros(2 * rows, self.hidden_size, device=self.device, dtype=self.dtype)
         self._noise_in = torch.zeros(rows, self.latent_size, device=self.device, dtype=self.dtype)
-        self._cfg_in = torch.ones(rows, 1, device=self.device, dtype=self.dtype)
+        self._cfg_in = self.cfg_rows
         pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
         for n in buckets_up_to(rows):
 
@@ -341,7 +351,6 @@ class AcousticEngine:
         positive = positive.to(self.device, self.dtype)
         negative = negative.to(self.device, self.dtype)
         noise = self._noise(states)
-        cfg = torch.tensor([st.cfg_scale for st in states], dtype=self.dtype)[:, None].to(self.device)
         steps = {st.diffusion_steps for st in states}
         rows = [st.row for st in states]
         # Every stream speaks (the usual step): the graph over rows [0, n) serves, in whatever order the
@@ -351,17 +360,20 @@ class AcousticEngine:
             limit = self.max_streams
             if rows == list(range(n)):
                 self._condition[:n], self._condition[limit : limit + n] = positive, negative
-                self._noise_in[:n], self._cfg_in[:n] = noise, cfg
+                self._noise_in[:n] = noise
                 embeds, audio = self.graphs[bucket].replay()
+                self._draw_ahead(states)
                 return embeds[:n], audio[:n]
             index = torch.tensor(rows, device=self.device)
             self._condition[index], self._condition[index + limit] = positive, negative
-            self._noise_in[index], self._cfg_in[index] = noise, cfg
+            self._noise_in[index] = noise
             embeds, audio = self.graphs[bucket].replay()
+            self._draw_ahead(states)
             return embeds[index], audio[index]
 
         embeds = torch.empty(n, self.hidden_size, device=self.device, dtype=self.dtype)
         audio = torch.empty(n, SAMPLES_PER_FRAME, device=self.device, dtype=self.dtype)
+        cfg = self.cfg_rows[torch.tensor(rows, device=self.device)]
         for count in sorted(steps):
             group = [i for i, st in enumerate(states) if st.diffusion_steps == count]
             index = torch.tensor(group, device=self.device)
@@ -373,6 +385,7 @@ class AcousticEngine:
             self.decoder_state.scatter(rows, decoder_cache)
             self.semantic_state.scatter(rows, semantic_cache)
             embeds[index], audio[index] = e, a
+        self._draw_ahead(states)
         return embeds, audio
 
     def step(

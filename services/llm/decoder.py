@@ -6,34 +6,19 @@ and norms) with per-row positions: each row writes its new keys and values at it
 to everything before it. Shapes depend only on (rows, tokens), so a decode step can be captured as a CUDA
 graph per batch size.
 
-The q/k/v projections and the MLP's gate/up projections of each layer run as one matmul each: their weights
-are concatenated once and the modules' own weights become views into the concatenation, so the memory is not
-doubled and the modules stay usable as they are.
+The q/k/v projections and the MLP's gate/up projections of each layer run as one matmul each
+(`fuse_linears`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from services.common.cuda_graphs import compiled
+from services.common.fused_linear import fuse_linears
 from services.llm.kv_slots import KVSlots
-
-
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight.detach() for m in linears])
-    has_bias = linears[0].bias is not None
-    bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
-    start = 0
-    for m in linears:
-        end = start + m.out_features
-        m.weight = nn.Parameter(weight[start:end], requires_grad=False)
-        if has_bias:
-            m.bias = nn.Parameter(bias[start:end], requires_grad=False)
-        start = end
-    return weight, bias
 
 
 class SlotDecoder:
@@ -48,8 +33,8 @@ class SlotDecoder:
         self.compiled_layer = self.layer
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
-        self.qkv = [_fuse([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj]) for la in lm.layers]
-        self.gate_up = [_fuse([la.mlp.gate_proj, la.mlp.up_proj])[0] for la in lm.layers]
+        self.qkv = [fuse_linears([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj]) for la in lm.layers]
+        self.gate_up = [fuse_linears([la.mlp.gate_proj, la.mlp.up_proj])[0] for la in lm.layers]
 
     def compile(self) -> None:
         self.compiled_layer = compiled(self.layer)

@@ -246,6 +246,16 @@ class LMEngine:
     def accept(self, decisions: list[Decision], speech_embeddings: torch.Tensor | None) -> None:
         """Advance every stream past this step: the next input is the frame's embedding or the token's."""
         speech_rows = [d.row for d in decisions if d.speech]
+        if len(speech_rows) == len(decisions) and speech_rows == list(range(len(decisions))):
+            # The usual step, every stream spoke: both branches advance by one, all on the device.
+            n = len(decisions)
+            self.next_inputs[:n] = speech_embeddings.to(self.device, self.dtype)
+            self.positions[:n] += 1
+            for d in decisions:
+                d.stream.positive_len += 1
+                d.stream.negative_len += 1
+                d.stream.frames += 1
+            return
         if speech_rows:
             index = torch.tensor(speech_rows, device=self.device)
             self.next_inputs[index] = speech_embeddings.to(self.device, self.dtype)
