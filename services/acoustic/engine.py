@@ -27,7 +27,7 @@ from services.acoustic.diffusion import fuse_head, guided_velocity
 from services.acoustic.dpm_solver import DPMSolverPlan
 from services.acoustic.streaming import convnext_step, streaming_forward
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
-from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, compiled
+from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ class AcousticEngine:
         self._noise_in = torch.zeros(rows, self.latent_size, device=self.device, dtype=self.dtype)
         self._cfg_in = self.cfg_rows
         pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
+        conv_kernels = {}
         for n in buckets_up_to(rows):
 
             def step(n=n):
@@ -317,11 +318,12 @@ class AcousticEngine:
                 )
 
             with torch.inference_mode():
-                self.graphs[n] = CapturedStep(step, pool)
+                self.graphs[n], cudnn = capture_fastest_convolutions(step, pool)
+            conv_kernels[n] = "cudnn" if cudnn else "native"
         for store in (self.decoder_state, self.semantic_state):  # warm-up ran on rows no stream owns yet
             for t in store.state.values():
                 t.zero_()
-        log.info("captured acoustic graphs for batch sizes %s", sorted(self.graphs))
+        log.info("captured acoustic graphs, convolutions by batch size: %s", conv_kernels)
 
     def render(
         self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor

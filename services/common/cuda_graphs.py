@@ -6,6 +6,8 @@ are read from them after), so one captured graph per batch-size bucket serves ev
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable
 
 import torch
@@ -57,6 +59,41 @@ class CapturedStep:
     def replay(self):
         self.graph.replay()
         return self.outputs
+
+
+@contextlib.contextmanager
+def cudnn_enabled(enabled: bool):
+    previous = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = previous
+
+
+def replay_ms(step: CapturedStep, replays: int = 5) -> float:
+    step.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        step.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / replays * 1000
+
+
+def capture_fastest_convolutions(step: Callable[[], object], pool=None) -> tuple[CapturedStep, bool]:
+    """Captures `step` with cuDNN's convolutions and with PyTorch's own, keeps the faster; returns it and
+    whether it uses cuDNN. For one frame's short convolutions at small batches the layout conversions cuDNN
+    adds around them can cost more than the convolutions; at large batches cuDNN wins. Measured per bucket
+    at start-up, on the GPU at hand."""
+    timed = []
+    for use_cudnn in (True, False):
+        with cudnn_enabled(use_cudnn):
+            captured = CapturedStep(step, pool)
+        timed.append((replay_ms(captured), use_cudnn, captured))
+        del captured
+    _, use_cudnn, fastest = min(timed, key=lambda t: t[0])
+    return fastest, use_cudnn
 
 
 def compiled(fn: Callable) -> Callable:
