@@ -34,7 +34,8 @@ def guided_velocity(
     """
     n = cfg.shape[0]
     steps = {s.timestep: i for i, s in enumerate(plan.steps)}
-    timesteps = torch.tensor(list(steps), device=condition.device, dtype=condition.dtype)
+    # built on the device (no host copy, so it can be captured in a CUDA graph)
+    timesteps = torch.cat([torch.full((1,), t, device=condition.device, dtype=condition.dtype) for t in steps])
     embedded = head.timestep_proj(head.timestep_embedding(timesteps).to(condition.dtype))  # (steps, hidden)
     c = head.cond_proj(condition)[None] + embedded[:, None]  # (steps, 2n, hidden)
     modulation = [layer.linear(layer.act_fn(c)).chunk(3, dim=-1) for layer in head.layers]
