@@ -132,14 +132,14 @@ class Mesh:
         self.processes[service] = proc
         return proc
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float = 600.0) -> None:
         if self.model == "tiny":
             self.model = str(ensure_tiny_checkpoint())  # built once, before the services race to it
         for service in self.services():
             self.start_service(service)
         self.wait_ready(timeout_s)
 
-    def wait_ready(self, timeout_s: float = 180.0, services: list[str] | None = None) -> None:
+    def wait_ready(self, timeout_s: float = 600.0, services: list[str] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         for service in services or self.services():
             while not self.is_serving(service):

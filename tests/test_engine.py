@@ -96,3 +96,40 @@ def test_chunked_prefill_and_slot_reuse_keep_the_audio(ckpt):
     )
     assert np.abs(chunked[1] - whole).max() < 1e-5
     assert np.abs(chunked[2] - whole).max() < 1e-5
+
+
+def test_streams_keep_their_state_when_rows_are_repacked(ckpt):
+    """A step that renders only some streams moves them to the leading rows (where the CUDA graphs run);
+    every stream's convolution state, guidance scale and noise generator go with it."""
+    engine = AcousticEngine(ckpt, max_streams=4)
+    for i in range(4):
+        engine.start(StreamSpec(i, seed=i, cfg_scale=1.0 + i, diffusion_steps=10))
+    for store in (engine.decoder_state, engine.semantic_state):
+        for t in store.state.values():
+            for row in range(4):
+                t[row] = float(engine.order[row])  # each row holds its stream's id
+    generators = {sid: engine.streams[sid].generator for sid in range(4)}
+
+    speaking = [engine.streams[3], engine.streams[1]]
+    engine._speakers_first(speaking)
+
+    assert sorted(st.row for st in speaking) == [0, 1]
+    for sid, state in engine.streams.items():
+        assert engine.order[state.row] == sid
+        assert state.generator is generators[sid]
+        assert engine.cfg_rows[state.row].item() == 1.0 + sid
+        for store in (engine.decoder_state, engine.semantic_state):
+            for t in store.state.values():
+                assert torch.all(t[state.row] == sid)
+
+
+def test_a_stream_that_ends_without_rendering_frees_its_row_before_the_step(ckpt):
+    engine = AcousticEngine(ckpt, max_streams=2)
+    hidden = engine.hidden_size
+    engine.step([StreamSpec(1, 1, 1.3, 10), StreamSpec(2, 2, 1.3, 10)], [], None, None, [])
+    # stream 1 finished (eos); stream 3 joins and stream 2 renders, all in one message of a full engine
+    embeds, audio = engine.step(
+        [StreamSpec(3, 3, 1.3, 10)], [2], torch.zeros(1, hidden), torch.zeros(1, hidden), [1]
+    )
+    assert audio.shape == (1, 3200)
+    assert sorted(engine.streams) == [2, 3]

@@ -43,6 +43,19 @@ class ConvStateRows:
         for t in self.state.values():
             t[dst] = t[src]
 
+    def swap(self, a: int, b: int) -> None:
+        for t in self.state.values():
+            row = t[a].clone()
+            t[a] = t[b]
+            t[b] = row
+
+    def snapshot(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        return {k: t[lo:hi].clone() for k, t in self.state.items()}
+
+    def restore(self, lo: int, saved: dict[str, torch.Tensor]) -> None:
+        for k, rows in saved.items():
+            self.state[k][lo : lo + rows.shape[0]] = rows
+
     def _cache(self, tensors: dict[str, torch.Tensor]) -> VibeVoiceAcousticTokenizerConv1dPaddingCache:
         cache = VibeVoiceAcousticTokenizerConv1dPaddingCache()
         for key, (channels, pad) in self.shapes.items():

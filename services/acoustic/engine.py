@@ -257,6 +257,29 @@ class AcousticEngine:
             self.order[state.row] = moved
         self.order.pop()
 
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange the rows of two streams."""
+        for store in (self.decoder_state, self.semantic_state):
+            store.swap(a, b)
+        scale = self.cfg_rows[a].clone()
+        self.cfg_rows[a] = self.cfg_rows[b]
+        self.cfg_rows[b] = scale
+        sa, sb = self.order[a], self.order[b]
+        self.order[a], self.order[b] = sb, sa
+        self.streams[sa].row, self.streams[sb].row = b, a
+
+    def _speakers_first(self, states: list[StreamState]) -> None:
+        """Move the n streams rendered this step into rows [0, n), so a graph over the leading rows serves them.
+
+        Streams that joined but do not speak yet, or pause for a token, keep their state in rows >= n.
+        """
+        n = len(states)
+        speaking = {st.row for st in states}
+        holes = [r for r in range(n) if r not in speaking]
+        outside = [st.row for st in states if st.row >= n]
+        for r_out, r_hole in zip(outside, holes, strict=True):
+            self._swap(r_out, r_hole)
+
     def _plan(self, steps: int) -> DPMSolverPlan:
         if steps not in self._plans:
             self._plans[steps] = DPMSolverPlan(self._scheduler_factory(), steps)
@@ -354,28 +377,30 @@ class AcousticEngine:
         negative = negative.to(self.device, self.dtype)
         noise = self._noise(states)
         steps = {st.diffusion_steps for st in states}
-        rows = [st.row for st in states]
-        # Every stream speaks (the usual step): the graph over rows [0, n) serves, in whatever order the
-        # llm lists the streams.
-        if self.graphs and n == len(self.order) and steps == {GRAPH_DIFFUSION_STEPS}:
+        # The usual step: a graph over the leading rows serves, in whatever order the llm lists the streams.
+        if self.graphs and steps == {GRAPH_DIFFUSION_STEPS}:
+            if n < len(self.order):
+                self._speakers_first(states)
+            rows = [st.row for st in states]
             bucket = bucket_for(n, self.max_streams)
             limit = self.max_streams
-            if rows == list(range(n)):
-                self._condition[:n], self._condition[limit : limit + n] = positive, negative
-                self._noise_in[:n] = noise
-                embeds, audio = self.graphs[bucket].replay()
-                self._draw_ahead(states)
-                return embeds[:n], audio[:n]
-            index = torch.tensor(rows, device=self.device)
-            self._condition[index], self._condition[index + limit] = positive, negative
+            # The graph also steps the padding rows [n, bucket); those of streams that sit this step out are
+            # put back afterwards.
+            held = min(bucket, len(self.order))
+            stores = (self.decoder_state, self.semantic_state) if held > n else ()
+            saved = [(store, store.snapshot(n, held)) for store in stores]
+            index = slice(0, n) if rows == list(range(n)) else torch.tensor(rows, device=self.device)
+            self._condition[index], self._condition[limit : limit + bucket][index] = positive, negative
             self._noise_in[index] = noise
             embeds, audio = self.graphs[bucket].replay()
+            for store, rows_saved in saved:
+                store.restore(n, rows_saved)
             self._draw_ahead(states)
             return embeds[index], audio[index]
 
         embeds = torch.empty(n, self.hidden_size, device=self.device, dtype=self.dtype)
         audio = torch.empty(n, SAMPLES_PER_FRAME, device=self.device, dtype=self.dtype)
-        cfg = self.cfg_rows[torch.tensor(rows, device=self.device)]
+        cfg = self.cfg_rows[torch.tensor([st.row for st in states], device=self.device)]
         for count in sorted(steps):
             group = [i for i, st in enumerate(states) if st.diffusion_steps == count]
             index = torch.tensor(group, device=self.device)
@@ -398,10 +423,18 @@ class AcousticEngine:
         negative: torch.Tensor | None,
         ends: list[int],
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One message of the Render protocol: join `starts`, render `ids`, then release `ends`."""
+        """One message of the Render protocol: join `starts`, render `ids`, then release `ends`.
+
+        Ends that do not render in this step are released first, so their rows are free for the step.
+        """
+        rendered = set(ids)
+        for s in ends:
+            if s not in rendered:
+                self.end(s)
         for spec in starts:
             self.start(spec)
         result = self.render(ids, positive, negative) if ids else (None, None)
         for s in ends:
-            self.end(s)
+            if s in rendered:
+                self.end(s)
         return result

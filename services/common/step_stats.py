@@ -8,7 +8,7 @@ from collections import defaultdict
 
 
 class StepStats:
-    def __init__(self, log: logging.Logger, what: str, window_s: float = 30.0) -> None:
+    def __init__(self, log: logging.Logger, what: str, window_s: float = 10.0) -> None:
         self.log = log
         self.what = what
         self.window_s = window_s

@@ -6,6 +6,7 @@ import os
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import any_of, health_check, method_name, negate
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -19,9 +20,14 @@ def setup_tracing(service: str) -> None:
     trace.set_tracer_provider(provider)
 
 
+# The llm <-> acoustic Render stream carries one message per generation step for the lifetime of the process:
+# it is not a request to trace, and an interceptor on it costs time on every step. Health checks are noise.
+UNTRACED = negate(any_of(method_name("Render"), health_check()))
+
+
 def server_interceptors() -> list:
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor(filter_=UNTRACED)]
 
 
 def client_interceptors() -> list:
-    return list(aio_client_interceptors())
+    return list(aio_client_interceptors(filter_=UNTRACED))

@@ -15,7 +15,7 @@ import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine, StreamSpec
-from services.common.grpc_server import insecure_channel
+from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.tensors import from_proto, to_proto
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class RemoteAcoustic:
 
     async def _open(self):
         if self.call is None:
-            self.channel = insecure_channel(self.address)
+            # no tracing interceptors: the stream lives as long as the process, one message per step
+            self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             try:  # a restarted acoustic service is picked up here; a dead one fails the step quickly
                 await asyncio.wait_for(self.channel.channel_ready(), CONNECT_TIMEOUT_S)
             except TimeoutError as e:
