@@ -128,8 +128,6 @@ def test_a_stream_that_ends_without_rendering_frees_its_row_before_the_step(ckpt
     hidden = engine.hidden_size
     engine.step([StreamSpec(1, 1, 1.3, 10), StreamSpec(2, 2, 1.3, 10)], [], None, None, [])
     # stream 1 finished (eos); stream 3 joins and stream 2 renders, all in one message of a full engine
-    embeds, audio = engine.step(
-        [StreamSpec(3, 3, 1.3, 10)], [2], torch.zeros(1, hidden), torch.zeros(1, hidden), [1]
-    )
+    embeds, audio = engine.step([StreamSpec(3, 3, 1.3, 10)], [2], torch.zeros(1, hidden), torch.zeros(1, hidden), [1])
     assert audio.shape == (1, 3200)
     assert sorted(engine.streams) == [2, 3]
