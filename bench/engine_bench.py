@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.common.audio import FRAME_MS
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import ForceFrames, load_reference
 from services.llm.engine import LMEngine, LMStream
-
-FRAME_MS = 3200 / 24000 * 1000  # 133.3 ms of audio per frame
 
 
 def reference_run(model, ids: list[int], batch: int, frames: int) -> dict:

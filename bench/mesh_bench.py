@@ -17,11 +17,11 @@ import common
 import grpc
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
+from services.common.audio import FRAME_MS
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.mesh import Mesh, Ports
 
 DATA = common.ROOT / ".benchdata"
-FRAME_S = 3200 / 24000
 BACKGROUND_FRAMES = 1500  # long enough to outlast the arrivals, short enough for --max-context 2048
 
 
@@ -124,7 +124,7 @@ async def ttfa_run(address: str, voice: bytes, playing: int) -> dict:
         "ttfa_with_streams_playing_ms": {"p50": statistics.median(loaded), "p95": loaded[18], "max": loaded[-1]},
         "max_gap_between_chunks_ms": max(gaps),
         "p99_gap_between_chunks_ms": sorted(gaps)[int(len(gaps) * 0.99)],
-        "frame_ms": FRAME_S * 1000,
+        "frame_ms": FRAME_MS,
         "streams_playing": playing,
     }
 

@@ -26,12 +26,12 @@ from services.acoustic.conv_state import ConvStateRows
 from services.acoustic.diffusion import fuse_head, guided_velocity
 from services.acoustic.dpm_solver import DPMSolverPlan
 from services.acoustic.streaming import convnext_step, streaming_forward
+from services.common.audio import SAMPLES_PER_FRAME
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
 
 log = logging.getLogger(__name__)
 
-SAMPLES_PER_FRAME = 3200
 VOICE_CACHE_ENTRIES = 64
 VOICE_CHUNK_SAMPLES = 10 * SAMPLES_PER_FRAME
 GRAPH_DIFFUSION_STEPS = 10  # steps captured as CUDA graphs; other step counts run eagerly
@@ -323,7 +323,6 @@ class AcousticEngine:
         rows = self.max_streams
         self._condition = torch.zeros(2 * rows, self.hidden_size, device=self.device, dtype=self.dtype)
         self._noise_in = torch.zeros(rows, self.latent_size, device=self.device, dtype=self.dtype)
-        self._cfg_in = self.cfg_rows
         pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
         conv_kernels = {}
         for n in buckets_up_to(rows):
@@ -333,7 +332,7 @@ class AcousticEngine:
                 return self._frame(
                     condition,
                     self._noise_in[:n],
-                    self._cfg_in[:n],
+                    self.cfg_rows[:n],
                     plan,
                     self.decoder_state.leading(n),
                     self.semantic_state.leading(n),

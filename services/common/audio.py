@@ -11,6 +11,8 @@ import soxr
 import torch
 
 SAMPLE_RATE = 24000
+SAMPLES_PER_FRAME = 3200  # one speech frame of the model: 7.5 frames per second
+FRAME_MS = SAMPLES_PER_FRAME / SAMPLE_RATE * 1000
 MAX_VOICE_SECONDS = 60.0
 MAX_VOICE_BYTES = 10 * 1024 * 1024
 TARGET_DBFS = -25  # the feature extractor's default, an int there too

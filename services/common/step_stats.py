@@ -1,4 +1,5 @@
-"""Where a service's per-step time goes, summed over a window and logged once per window."""
+"""Where a service's per-step time goes: a summary per window, and a warning for every step slower than
+one frame of audio (a playing stream waited longer than the audio it already has)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,26 @@ import logging
 import time
 from collections import defaultdict
 
+from services.common.audio import FRAME_MS
+
 
 class StepStats:
-    def __init__(self, log: logging.Logger, what: str, window_s: float = 10.0) -> None:
+    def __init__(self, log: logging.Logger, what: str, window_s: float = 10.0, slow_ms: float = FRAME_MS) -> None:
         self.log = log
         self.what = what
         self.window_s = window_s
+        self.slow_ms = slow_ms
         self._sums: dict[str, float] = defaultdict(float)
         self._steps = 0
         self._rows = 0
         self._since = time.monotonic()
 
-    def add(self, rows: int, phases_ms: dict[str, float]) -> None:
+    def add(self, rows: int, phases_ms: dict[str, float], elapsed_ms: float | None = None, context: str = "") -> None:
+        """One step of `rows` streams; `elapsed_ms` defaults to the sum of its phases."""
+        elapsed_ms = sum(phases_ms.values()) if elapsed_ms is None else elapsed_ms
+        parts = ", ".join(f"{k} {v:.0f} ms" for k, v in phases_ms.items())
+        if elapsed_ms > self.slow_ms:
+            self.log.warning("slow %s: %.0f ms with %d streams%s; %s", self.what, elapsed_ms, rows, context, parts)
         self._steps += 1
         self._rows += rows
         for k, v in phases_ms.items():
@@ -26,7 +35,7 @@ class StepStats:
         if now - self._since >= self.window_s:
             n = self._steps
             self.log.info(
-                "%s: %d steps, %.1f rows/step, mean ms per step: %s",
+                "%s times: %d steps, %.1f streams/step, mean ms per step: %s",
                 self.what,
                 n,
                 self._rows / n,

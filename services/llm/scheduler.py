@@ -24,8 +24,6 @@ from services.llm.engine import LMEngine, LMStream
 
 log = logging.getLogger(__name__)
 
-FRAME_MS = 3200 / 24000 * 1000
-
 
 @dataclass
 class Frame:
@@ -74,7 +72,8 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self.step_ms = 0.0  # moving average of a decoding step's wall time
         self.phase_ms: dict[str, float] = {}
-        self.stats = StepStats(log, "llm steps")
+        self.stats = StepStats(log, "llm step")
+        self._rows = 0  # streams in the last step
 
     def new_stream_id(self) -> int:
         return next(self._ids)
@@ -124,16 +123,11 @@ class Scheduler:
         if self.active:
             elapsed_ms = (time.perf_counter() - started) * 1000
             self.step_ms = 0.9 * self.step_ms + 0.1 * elapsed_ms
-            if elapsed_ms > FRAME_MS:  # a playing stream just waited longer than one frame of audio
-                log.warning(
-                    "slow step: %.0f ms with %d streams (%d waiting); %s",
-                    elapsed_ms,
-                    len(self.active),
-                    len(self.waiting),
-                    ", ".join(f"{k} {v:.0f} ms" for k, v in self.phase_ms.items()),
-                )
+            if self.phase_ms:
+                self.stats.add(self._rows, self.phase_ms, elapsed_ms, f" ({len(self.waiting)} waiting)")
 
     async def _step_once(self) -> None:
+        self.phase_ms = {}
         ends = self._retire([j for j in self.active if j.cancelled])
         joined = []
         while self.waiting and self.engine.admit(self.waiting[0].stream):
@@ -184,11 +178,11 @@ class Scheduler:
             reason = "fixed_frames" if s.fixed_frames else ("max_frames" if s.frames >= s.max_frames else "eos")
             job.events.put_nowait(Finished(s.frames, reason))
         self._retire(done)
-        # where a step's time went, for the slow-step log
+        # where a step's time went, for the step log
+        self._rows = len(decisions)
         self.phase_ms = {
             "prefill+decode": (t1 - t0) * 1000,
             "render": (t3 - t2) * 1000,
             "accept": (t4 - t3) * 1000,
             "deliver": (time.perf_counter() - t4) * 1000,
         }
-        self.stats.add(len(decisions), self.phase_ms)

@@ -136,10 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-context", type=int, default=None, help="positions per stream (default: the model's)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory this process plans")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument(
-        "--no-compile", action="store_true", help="capture eager kernels (skips torch.compile's start-up minutes)"
-    )
     p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     p.add_argument(
         "--allow-fixed-frames",
