@@ -135,7 +135,12 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=common.FRAMES)
     p.add_argument("--batches", default="1,16")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--modes", default="local,remote", help="local: acoustic inside the llm; remote: over gRPC")
+    p.add_argument(
+        "--modes",
+        default="local,remote,wire",
+        help="local: acoustic inside the llm; remote: its own process (tensors in shared GPU memory); "
+        "wire: its own process, tensors in the gRPC messages",
+    )
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--playing", type=int, default=32, help="streams playing while new requests arrive")
     args = p.parse_args()
@@ -149,9 +154,9 @@ def main() -> None:
             device=args.device,
             dtype="bfloat16" if args.device == "cuda" else "float32",
             allow_fixed_frames=True,
-            acoustic=mode,
+            acoustic="local" if mode == "local" else "remote",
             max_streams=64,
-            llm_args=["--max-context", "2048"],
+            llm_args=["--max-context", "2048", *(["--no-shared-gpu-memory"] if mode == "wire" else [])],
             log_dir=Path(common.out_dir()) / f"logs-{mode}",
         )
         t = time.perf_counter()
@@ -164,10 +169,11 @@ def main() -> None:
                 entry["latency"] = asyncio.run(ttfa_run(address, voice, args.playing))
             results["modes"][mode] = entry
             print(mode, entry, flush=True)
-    if {"local", "remote"} <= set(results["modes"]):
+    if "local" in results["modes"]:
         local = {r["batch"]: r["frames_per_s"] for r in results["modes"]["local"]["rows"]}
-        for r in results["modes"]["remote"]["rows"]:
-            r["vs_in_process"] = r["frames_per_s"] / local[r["batch"]]
+        for mode in ("remote", "wire"):
+            for r in results["modes"].get(mode, {}).get("rows", []):
+                r["vs_in_process"] = r["frames_per_s"] / local[r["batch"]]
     common.save(f"mesh-{args.shape}", results)
 
 

@@ -49,8 +49,13 @@ def engine_table(data: dict) -> list[str]:
 
 def mesh_table(data: dict) -> list[str]:
     lines = ["| mesh (through Envoy) | batch | frames/s | ms per step | vs in-process |", "|---|---|---|---|---|"]
+    names = {
+        "local": "llm + acoustic in one process",
+        "remote": "separate processes, gRPC + shared GPU memory",
+        "wire": "separate processes, tensors in gRPC messages",
+    }
     for mode, entry in data["modes"].items():
-        name = "llm + acoustic in one process" if mode == "local" else "llm and acoustic over gRPC"
+        name = names[mode]
         for r in entry["rows"]:
             vs = f"{r['vs_in_process']:.2f}" if "vs_in_process" in r else "1.00"
             lines.append(f"| {name} | {r['batch']} | {r['frames_per_s']:.0f} | {r['ms_per_step']:.1f} | {vs} |")

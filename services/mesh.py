@@ -60,6 +60,7 @@ class Mesh:
     max_streams: int = 64
     llm_args: list[str] = field(default_factory=list)  # extra llm options, e.g. --max-context
     gateway_args: list[str] = field(default_factory=list)  # extra gateway options, e.g. --queue-size
+    acoustic_args: list[str] = field(default_factory=list)  # extra acoustic options, e.g. --no-compile
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -73,7 +74,8 @@ class Mesh:
         if service == "text_parser":
             return [*serve, "--model", self.model, "--port", str(p.text_parser)]
         if service == "acoustic":
-            return [*serve, *self._model_args(), "--port", str(p.acoustic), "--max-streams", str(self.max_streams)]
+            port = ["--port", str(p.acoustic), "--max-streams", str(self.max_streams)]
+            return [*serve, *self._model_args(), *port, *self.acoustic_args]
         if service == "llm":
             acoustic = "local" if self.acoustic == "local" else f"127.0.0.1:{p.acoustic}"
             extra = ["--allow-fixed-frames"] if self.allow_fixed_frames else []

@@ -17,6 +17,7 @@ from services.common.checkpoint import resolve_checkpoint
 from services.common.grpc_server import Service
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
+from services.common.shared_render import AcousticSharedMemory
 from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
@@ -60,7 +61,9 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
             embeddings, frames = await asyncio.to_thread(self.engine.encode_voices, voices, request.seed)
         return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
 
-    def _step(self, conn: int, request: mesh_pb2.RenderRequest) -> mesh_pb2.RenderResponse:
+    def _step(
+        self, conn: int, request: mesh_pb2.RenderRequest, shared: AcousticSharedMemory | None
+    ) -> mesh_pb2.RenderResponse:
         t0 = time.perf_counter()
         starts = [
             StreamSpec(
@@ -69,13 +72,18 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
             for s in request.starts
         ]
         ids = [_key(conn, s) for s in request.stream_ids]
-        positive = from_proto(request.positive) if ids else None
-        negative = from_proto(request.negative) if ids else None
+        positive = negative = None
+        if ids and shared is not None:
+            positive, negative = shared.conditions_for(len(ids))
+        elif ids:
+            positive, negative = from_proto(request.positive), from_proto(request.negative)
         t1 = time.perf_counter()
         embeds, audio = self.engine.step(starts, ids, positive, negative, [_key(conn, s) for s in request.ends])
         t2 = time.perf_counter()
         response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
-        if ids:
+        if ids and shared is not None:
+            shared.publish(embeds, audio)  # the llm waits for it on the GPU, not here
+        elif ids:
             response.embeddings.CopyFrom(to_proto(embeds))
             response.audio.CopyFrom(to_proto(audio))
         t3 = time.perf_counter()
@@ -86,12 +94,23 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
     async def Render(self, request_iterator: AsyncIterator, context) -> AsyncIterator:  # noqa: N802
         conn = next(self._connections)
         started: set[int] = set()
+        shared: AcousticSharedMemory | None = None
         log.info("render stream %d opened by %s", conn, context.peer())
         try:
             async for request in request_iterator:
+                if request.HasField("shared_offer"):
+                    shared, why_not = await asyncio.to_thread(
+                        AcousticSharedMemory.accept, request.shared_offer, self.engine.device, self.engine.dtype
+                    )
+                    log.info("render stream %d: %s", conn, why_not or "tensors in shared GPU memory")
+                    response = mesh_pb2.RenderResponse(step=request.step)
+                    if shared is not None:
+                        response.shared_accept.CopyFrom(shared.answer())
+                    yield response
+                    continue
                 started.update(s.stream_id for s in request.starts)
                 started.difference_update(request.ends)
-                yield await self._run(self._step, conn, request)
+                yield await self._run(self._step, conn, request, shared)
         finally:
             # The llm went away: release whatever its streams held.
             for s in started:

@@ -15,16 +15,25 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return _NAMES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        raise ValueError(f"unsupported tensor dtype {name!r}")
+    return dtype
+
+
 def to_proto(t: torch.Tensor) -> mesh_pb2.Tensor:
     t = t.detach().contiguous().cpu()
     data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return mesh_pb2.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape), data=data)
+    return mesh_pb2.Tensor(dtype=dtype_name(t.dtype), shape=list(t.shape), data=data)
 
 
 def from_proto(msg: mesh_pb2.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    dtype = _DTYPES.get(msg.dtype)
-    if dtype is None:
-        raise ValueError(f"unsupported tensor dtype {msg.dtype!r}")
+    dtype = dtype_from_name(msg.dtype)
     shape = tuple(msg.shape)
     if not msg.data:
         return torch.empty(shape, dtype=dtype, device=device)

@@ -16,6 +16,7 @@ from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine, StreamSpec
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.shared_render import LLMSharedMemory
 from services.common.tensors import from_proto, to_proto
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,15 @@ class LocalAcoustic:
 
 
 class RemoteAcoustic:
-    """A remote acoustic service over one bidirectional Render stream, opened on first use."""
+    """A remote acoustic service over one bidirectional Render stream, opened on first use.
 
-    def __init__(self, address: str) -> None:
+    With `shared` (the llm on a GPU) the stream's first message offers shared GPU memory; if the acoustic
+    service runs on the same GPU it accepts, and steps' tensors stay on the device (`shared_render`).
+    """
+
+    def __init__(self, address: str, shared: LLMSharedMemory | None = None) -> None:
         self.address = address
+        self.shared = shared
         self.channel: grpc.aio.Channel | None = None
         self.call = None
 
@@ -73,7 +79,23 @@ class RemoteAcoustic:
                 await self.close()
                 raise AcousticUnavailable(f"acoustic service at {self.address} is unreachable") from e
             self.call = mesh_pb2_grpc.AcousticStub(self.channel).Render()
+            if self.shared is not None:
+                await self._offer_shared_memory()
+            else:
+                log.info("render stream to %s: tensors over the wire", self.address)
         return self.call
+
+    async def _offer_shared_memory(self) -> None:
+        await self.call.write(mesh_pb2.RenderRequest(shared_offer=self.shared.offer()))
+        response = await self.call.read()
+        if response is grpc.aio.EOF:
+            await self.close()
+            raise AcousticUnavailable(f"acoustic service at {self.address} closed the render stream")
+        if response.HasField("shared_accept"):
+            self.shared.accepted(response.shared_accept)
+            log.info("render stream to %s: tensors in shared GPU memory", self.address)
+        else:
+            log.info("render stream to %s: tensors over the wire", self.address)
 
     async def step(self, step, starts, ids, positive, negative, ends) -> StepResult:
         request = mesh_pb2.RenderRequest(
@@ -92,11 +114,14 @@ class RemoteAcoustic:
             stream_ids=ids,
             ends=ends,
         )
-        if ids:
-            request.positive.CopyFrom(to_proto(positive))
-            request.negative.CopyFrom(to_proto(negative))
         try:
             call = await self._open()
+            shared = self.shared is not None and self.shared.active
+            if ids and shared:
+                self.shared.send(positive, negative)
+            elif ids:
+                request.positive.CopyFrom(to_proto(positive))
+                request.negative.CopyFrom(to_proto(negative))
             await call.write(request)
             response = await call.read()
         except grpc.aio.AioRpcError as e:
@@ -109,6 +134,8 @@ class RemoteAcoustic:
             raise AcousticUnavailable(f"acoustic service at {self.address} closed the render stream")
         if not ids:
             return None, None
+        if shared:
+            return self.shared.receive(len(ids))
         return from_proto(response.embeddings), from_proto(response.audio)
 
     async def close(self) -> None:
@@ -117,3 +144,5 @@ class RemoteAcoustic:
         if self.channel is not None:
             await self.channel.close()
         self.call = self.channel = None
+        if self.shared is not None:
+            self.shared.forget()

@@ -17,6 +17,7 @@ from services.common.errors import RequestError, abort, invalid_argument, unavai
 from services.common.grpc_server import Service
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
+from services.common.shared_render import LLMSharedMemory
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.llm.acoustic_link import LocalAcoustic, RemoteAcoustic
@@ -122,6 +123,13 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         return mesh_pb2.LLMDescribeModelResponse(info=model_info(self.engine, str(self.engine.ckpt.path)))
 
 
+def shared_memory(engine: LMEngine) -> LLMSharedMemory | None:
+    """On a GPU, the buffers the llm offers a remote acoustic service on the same GPU."""
+    if engine.device.type != "cuda":
+        return None
+    return LLMSharedMemory(engine.device, engine.capacity, engine.hidden, engine.dtype)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="vvmesh serve llm")
     add_model_args(p)
@@ -136,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-context", type=int, default=None, help="positions per stream (default: the model's)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory this process plans")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
+    p.add_argument(
+        "--no-shared-gpu-memory",
+        action="store_true",
+        help="send a remote acoustic service the step tensors over the wire even when it shares our GPU",
+    )
     p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     p.add_argument(
         "--allow-fixed-frames",
@@ -170,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("language model loaded: %d parameters on %s", engine.parameter_count(), args.device)
 
     async def run() -> None:
-        link = LocalAcoustic(acoustic) if acoustic is not None else RemoteAcoustic(args.acoustic)
+        link = (
+            LocalAcoustic(acoustic)
+            if acoustic is not None
+            else RemoteAcoustic(args.acoustic, None if args.no_shared_gpu_memory else shared_memory(engine))
+        )
         scheduler = Scheduler(engine, link, args.prefill_chunk)
         names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name]
         if acoustic is not None:  # hosting the acoustic engine: serve its EncodeVoice here too

@@ -109,20 +109,68 @@ class EncodeVoiceResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., frames: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RenderRequest(_message.Message):
-    __slots__ = ("step", "starts", "stream_ids", "positive", "negative", "ends")
+    __slots__ = ("step", "starts", "stream_ids", "positive", "negative", "ends", "shared_offer")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STARTS_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     ENDS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_OFFER_FIELD_NUMBER: _ClassVar[int]
     step: int
     starts: _containers.RepeatedCompositeFieldContainer[StreamStart]
     stream_ids: _containers.RepeatedScalarFieldContainer[int]
     positive: Tensor
     negative: Tensor
     ends: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., starts: _Optional[_Iterable[_Union[StreamStart, _Mapping]]] = ..., stream_ids: _Optional[_Iterable[int]] = ..., positive: _Optional[_Union[Tensor, _Mapping]] = ..., negative: _Optional[_Union[Tensor, _Mapping]] = ..., ends: _Optional[_Iterable[int]] = ...) -> None: ...
+    shared_offer: SharedMemoryOffer
+    def __init__(self, step: _Optional[int] = ..., starts: _Optional[_Iterable[_Union[StreamStart, _Mapping]]] = ..., stream_ids: _Optional[_Iterable[int]] = ..., positive: _Optional[_Union[Tensor, _Mapping]] = ..., negative: _Optional[_Union[Tensor, _Mapping]] = ..., ends: _Optional[_Iterable[int]] = ..., shared_offer: _Optional[_Union[SharedMemoryOffer, _Mapping]] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("dtype", "shape", "stride", "offset", "handle", "storage_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    stride: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    handle: bytes
+    storage_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class SharedMemoryOffer(_message.Message):
+    __slots__ = ("device_uuid", "conditions", "ready_event")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    READY_EVENT_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    conditions: SharedTensor
+    ready_event: bytes
+    def __init__(self, device_uuid: _Optional[str] = ..., conditions: _Optional[_Union[SharedTensor, _Mapping]] = ..., ready_event: _Optional[bytes] = ...) -> None: ...
+
+class SharedMemoryAccept(_message.Message):
+    __slots__ = ("embeddings", "audio", "done_event")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    DONE_EVENT_FIELD_NUMBER: _ClassVar[int]
+    embeddings: SharedTensor
+    audio: SharedTensor
+    done_event: bytes
+    def __init__(self, embeddings: _Optional[_Union[SharedTensor, _Mapping]] = ..., audio: _Optional[_Union[SharedTensor, _Mapping]] = ..., done_event: _Optional[bytes] = ...) -> None: ...
 
 class StreamStart(_message.Message):
     __slots__ = ("stream_id", "seed", "cfg_scale", "diffusion_steps", "voice_count", "voice_max_frames")
@@ -141,16 +189,18 @@ class StreamStart(_message.Message):
     def __init__(self, stream_id: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
-    __slots__ = ("step", "stream_ids", "embeddings", "audio")
+    __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SHARED_ACCEPT_FIELD_NUMBER: _ClassVar[int]
     step: int
     stream_ids: _containers.RepeatedScalarFieldContainer[int]
     embeddings: Tensor
     audio: Tensor
-    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    shared_accept: SharedMemoryAccept
+    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., shared_accept: _Optional[_Union[SharedMemoryAccept, _Mapping]] = ...) -> None: ...
 
 class AcousticDescribeModelRequest(_message.Message):
     __slots__ = ()
