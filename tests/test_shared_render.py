@@ -35,11 +35,15 @@ def cuda_mesh(checkpoint, log_dir, acoustic: str, graphs: bool, llm_args: tuple[
     )
 
 
-# Eager kernels are the same in every process. With graphs each process times cuDNN against native
-# convolutions per batch bucket and keeps the faster, and in fp32 cuDNN may run TF32: processes can differ
-# by that much, which a misplaced row or a step read before it was written would far exceed.
-@pytest.mark.parametrize(("graphs", "tolerance"), [(False, 1e-5), (True, 2e-3)], ids=["eager", "graphs"])
-def test_shared_gpu_memory_gives_the_audio_of_the_other_paths(tiny_checkpoint, tmp_path, graphs, tolerance):
+# On a GPU the meshes agree closely, not exactly: which streams share a step depends on when each request
+# arrives, GPU matmul kernels differ by batch size, and with graphs each process times cuDNN against native
+# convolutions and may keep a different one (TF32 in fp32). That is about 1e-4 of the peak over 12 frames; a
+# misplaced row or a step read before it was written would far exceed the bound.
+TOLERANCE = 2e-3
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_shared_gpu_memory_gives_the_audio_of_the_other_paths(tiny_checkpoint, tmp_path, graphs):
     script = (SCRIPTS / "2p_short.txt").read_text()
     voices = {1: (VOICES / "en-Carter_man.wav").read_bytes()}
     audio, logs = {}, {}
@@ -64,4 +68,4 @@ def test_shared_gpu_memory_gives_the_audio_of_the_other_paths(tiny_checkpoint, t
     for name in ("shared", "wire"):
         for a, b in zip(audio[name], audio["local"], strict=True):
             assert a.shape == b.shape == (12 * 3200,)
-            assert np.abs(a - b).max() < tolerance * np.abs(b).max(), name
+            assert np.abs(a - b).max() < TOLERANCE * np.abs(b).max(), name
