@@ -1,9 +1,9 @@
-"""GPU tensors and events shared by two processes on the same device (CUDA IPC), described in protobuf.
+"""CUDA tensors and events that another process on the same GPU can map (CUDA IPC), described in protobuf.
 
-When the llm and the acoustic service run on one GPU, a step's tensors need not go device -> host -> wire ->
-host -> device and back: each side maps the other's buffers once, and per step only stream ids and an
-interprocess event cross the wire. The tensors are shared the way `torch.multiprocessing` shares them; the
-fields that its pickling carries travel here as explicit protobuf fields instead.
+The tensors are shared the way `torch.multiprocessing` shares them (`reduce_tensor` / `rebuild_cuda_tensor`);
+the fields its pickling carries travel as explicit protobuf fields instead, so nothing is unpickled from the
+network. Those functions' argument order is PyTorch's: if it changes, `share_tensor` raises ValueError and
+callers fall back to sending tensors in messages.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class AcousticSharedMemory:
             return None, "the llm runs on another GPU"
         try:
             return cls(offer, device, dtype), ""
-        except RuntimeError as e:  # e.g. separate containers without a shared IPC namespace
+        except (RuntimeError, ValueError) as e:  # e.g. separate containers without a shared IPC namespace
             return None, f"cannot map the llm's GPU memory: {e}"
 
     def answer(self) -> mesh_pb2.SharedMemoryAccept:

@@ -79,23 +79,36 @@ class RemoteAcoustic:
                 await self.close()
                 raise AcousticUnavailable(f"acoustic service at {self.address} is unreachable") from e
             self.call = mesh_pb2_grpc.AcousticStub(self.channel).Render()
-            if self.shared is not None:
-                await self._offer_shared_memory()
-            else:
+            if self.shared is not None and not await self._offer_shared_memory():
+                # Both sides must agree on where a step's tensors are: start over with a stream that offers none.
+                await self.close()
+                self.shared = None
+                return await self._open()
+            if self.shared is None or not self.shared.active:
                 log.info("render stream to %s: tensors over the wire", self.address)
         return self.call
 
-    async def _offer_shared_memory(self) -> None:
-        await self.call.write(mesh_pb2.RenderRequest(shared_offer=self.shared.offer()))
+    async def _offer_shared_memory(self) -> bool:
+        """False if this side cannot share its buffers or map the acoustic service's."""
+        try:
+            offer = self.shared.offer()
+        except (RuntimeError, ValueError) as e:
+            log.warning("render stream to %s: cannot share GPU memory: %s", self.address, e)
+            return False
+        await self.call.write(mesh_pb2.RenderRequest(shared_offer=offer))
         response = await self.call.read()
         if response is grpc.aio.EOF:
             await self.close()
             raise AcousticUnavailable(f"acoustic service at {self.address} closed the render stream")
-        if response.HasField("shared_accept"):
+        if not response.HasField("shared_accept"):
+            return True
+        try:
             self.shared.accepted(response.shared_accept)
-            log.info("render stream to %s: tensors in shared GPU memory", self.address)
-        else:
-            log.info("render stream to %s: tensors over the wire", self.address)
+        except (RuntimeError, ValueError) as e:
+            log.warning("render stream to %s: cannot map the acoustic service's GPU memory: %s", self.address, e)
+            return False
+        log.info("render stream to %s: tensors in shared GPU memory", self.address)
+        return True
 
     async def step(self, step, starts, ids, positive, negative, ends) -> StepResult:
         request = mesh_pb2.RenderRequest(
