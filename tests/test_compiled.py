@@ -56,7 +56,8 @@ def test_compiled_decode_step_equals_eager(ckpt):
     engine.decoder.compile()
     g = torch.Generator().manual_seed(1)
     engine.next_inputs.copy_(torch.randn(engine.next_inputs.shape, generator=g))
-    engine.positions[:3] = torch.tensor([[5, 1], [9, 3], [2, 2]])
+    engine.token_inputs.copy_(torch.randn(engine.token_inputs.shape, generator=g))
+    engine.positions[:3] = torch.tensor([[5, 1, 2], [9, 3, 4], [2, 2, 2]])
     with torch.inference_mode():
         hidden, logits = engine._decode_rows(3, engine.kv.max_len)
         hidden_c, logits_c = engine._decode_rows(3, engine.kv.max_len, compiled=True)

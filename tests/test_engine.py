@@ -37,7 +37,11 @@ def run(ckpt, requests: list[dict], max_streams: int = 8, prefill_chunk: int = 5
         jobs = []
         for r in requests:
             stream = LMStream(
-                prompt_ids=r["prompt"], voice_embeddings=None, fixed_frames=r["frames"], max_frames=10_000
+                prompt_ids=r["prompt"],
+                voice_embeddings=None,
+                fixed_frames=r["frames"],
+                max_frames=10_000,
+                cfg_scale=r.get("cfg", 1.3),
             )
             spec = StreamSpec(scheduler.new_stream_id(), r["seed"], r.get("cfg", 1.3), r.get("steps", 10))
             job = Job(stream, spec)

@@ -1,8 +1,9 @@
 """transformers' own `VibeVoiceForConditionalGeneration.generate()`, the correctness oracle, driven honestly.
 
 The reference is called only through its public arguments: the prompt ids, the voice audio through
-transformers' own feature extractor, a seed for the global RNG, `guidance_scale`, `num_diffusion_steps`, and,
-for random-weight models, a logits processor that forces the same token decisions as `fixed_frames`.
+transformers' own feature extractor, a seed for the global RNG, `guidance_scale`, `num_diffusion_steps`,
+`max_new_tokens`, and only to mirror the mesh's `fixed_frames` test option, a logits processor that forces the
+same token decisions. Without `fixed_frames` the model decides, exactly as a user's `generate()` call does.
 """
 
 from __future__ import annotations
@@ -34,16 +35,21 @@ def load_reference(path, dtype: torch.dtype = torch.float32, device: str = "cpu"
     return VibeVoiceForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def reference_audio(
+def reference_generate(
     model,
     prompt_ids: list[int],
     voices: list[np.ndarray],
     seed: int,
-    fixed_frames: int,
+    fixed_frames: int | None = None,
     cfg_scale: float = 1.3,
     diffusion_steps: int = 10,
-) -> np.ndarray:
-    """The reference's audio for one request (voices: decoded 24 kHz mono, in prompt order, not normalized)."""
+    max_new_tokens: int = 200,
+) -> tuple[np.ndarray, list[int]]:
+    """The reference's audio and generated token ids for one request.
+
+    voices: decoded 24 kHz mono, in prompt order, not normalized. With `fixed_frames` the decisions are forced
+    as the mesh's option forces them; otherwise the model chooses every token.
+    """
     from transformers.models.vibevoice_acoustic_tokenizer import VibeVoiceAcousticTokenizerFeatureExtractor
 
     cfg = model.config
@@ -56,16 +62,34 @@ def reference_audio(
             "input_values": features["input_values"].to(device, model.dtype),
             "padding_mask": features["padding_mask"].to(device),
         }
+    if fixed_frames is not None:
+        max_new_tokens = fixed_frames + 1
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [ForceFrames(len(prompt_ids), fixed_frames, cfg.audio_token_id, cfg.eos_token_id)]
+        )
     torch.manual_seed(seed)
-    audio = model.generate(
+    out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=fixed_frames + 1,
+        max_new_tokens=max_new_tokens,
         guidance_scale=cfg_scale,
         num_diffusion_steps=diffusion_steps,
-        logits_processor=LogitsProcessorList(
-            [ForceFrames(len(prompt_ids), fixed_frames, cfg.audio_token_id, cfg.eos_token_id)]
-        ),
+        return_dict_in_generate=True,
         **kwargs,
     )
-    return audio[0].reshape(-1).float().cpu().numpy()
+    audio = out.audio[0]
+    samples = np.zeros(0, np.float32) if audio is None else audio.reshape(-1).float().cpu().numpy()
+    return samples, out.sequences[0, len(prompt_ids) :].tolist()
+
+
+def reference_audio(
+    model,
+    prompt_ids: list[int],
+    voices: list[np.ndarray],
+    seed: int,
+    fixed_frames: int,
+    cfg_scale: float = 1.3,
+    diffusion_steps: int = 10,
+) -> np.ndarray:
+    """The reference's audio for one request with forced decisions (`fixed_frames`)."""
+    return reference_generate(model, prompt_ids, voices, seed, fixed_frames, cfg_scale, diffusion_steps)[0]

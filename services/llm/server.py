@@ -15,6 +15,14 @@ from services.acoustic.server import Acoustic, model_info
 from services.common.checkpoint import resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument, unavailable
 from services.common.grpc_server import Service
+from services.common.limits import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_DIFFUSION_STEPS,
+    MAX_VOICE_FRAMES,
+    MAX_VOICES,
+    cfg_scale_problem,
+    diffusion_steps_problem,
+)
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
 from services.common.shared_render import LLMSharedMemory
@@ -35,47 +43,90 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         self.draining = False
 
     def _job(self, request: mesh_pb2.GenerateRequest) -> Job:
+        """Check an internal request as strictly as the public API checks its own: nothing reaches the step loop
+        that could fail a step for every stream."""
         if request.fixed_frames and not self.allow_fixed_frames:
             raise invalid_argument(
                 "options.fixed_frames", "this server does not accept fixed_frames (start it with --allow-fixed-frames)"
             )
-        if not request.prompt_ids:
+        prompt = list(request.prompt_ids)
+        if not prompt:
             raise invalid_argument("prompt_ids", "empty prompt")
-        room = self.engine.max_positions - len(request.prompt_ids) - 1
+        outside = next((t for t in prompt if not 0 <= t < self.engine.vocab_size), None)
+        if outside is not None:
+            raise invalid_argument(
+                "prompt_ids", f"token id {outside} is outside the vocabulary [0, {self.engine.vocab_size})"
+            )
+        room = self.engine.max_positions - len(prompt) - 1
         if room < 1:
             raise invalid_argument(
                 "prompt_ids",
-                f"the prompt takes {len(request.prompt_ids)} positions; this server's context is "
+                f"the prompt takes {len(prompt)} positions; this server's context is "
                 f"{self.engine.max_positions} (--max-context)",
             )
-        max_frames = min(request.max_frames or room, room)
         if request.fixed_frames > room:
             raise invalid_argument(
                 "options.fixed_frames",
                 f"{request.fixed_frames} frames do not fit: the prompt leaves room for {room} in the model's context",
             )
-        voices = from_proto(request.voice_embeddings) if request.HasField("voice_embeddings") else None
-        placeholders = sum(1 for t in request.prompt_ids if t == self.engine.audio_token_id)
-        if (voices.shape[0] if voices is not None else 0) != placeholders:
-            raise invalid_argument(
-                "voice_embeddings",
-                f"{placeholders} placeholder positions but {0 if voices is None else voices.shape[0]} voice embeddings",
-            )
+        cfg_scale = request.cfg_scale or DEFAULT_CFG_SCALE
+        if problem := cfg_scale_problem(cfg_scale):
+            raise invalid_argument("cfg_scale", problem)
+        steps = request.diffusion_steps or DEFAULT_DIFFUSION_STEPS
+        if problem := diffusion_steps_problem(steps):
+            raise invalid_argument("diffusion_steps", problem)
+        voices = self._voices(request, sum(1 for t in prompt if t == self.engine.audio_token_id))
         stream = LMStream(
-            prompt_ids=list(request.prompt_ids),
+            prompt_ids=prompt,
             voice_embeddings=voices,
             fixed_frames=request.fixed_frames,
-            max_frames=max_frames,
+            max_frames=min(request.max_frames or room, room),
+            cfg_scale=cfg_scale,
         )
         spec = StreamSpec(
             stream_id=self.scheduler.new_stream_id(),
             seed=request.seed,
-            cfg_scale=request.cfg_scale or 1.3,
-            diffusion_steps=request.diffusion_steps or 10,
+            cfg_scale=cfg_scale,
+            diffusion_steps=steps,
             voice_count=request.voice_count,
             voice_max_frames=request.voice_max_frames,
         )
         return Job(stream=stream, spec=spec)
+
+    def _voices(self, request: mesh_pb2.GenerateRequest, placeholders: int) -> torch.Tensor | None:
+        """The voice embeddings for the prompt's placeholder positions, checked against the prompt."""
+        if not 0 <= request.voice_count <= MAX_VOICES:
+            raise invalid_argument("voice_count", f"{request.voice_count} voices; at most {MAX_VOICES}")
+        if not 0 <= request.voice_max_frames <= MAX_VOICE_FRAMES:
+            raise invalid_argument(
+                "voice_max_frames", f"{request.voice_max_frames} frames; a voice has at most {MAX_VOICE_FRAMES}"
+            )
+        if (request.voice_count == 0) != (request.voice_max_frames == 0):
+            raise invalid_argument("voice_max_frames", "voice_count and voice_max_frames are both 0 or both set")
+        if request.voice_count * request.voice_max_frames < placeholders:
+            raise invalid_argument(
+                "voice_count",
+                f"{request.voice_count} voices of at most {request.voice_max_frames} frames cannot fill "
+                f"{placeholders} placeholder positions",
+            )
+        if not request.HasField("voice_embeddings"):
+            if placeholders:
+                raise invalid_argument(
+                    "voice_embeddings", f"{placeholders} placeholder positions but no voice embeddings"
+                )
+            return None
+        try:
+            voices = from_proto(request.voice_embeddings)
+        except (ValueError, RuntimeError) as e:
+            raise invalid_argument("voice_embeddings", f"not a tensor: {e}") from e
+        if voices.shape != (placeholders, self.engine.hidden):
+            raise invalid_argument(
+                "voice_embeddings",
+                f"shape {tuple(voices.shape)}; the prompt needs ({placeholders}, {self.engine.hidden})",
+            )
+        if not voices.is_floating_point() or not torch.isfinite(voices).all():
+            raise invalid_argument("voice_embeddings", "must be finite floating-point values")
+        return voices
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
         try:

@@ -1,0 +1,196 @@
+"""The model decides: every token the engine chooses, and the audio, equal transformers' generate().
+
+The tiny checkpoint's special-token rows make its own argmax speak in segments (speech, audio_eos, audio_bos,
+more speech, eos), so these tests cover every decision with no forcing, alone and in a batch whose streams
+are at other points of their own segments; the limits that stop a model which never says eos; and a stream
+whose model never speaks, which must end instead of spinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.common.checkpoint import resolve_checkpoint
+from services.common.reference import load_reference, reference_generate
+from services.llm.acoustic_link import LocalAcoustic
+from services.llm.engine import FINISH_CONTEXT, FINISH_EOS, FINISH_MAX_FRAMES, LMEngine, LMStream
+from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
+from tests.conftest import SCRIPTS, VOICES
+from tests.prompts import reference_prompt
+
+SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return resolve_checkpoint(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return load_reference(tiny_checkpoint), AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+def letters(config, tokens: list[int]) -> str:
+    names = {config.audio_token_id: "s", config.audio_eos_token_id: "E", config.audio_bos_token_id: "B"}
+    return "".join(names.get(t, "X" if t == config.eos_token_id else "?") for t in tokens)
+
+
+def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | None = None) -> list[dict]:
+    """Run requests through the scheduler (staggered by `after` steps); each one's tokens, frames and finish."""
+
+    async def main():
+        lm = LMEngine(ckpt, max_streams=max_streams, max_context=max_context)
+        scheduler = Scheduler(lm, LocalAcoustic(AcousticEngine(ckpt, max_streams=max_streams)))
+        tokens: dict[int, list[int]] = {}
+        mixed_steps = []
+        accept = lm.accept
+
+        def recording_accept(decisions, embeddings):
+            for d in decisions:
+                tokens.setdefault(id(d.stream), []).append(d.token)
+            mixed_steps.append(len({d.token for d in decisions}) > 1)
+            return accept(decisions, embeddings)
+
+        lm.accept = recording_accept
+
+        async def one(r):
+            for _ in range(r.get("after", 0)):  # join a few steps after the others
+                await asyncio.sleep(0.05)
+            stream = LMStream(r["prompt"], r.get("voices"), 0, r.get("max_frames", 10_000), r.get("cfg", 1.3))
+            spec = StreamSpec(scheduler.new_stream_id(), r["seed"], r.get("cfg", 1.3), 10, *r.get("voice_shape", ()))
+            job = Job(stream, spec)
+            scheduler.submit(job)
+            frames, segments = [], []
+            while True:
+                event = await asyncio.wait_for(job.events.get(), 120)
+                if isinstance(event, Frame):
+                    frames.append(event.audio.numpy())
+                    segments.append(event.segment)
+                elif isinstance(event, Finished):
+                    audio = np.concatenate(frames) if frames else np.zeros(0, np.float32)
+                    return {"audio": audio, "segments": segments, "finish": event.reason, "stream": stream}
+                elif isinstance(event, Failed):
+                    raise AssertionError(event.message)
+
+        results = await asyncio.gather(*(one(r) for r in requests))
+        for r in results:
+            r["tokens"] = tokens[id(r.pop("stream"))]
+        return results, any(mixed_steps)
+
+    return asyncio.run(main())
+
+
+def expected_segments(config, tokens: list[int]) -> list[int]:
+    segment, out = 0, []
+    for t in tokens:
+        if t == config.audio_bos_token_id:
+            segment += 1
+        elif t == config.audio_token_id:
+            out.append(segment)
+    return out
+
+
+def assert_same(config, ours: dict, audio: np.ndarray, tokens: list[int]) -> None:
+    assert letters(config, ours["tokens"]) == letters(config, tokens)
+    assert ours["finish"] == FINISH_EOS
+    assert ours["segments"] == expected_segments(config, tokens)
+    assert ours["audio"].shape == audio.shape
+    assert np.abs(ours["audio"] - audio).max() < 1e-4 * np.abs(audio).max()
+
+
+def no_voice_request(reference, seed: int, **extra) -> dict:
+    model, tokenizer = reference
+    return {"prompt": reference_prompt(tokenizer, model.config, SCRIPT, []), "seed": seed, **extra}
+
+
+def test_own_decisions_equal_the_reference_alone(ckpt, reference):
+    model, _ = reference
+    request = no_voice_request(reference, seed=0)
+    audio, tokens = reference_generate(model, request["prompt"], [], 0)
+    pattern = letters(model.config, tokens)
+    # the model's own choices cover every decision: speech, audio_eos, audio_bos, more speech, eos
+    assert "sE" in pattern and "EB" in pattern and "Bs" in pattern and pattern.endswith("sX"), pattern
+    ((ours,), _) = run(ckpt, [request])
+    assert_same(model.config, ours, audio, tokens)
+
+
+def test_own_decisions_with_voices(ckpt, reference):
+    model, tokenizer = reference
+    voices = [sf.read(VOICES / name, dtype="float32")[0] for name in ("en-Carter_man.wav", "en-Maya_woman.wav")]
+    frames = [-(-len(v) // 3200) for v in voices]
+    prompt = reference_prompt(tokenizer, model.config, SCRIPT, frames)
+    audio, tokens = reference_generate(model, prompt, voices, 1)
+    assert "EB" in letters(model.config, tokens)
+    # the voice prompts as the acoustic service encodes them, seeded as the request is
+    acoustic = AcousticEngine(ckpt)
+    from services.common.audio import normalize_voice
+
+    embeddings, voice_frames = acoustic.encode_voices([torch.from_numpy(normalize_voice(v)) for v in voices], 1)
+    assert voice_frames == frames
+    request = {"prompt": prompt, "seed": 1, "voices": embeddings, "voice_shape": (2, max(frames))}
+    ((ours,), _) = run(ckpt, [request])
+    assert_same(model.config, ours, audio, tokens)
+
+
+def test_own_decisions_inside_a_batch_at_other_points(ckpt, reference):
+    """Neighbours join at other steps and make other choices in the same steps; nobody's audio changes."""
+    model, _ = reference
+    requests = [
+        no_voice_request(reference, seed=0),
+        no_voice_request(reference, seed=2, after=2),
+        no_voice_request(reference, seed=4, after=5, cfg=2.0),
+        no_voice_request(reference, seed=3, after=1),
+    ]
+    results, mixed = run(ckpt, requests)
+    assert mixed, "some step must hold different decisions, or the batch proves nothing"
+    for request, ours in zip(requests, results, strict=True):
+        audio, tokens = reference_generate(
+            model, request["prompt"], [], request["seed"], cfg_scale=request.get("cfg", 1.3)
+        )
+        assert_same(model.config, ours, audio, tokens)
+
+
+def test_a_model_that_never_says_eos_stops_at_the_frame_budget(ckpt, reference):
+    model, _ = reference
+    request = no_voice_request(reference, seed=4, max_frames=5)  # the model alone speaks 14 frames
+    audio, tokens = reference_generate(model, request["prompt"], [], 4)
+    assert letters(model.config, tokens).count("s") > 5
+    ((ours,), _) = run(ckpt, [request])
+    assert ours["finish"] == FINISH_MAX_FRAMES
+    assert ours["audio"].shape == (5 * 3200,)
+    assert np.abs(ours["audio"] - audio[: 5 * 3200]).max() < 1e-4 * np.abs(audio).max()
+
+
+@pytest.fixture(scope="module")
+def silent_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with the special rows that random initialization tends to give: audio_bos forever."""
+    path = tmp_path_factory.mktemp("silent") / "tiny"
+    shutil.copytree(tiny_checkpoint, path)
+    cfg = resolve_checkpoint(str(tiny_checkpoint)).config
+    weights = load_file(path / "model.safetensors")
+    embed = weights["model.language_model.embed_tokens.weight"]
+    bos = embed[cfg.audio_bos_token_id].clone()
+    for token in (cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id):
+        embed[token] = 0.0
+    embed[cfg.audio_bos_token_id] = 50 * bos / bos.norm()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return resolve_checkpoint(str(path))
+
+
+def test_a_stream_that_never_speaks_ends_at_the_context_and_does_not_hang(silent_checkpoint, reference):
+    model, tokenizer = reference
+    prompt = reference_prompt(tokenizer, model.config, SCRIPT, [])
+    ((ours,), _) = run(silent_checkpoint, [{"prompt": prompt, "seed": 0}], max_context=len(prompt) + 40)
+    assert ours["finish"] == FINISH_CONTEXT
+    assert ours["audio"].size == 0
+    assert set(letters(model.config, ours["tokens"][:-1])) == {"B"}
