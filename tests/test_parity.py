@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import soundfile as sf
 from vibevoice.tts.v1 import tts_pb2
 
 from services.client import build_request, synthesize
-from services.common.reference import load_reference, reference_audio
+from services.common.reference import load_reference, reference_audio, reference_generate
 from tests.conftest import SCRIPTS, VOICES
+from tests.prompts import reference_prompt
 
 FRAMES = 12
 SEED = 1234
-SYSTEM = (
-    " Transform the text provided by various speakers into speech output, utilizing the distinct voice of each"
-    " respective speaker.\n"
-)
-
-
-def reference_prompt(tokenizer, config, script: str, voice_frames: list[int]) -> list[int]:
-    """MODEL.md's prompt layout, written out independently of the text_parser service."""
-
-    def tok(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    ids = tok(SYSTEM)
-    if voice_frames:
-        ids += tok(" Voice input:\n")
-        for k, n in enumerate(voice_frames):
-            ids += tok(f" Speaker {k}:") + [config.audio_bos_token_id] + [config.audio_token_id] * n
-            ids += [config.audio_eos_token_id] + tok("\n")
-    ids += tok(" Text input:\n")
-    for line in script.splitlines():
-        if line.strip():
-            speaker, text = line.split(":", 1)
-            ids += tok(f" Speaker {int(speaker.split()[1]) - 1}: {text.strip()}\n")
-    return ids + tok(" Speech output:\n") + [config.audio_bos_token_id]
+SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
+VOICE_FILES = {1: VOICES / "en-Carter_man.wav", 2: VOICES / "en-Maya_woman.wav"}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +32,8 @@ def reference(tiny_checkpoint):
 @pytest.mark.parametrize("with_voices", [True, False], ids=["voices", "no-voices"])
 def test_mesh_audio_equals_reference(envoy_address, reference, with_voices):
     model, tokenizer = reference
-    script = (SCRIPTS / "2p_short.txt").read_text()
-    files = {1: VOICES / "en-Carter_man.wav", 2: VOICES / "en-Maya_woman.wav"} if with_voices else {}
+    script = SCRIPT
+    files = VOICE_FILES if with_voices else {}
     request = build_request(
         script,
         {s: p.read_bytes() for s, p in files.items()},
@@ -80,6 +62,60 @@ def test_mesh_audio_equals_reference(envoy_address, reference, with_voices):
         f"{worst / peak:.3g} of the reference's peak {peak:.3f} (RMS {rms:.3f})"
     )
     assert worst < 1e-4 * peak
+
+
+def own_decisions(reference, with_voices: bool, seed: int) -> tuple[tts_pb2.SynthesizeRequest, np.ndarray, list[int]]:
+    """A request with no fixed_frames, and the reference's audio and segment of every frame for it."""
+    model, tokenizer = reference
+    files = VOICE_FILES if with_voices else {}
+    request = build_request(
+        SCRIPT, {s: p.read_bytes() for s, p in files.items()}, tts_pb2.AUDIO_FORMAT_PCM_F32, seed=seed
+    )
+    voices = [sf.read(files[s], dtype="float32")[0] for s in sorted(files)]
+    prompt = reference_prompt(tokenizer, model.config, SCRIPT, [-(-len(v) // 3200) for v in voices])
+    audio, tokens = reference_generate(model, prompt, voices, seed)
+    cfg, segment, segments = model.config, 0, []
+    for t in tokens:
+        segment += t == cfg.audio_bos_token_id
+        if t == cfg.audio_token_id:
+            segments.append(segment)
+    assert tokens[-1] == cfg.eos_token_id and segment >= 1, "the checkpoint must speak in several segments"
+    return request, audio, segments
+
+
+def assert_same_stream(result, audio: np.ndarray, segments: list[int]) -> None:
+    ours = np.frombuffer(result.data, dtype="<f4")
+    assert result.summary.finish_reason == "eos"
+    assert [c.frame_index for c in result.chunks] == list(range(len(segments)))
+    assert [c.segment_index for c in result.chunks] == segments
+    assert ours.shape == audio.shape
+    assert np.abs(ours - audio).max() < 1e-4 * np.abs(audio).max()
+
+
+@pytest.mark.parametrize(("with_voices", "seed"), [(False, 0), (True, 1)], ids=["no-voices", "voices"])
+def test_the_model_decides_through_the_mesh(envoy_address, reference, with_voices, seed):
+    """No fixed_frames: the llm's own choices (speech, audio_eos, audio_bos, eos) equal generate()'s."""
+    request, audio, segments = own_decisions(reference, with_voices, seed)
+    assert_same_stream(synthesize(envoy_address, request, timeout=300), audio, segments)
+
+
+def test_the_model_decides_inside_a_batch(envoy_address, reference):
+    """Streams that join at other times are at other points of their own segments; each equals its reference."""
+    # the first speaks 43 frames in 6 segments; the others join while it is mid-segment
+    cases = [own_decisions(reference, True, 2), own_decisions(reference, False, 0), own_decisions(reference, True, 1)]
+    results: list = [None] * len(cases)
+
+    def one(i: int) -> None:
+        time.sleep(0.2 * i)
+        results[i] = synthesize(envoy_address, cases[i][0], metadata=[("x-api-key", f"batch-{i}")], timeout=300)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for result, (_, audio, segments) in zip(results, cases, strict=True):
+        assert_same_stream(result, audio, segments)
 
 
 @pytest.fixture(scope="module")
