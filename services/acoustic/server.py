@@ -13,8 +13,11 @@ import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.common.audio import MAX_VOICE_SECONDS, SAMPLE_RATE
 from services.common.checkpoint import resolve_checkpoint
+from services.common.errors import RequestError, abort, invalid_argument
 from services.common.grpc_server import Service
+from services.common.limits import MAX_VOICES
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
 from services.common.shared_render import AcousticSharedMemory
@@ -41,6 +44,25 @@ def model_info(engine, model_name: str) -> mesh_pb2.ModelInfo:
     )
 
 
+def checked_voices(request: mesh_pb2.EncodeVoiceRequest) -> list[torch.Tensor]:
+    """Voice prompts as the gateway prepares them (24 kHz mono samples, at most a minute each), or why not."""
+    if not 1 <= len(request.voices) <= MAX_VOICES:
+        raise invalid_argument("voices", f"{len(request.voices)} voices; 1 to {MAX_VOICES}")
+    longest = int(MAX_VOICE_SECONDS * SAMPLE_RATE)
+    voices = []
+    for i, message in enumerate(request.voices):
+        try:
+            v = from_proto(message)
+        except (ValueError, RuntimeError) as e:
+            raise invalid_argument(f"voices[{i}]", f"not a tensor: {e}") from e
+        if v.dim() != 1 or not 1 <= v.numel() <= longest:
+            raise invalid_argument(f"voices[{i}]", f"shape {tuple(v.shape)}; one channel of 1 to {longest} samples")
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise invalid_argument(f"voices[{i}]", "samples must be finite floating-point values")
+        voices.append(v.float())
+    return voices
+
+
 class Acoustic(mesh_pb2_grpc.AcousticServicer):
     def __init__(self, engine: AcousticEngine) -> None:
         self.engine = engine
@@ -56,7 +78,11 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
             return await asyncio.to_thread(fn, *args)
 
     async def EncodeVoice(self, request, context):  # noqa: N802
-        voices = [from_proto(v) for v in request.voices]
+        try:
+            voices = checked_voices(request)
+        except RequestError as e:
+            await abort(context, e)
+            return
         async with self.encode_lock:
             embeddings, frames = await asyncio.to_thread(self.engine.encode_voices, voices, request.seed)
         return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
