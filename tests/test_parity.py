@@ -79,7 +79,7 @@ def own_decisions(reference, with_voices: bool, seed: int) -> tuple[tts_pb2.Synt
         segment += t == cfg.audio_bos_token_id
         if t == cfg.audio_token_id:
             segments.append(segment)
-    assert tokens[-1] == cfg.eos_token_id and segment >= 1, "the checkpoint must speak in several segments"
+    assert tokens[-1] == cfg.eos_token_id, "the model must end the script itself"
     return request, audio, segments
 
 
@@ -96,6 +96,7 @@ def assert_same_stream(result, audio: np.ndarray, segments: list[int]) -> None:
 def test_the_model_decides_through_the_mesh(envoy_address, reference, with_voices, seed):
     """No fixed_frames: the llm's own choices (speech, audio_eos, audio_bos, eos) equal generate()'s."""
     request, audio, segments = own_decisions(reference, with_voices, seed)
+    assert segments[-1] >= 1, "the checkpoint must speak in several segments"
     assert_same_stream(synthesize(envoy_address, request, timeout=300), audio, segments)
 
 
@@ -147,3 +148,15 @@ def test_in_process_acoustic_gives_the_same_audio(local_mesh, envoy_address):
     a, b = np.frombuffer(local.data, "<f4"), np.frombuffer(remote.data, "<f4")
     assert a.shape == b.shape == (6 * 3200,)
     assert np.abs(a - b).max() < 1e-5 * np.abs(b).max()
+
+
+def test_max_audio_seconds_stops_a_model_that_goes_on(envoy_address, reference):
+    """A model that would speak longer stops at the request's limit, and says so."""
+    request, audio, segments = own_decisions(reference, False, 4)
+    assert len(segments) > 4
+    request.options.max_audio_seconds = 0.5  # 4 frames at 7.5 per second
+    result = synthesize(envoy_address, request, timeout=300)
+    ours = np.frombuffer(result.data, dtype="<f4")
+    assert result.summary.finish_reason == "max_audio_seconds"
+    assert ours.shape == (4 * 3200,)
+    assert np.abs(ours - audio[: 4 * 3200]).max() < 1e-4 * np.abs(audio).max()
