@@ -48,6 +48,14 @@ def estimated_frames(request: tts_pb2.SynthesizeRequest) -> int:
     return int(len(text.split()) / 2.5 * FRAMES_PER_SECOND)
 
 
+def finish_reason(llm_reason: str, options: Options, budget: int) -> str:
+    """The llm's reason in the public API's words: its frame budget was the request's max_audio_seconds, or the
+    room the context leaves after the prompt."""
+    if llm_reason == "max_frames":
+        return "max_audio_seconds" if 0 < options.max_frames <= budget else "context"
+    return llm_reason
+
+
 def api_key(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-api-key":
@@ -243,7 +251,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
                             time_to_first_audio_seconds=first_audio or 0.0,
                             real_time_factor=elapsed / audio_seconds if audio_seconds else 0.0,
                             elapsed_seconds=elapsed,
-                            finish_reason=event.done.finish_reason,
+                            finish_reason=finish_reason(event.done.finish_reason, options, generate.max_frames),
                         )
                     )
         except grpc.aio.AioRpcError as e:
