@@ -18,11 +18,12 @@ import common
 import numpy as np
 import torch
 
-from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.acoustic.engine import AcousticEngine
 from services.common.audio import FRAME_MS
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import ForceFrames, load_reference
 from services.llm.engine import LMEngine, LMStream
+from services.render.values import RenderStep, StreamSpec
 
 
 def reference_run(model, ids: list[int], batch: int, frames: int) -> dict:
@@ -84,7 +85,7 @@ def engine_run(
         assert lm.admit(s)
     while lm.decoding_count < batch:
         lm.prefill(4096)
-    acoustic.step(specs, [], None, None, [])
+    acoustic.step(RenderStep(starts=specs))
     ids_ = [s.stream_id for s in specs]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

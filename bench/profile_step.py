@@ -12,9 +12,9 @@ import common
 import torch
 from engine_bench import build_engines
 
-from services.acoustic.engine import StreamSpec
 from services.common.checkpoint import resolve_checkpoint
 from services.llm.engine import LMStream
+from services.render.values import RenderStep, StreamSpec
 
 
 def timed(fn, n: int = 50) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
         lm.admit(s)
     while lm.decoding_count < b:
         lm.prefill(4096)
-    ac.step(specs, [], None, None, [])
+    ac.step(RenderStep(starts=specs))
     sids = [s.stream_id for s in specs]
     decisions, pos, neg = lm.decode()
     out = {}

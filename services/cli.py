@@ -121,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         if len(argv) < 2 or argv[1] not in SERVICES:
             raise SystemExit(f"usage: vvmesh serve {{{','.join(SERVICES)}}} [options]")
-        importlib.import_module(f"services.{argv[1]}.server").main(argv[2:])
+        rest = argv[2:]
+        colocated = argv[1] == "llm" and any(
+            a == "--acoustic=local" or (a == "local" and rest[i - 1] == "--acoustic") for i, a in enumerate(rest)
+        )
+        # The llm hosting the acoustic engine is built where both services meet, not inside either.
+        module = "services.colocated" if colocated else f"services.{argv[1]}.server"
+        importlib.import_module(module).main(rest)
         return 0
 
     p = argparse.ArgumentParser(

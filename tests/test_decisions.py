@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.acoustic.engine import AcousticEngine
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_generate
-from services.llm.acoustic_link import LocalAcoustic
 from services.llm.engine import FINISH_CONTEXT, FINISH_EOS, FINISH_MAX_FRAMES, LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
+from services.render.local import LocalLink
+from services.render.values import StreamSpec
 from tests.conftest import SCRIPTS, VOICES
 from tests.prompts import reference_prompt
 
@@ -50,7 +51,7 @@ def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | Non
 
     async def main():
         lm = LMEngine(ckpt, max_streams=max_streams, max_context=max_context)
-        scheduler = Scheduler(lm, LocalAcoustic(AcousticEngine(ckpt, max_streams=max_streams)))
+        scheduler = Scheduler(lm, LocalLink(AcousticEngine(ckpt, max_streams=max_streams)))
         tokens: dict[int, list[int]] = {}
         mixed_steps = []
         accept = lm.accept

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.acoustic.engine import AcousticEngine
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_audio
-from services.llm.acoustic_link import LocalAcoustic
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
+from services.render.local import LocalLink
+from services.render.values import RenderStep, StreamSpec
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def run(ckpt, requests: list[dict], max_streams: int = 8, prefill_chunk: int = 5
 
     async def main():
         lm = LMEngine(ckpt, max_streams=max_streams, prefill_chunk=prefill_chunk)
-        scheduler = Scheduler(lm, LocalAcoustic(AcousticEngine(ckpt, max_streams=max_streams)), prefill_chunk)
+        scheduler = Scheduler(lm, LocalLink(AcousticEngine(ckpt, max_streams=max_streams)), prefill_chunk)
         jobs = []
         for r in requests:
             stream = LMStream(
@@ -130,8 +131,9 @@ def test_streams_keep_their_state_when_rows_are_repacked(ckpt):
 def test_a_stream_that_ends_without_rendering_frees_its_row_before_the_step(ckpt):
     engine = AcousticEngine(ckpt, max_streams=2)
     hidden = engine.hidden_size
-    engine.step([StreamSpec(1, 1, 1.3, 10), StreamSpec(2, 2, 1.3, 10)], [], None, None, [])
+    engine.step(RenderStep(starts=[StreamSpec(1, 1, 1.3, 10), StreamSpec(2, 2, 1.3, 10)]))
     # stream 1 finished (eos); stream 3 joins and stream 2 renders, all in one message of a full engine
-    embeds, audio = engine.step([StreamSpec(3, 3, 1.3, 10)], [2], torch.zeros(1, hidden), torch.zeros(1, hidden), [1])
-    assert audio.shape == (1, 3200)
+    zeros = torch.zeros(1, hidden)
+    result = engine.step(RenderStep(0, [StreamSpec(3, 3, 1.3, 10)], [2], zeros, zeros, [1]))
+    assert result.audio.shape == (1, 3200)
     assert sorted(engine.streams) == [2, 3]

@@ -14,14 +14,15 @@ from grpc_status import rpc_status
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from vibevoice.tts.v1 import tts_pb2
 
-from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.acoustic.engine import AcousticEngine
 from services.client import build_request, synthesize
 from services.common.checkpoint import resolve_checkpoint
 from services.common.errors import bad_request_fields
 from services.common.tensors import to_proto
-from services.llm.acoustic_link import LocalAcoustic
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Job, Scheduler
+from services.render.local import LocalLink
+from services.render.values import RenderResult, RenderStep, StreamSpec
 from tests.conftest import SCRIPTS
 
 SLOTS = 2
@@ -32,7 +33,7 @@ def ckpt(tiny_checkpoint):
     return resolve_checkpoint(str(tiny_checkpoint))
 
 
-class FlakyAcoustic(LocalAcoustic):
+class FlakyAcoustic(LocalLink):
     """The in-process acoustic engine, failing chosen steps after it has done their work (a lost answer)."""
 
     def __init__(self, engine: AcousticEngine, fail_steps: set[int]) -> None:
@@ -40,8 +41,8 @@ class FlakyAcoustic(LocalAcoustic):
         self.fail_steps = fail_steps
         self.calls = 0
 
-    async def step(self, step, starts, ids, positive, negative, ends):
-        result = await super().step(step, starts, ids, positive, negative, ends)
+    async def step(self, step: RenderStep) -> RenderResult:
+        result = await super().step(step)
         self.calls += 1
         if self.calls in self.fail_steps:
             raise RuntimeError("the answer was lost")
@@ -92,7 +93,7 @@ def test_every_way_a_stream_ends_frees_both_sides(ckpt):
 def test_cancelling_one_of_two_identical_waiting_requests(ckpt):
     async def main():
         lm = LMEngine(ckpt, max_streams=1)
-        scheduler = Scheduler(lm, LocalAcoustic(AcousticEngine(ckpt, max_streams=1)))
+        scheduler = Scheduler(lm, LocalLink(AcousticEngine(ckpt, max_streams=1)))
         voices = torch.zeros(1, lm.hidden)
         prompt = [100, lm.audio_token_id, lm.audio_bos_token_id]
         busy = job(scheduler, 30)

@@ -29,24 +29,13 @@ from services.acoustic.streaming import convnext_step, streaming_forward
 from services.common.audio import SAMPLES_PER_FRAME
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
+from services.render.values import RenderResult, RenderStep, StreamSpec
 
 log = logging.getLogger(__name__)
 
 VOICE_CACHE_ENTRIES = 64
 VOICE_CHUNK_SAMPLES = 10 * SAMPLES_PER_FRAME
 GRAPH_DIFFUSION_STEPS = 10  # steps captured as CUDA graphs; other step counts run eagerly
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """What the acoustic side needs to know about a stream when it joins."""
-
-    stream_id: int
-    seed: int
-    cfg_scale: float
-    diffusion_steps: int
-    voice_count: int = 0
-    voice_max_frames: int = 0
 
 
 @dataclass
@@ -414,26 +403,19 @@ class AcousticEngine:
         self._draw_ahead(states)
         return embeds, audio
 
-    def step(
-        self,
-        starts: list[StreamSpec],
-        ids: list[int],
-        positive: torch.Tensor | None,
-        negative: torch.Tensor | None,
-        ends: list[int],
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One message of the Render protocol: join `starts`, render `ids`, then release `ends`.
+    def step(self, step: RenderStep) -> RenderResult:
+        """One Render step: join `starts`, render `ids`, then release `ends`.
 
         Ends that do not render in this step are released first, so their rows are free for the step.
         """
-        rendered = set(ids)
-        for s in ends:
+        rendered = set(step.ids)
+        for s in step.ends:
             if s not in rendered:
                 self.end(s)
-        for spec in starts:
+        for spec in step.starts:
             self.start(spec)
-        result = self.render(ids, positive, negative) if ids else (None, None)
-        for s in ends:
+        result = RenderResult(*self.render(step.ids, step.positive, step.negative)) if step.ids else RenderResult()
+        for s in step.ends:
             if s in rendered:
                 self.end(s)
         return result

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from services.acoustic.engine import AcousticEngine, StreamSpec
+from services.acoustic.engine import AcousticEngine
 from services.common.audio import MAX_VOICE_SECONDS, SAMPLE_RATE
 from services.common.checkpoint import resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument
@@ -20,10 +20,12 @@ from services.common.grpc_server import Service
 from services.common.limits import MAX_VOICES
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
-from services.common.shared_render import AcousticSharedMemory
+from services.common.model_info import model_info
 from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
+from services.render.shared_memory import AcousticSharedMemory
+from services.render.values import RenderStep
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +33,6 @@ log = logging.getLogger(__name__)
 def _key(conn: int, stream_id: int) -> int:
     # Stream ids are the llm's; they are made unique per connection so several llm replicas can share us.
     return (conn << 40) | stream_id
-
-
-def model_info(engine, model_name: str) -> mesh_pb2.ModelInfo:
-    return mesh_pb2.ModelInfo(
-        model=model_name,
-        random_weights=engine.ckpt.random_weights,
-        device=str(engine.device),
-        dtype=str(engine.dtype).removeprefix("torch."),
-        parameters=engine.parameter_count(),
-        modules=list(engine.modules()),
-    )
 
 
 def checked_voices(request: mesh_pb2.EncodeVoiceRequest) -> list[torch.Tensor]:
@@ -91,30 +82,19 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         self, conn: int, request: mesh_pb2.RenderRequest, shared: AcousticSharedMemory | None
     ) -> mesh_pb2.RenderResponse:
         t0 = time.perf_counter()
-        starts = [
-            StreamSpec(
-                _key(conn, s.stream_id), s.seed, s.cfg_scale, s.diffusion_steps, s.voice_count, s.voice_max_frames
-            )
-            for s in request.starts
-        ]
-        ids = [_key(conn, s) for s in request.stream_ids]
-        positive = negative = None
-        if ids and shared is not None:
-            positive, negative = shared.conditions_for(len(ids))
-        elif ids:
-            positive, negative = from_proto(request.positive), from_proto(request.negative)
+        conditions = shared.conditions_for(len(request.stream_ids)) if request.stream_ids and shared else None
+        step = RenderStep.from_proto(request, lambda s: _key(conn, s), conditions)
         t1 = time.perf_counter()
-        embeds, audio = self.engine.step(starts, ids, positive, negative, [_key(conn, s) for s in request.ends])
+        result = self.engine.step(step)
         t2 = time.perf_counter()
         response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
-        if ids and shared is not None:
-            shared.publish(embeds, audio)  # the llm waits for it on the GPU, not here
-        elif ids:
-            response.embeddings.CopyFrom(to_proto(embeds))
-            response.audio.CopyFrom(to_proto(audio))
+        if step.ids and shared is not None:
+            shared.publish(result.embeddings, result.audio)  # the llm waits for it on the GPU, not here
+        else:
+            result.fill(response)
         t3 = time.perf_counter()
         phases = {"unpack": (t1 - t0) * 1000, "render": (t2 - t1) * 1000, "pack": (t3 - t2) * 1000}
-        self.stats.add(len(ids), phases, context=f" ({len(starts)} joining)")
+        self.stats.add(len(step.ids), phases, context=f" ({len(step.starts)} joining)")
         return response
 
     async def Render(self, request_iterator: AsyncIterator, context) -> AsyncIterator:  # noqa: N802

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.acoustic.engine import StreamSpec
 from services.common.step_stats import StepStats
-from services.llm.acoustic_link import AcousticLink, AcousticUnavailable
 from services.llm.engine import LMEngine, LMStream
+from services.render.link import RenderLink, RenderUnavailable
+from services.render.values import RenderStep, StreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: LMEngine, link: AcousticLink, prefill_budget: int = 512) -> None:
+    def __init__(self, engine: LMEngine, link: RenderLink, prefill_budget: int = 512) -> None:
         self.engine = engine
         self.link = link
         self.prefill_budget = prefill_budget
@@ -101,7 +101,7 @@ class Scheduler:
                 await self.wake.wait()
             try:
                 await self._one_step()
-            except AcousticUnavailable as e:
+            except RenderUnavailable as e:
                 log.error("%s; failing %d streams", e, len(self.active))
                 self._fail_all(str(e))
             except Exception as e:  # a bug or a device error must not leave streams hanging
@@ -166,14 +166,17 @@ class Scheduler:
             # audio_bos or audio_eos is the llm's alone.
             orphans, self._orphans = sorted(self._orphans), set()
             try:
-                embeds, audio = await self.link.step(
-                    self._step,
-                    [j.spec for j in joined],
-                    ids,
-                    positive if ids else None,
-                    negative if ids else None,
-                    orphans + ends,
+                result = await self.link.step(
+                    RenderStep(
+                        self._step,
+                        [j.spec for j in joined],
+                        ids,
+                        positive if ids else None,
+                        negative if ids else None,
+                        orphans + ends,
+                    )
                 )
+                embeds, audio = result.embeddings, result.audio
             except BaseException:
                 # Whatever this message carried may or may not have reached the acoustic side.
                 self._orphans.update(orphans + ends + [j.spec.stream_id for j in joined])

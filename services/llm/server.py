@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from services.acoustic.engine import AcousticEngine, StreamSpec
-from services.acoustic.server import Acoustic, model_info
-from services.common.checkpoint import resolve_checkpoint
+from services.common.checkpoint import Checkpoint, resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument, unavailable
 from services.common.grpc_server import Service
 from services.common.limits import (
@@ -25,12 +24,15 @@ from services.common.limits import (
 )
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
-from services.common.shared_render import LLMSharedMemory
+from services.common.model_info import model_info
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
-from services.llm.acoustic_link import LocalAcoustic, RemoteAcoustic
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler
+from services.render.link import RenderLink
+from services.render.shared_memory import LLMSharedMemory
+from services.render.values import StreamSpec
+from services.render.wire import WireLink
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +183,8 @@ def shared_memory(engine: LMEngine) -> LLMSharedMemory | None:
     return LLMSharedMemory(engine.device, engine.capacity, engine.hidden, engine.dtype)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="vvmesh serve llm")
+def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50064)
@@ -204,22 +206,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--allow-fixed-frames",
         action="store_true",
-        help="accept the fixed_frames request option (benchmarks and random-weight models)",
+        help="accept the fixed_frames request option, a test and benchmark option that overrides the model's decisions",
     )
-    args = p.parse_args(argv)
-    setup_logging("llm")
-    setup_tracing("llm")
+    return p
+
+
+def load(args: argparse.Namespace, name: str = "llm") -> tuple[Checkpoint, torch.dtype]:
+    """Logging, tracing and the checkpoint, as every process that serves the llm starts."""
+    setup_logging(name)
+    setup_tracing(name)
     ckpt = resolve_checkpoint(args.model)
     mark_random_weights(ckpt.random_weights)
     torch.set_grad_enabled(False)
-    dtype = resolve_dtype(args)
-    graphs, compile_ = not args.no_cuda_graphs, not args.no_compile
-    # A local acoustic engine loads first, so the KV budget is planned around its weights.
-    acoustic = (
-        AcousticEngine(ckpt, args.device, dtype, args.max_streams, graphs, compile_)
-        if args.acoustic == "local"
-        else None
-    )
+    return ckpt, resolve_dtype(args)
+
+
+def build_engine(args: argparse.Namespace, ckpt: Checkpoint, dtype: torch.dtype) -> LMEngine:
     engine = LMEngine(
         ckpt,
         args.device,
@@ -228,28 +230,41 @@ def main(argv: list[str] | None = None) -> None:
         max_context=args.max_context,
         prefill_chunk=args.prefill_chunk,
         memory_fraction=args.gpu_memory_fraction,
-        cuda_graphs=graphs,
-        torch_compile=compile_,
+        cuda_graphs=not args.no_cuda_graphs,
+        torch_compile=not args.no_compile,
     )
     log.info("language model loaded: %d parameters on %s", engine.parameter_count(), args.device)
+    return engine
+
+
+async def serve(
+    args: argparse.Namespace,
+    engine: LMEngine,
+    link: RenderLink,
+    extra: dict[str, Callable[[grpc.aio.Server], None]] | None = None,
+) -> None:
+    """Serve LLM until SIGTERM, and the services in `extra` (full name -> what adds its servicer)."""
+    scheduler = Scheduler(engine, link, args.prefill_chunk)
+    names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name, *(extra or {})]
+    service = Service("llm", args.host, args.port, names)
+    for add in (extra or {}).values():
+        add(service.server)
+    llm = LLM(engine, scheduler, args.allow_fixed_frames)
+    mesh_pb2_grpc.add_LLMServicer_to_server(llm, service.server)
+    await service.run(grace_s=args.drain_grace, on_drain=lambda: setattr(llm, "draining", True))
+    await link.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.acoustic == "local":
+        raise SystemExit("the llm with the acoustic engine in its process is `vvmesh serve llm --acoustic local`")
+    ckpt, dtype = load(args)
+    engine = build_engine(args, ckpt, dtype)
 
     async def run() -> None:
-        link = (
-            LocalAcoustic(acoustic)
-            if acoustic is not None
-            else RemoteAcoustic(args.acoustic, None if args.no_shared_gpu_memory else shared_memory(engine))
-        )
-        scheduler = Scheduler(engine, link, args.prefill_chunk)
-        names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name]
-        if acoustic is not None:  # hosting the acoustic engine: serve its EncodeVoice here too
-            names.append(mesh_pb2.DESCRIPTOR.services_by_name["Acoustic"].full_name)
-        service = Service("llm", args.host, args.port, names)
-        llm = LLM(engine, scheduler, args.allow_fixed_frames)
-        mesh_pb2_grpc.add_LLMServicer_to_server(llm, service.server)
-        if acoustic is not None:
-            mesh_pb2_grpc.add_AcousticServicer_to_server(Acoustic(acoustic), service.server)
-        await service.run(grace_s=args.drain_grace, on_drain=lambda: setattr(llm, "draining", True))
-        await link.close()
+        shared = None if args.no_shared_gpu_memory else shared_memory(engine)
+        await serve(args, engine, WireLink(args.acoustic, shared))
 
     asyncio.run(run())
 

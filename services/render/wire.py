@@ -1,66 +1,32 @@
-"""How the llm reaches the acoustic engine: in its own process, or over one gRPC Render stream.
+"""The Render step over one bidirectional gRPC stream to a remote acoustic service.
 
-Both speak the same step: streams that join, the conditions of the streams that spoke, streams that end;
-and both answer with next-step embeddings and audio. They must produce the same audio.
+With shared GPU memory (both services on one GPU) the stream's first message offers the llm's buffers and
+the steps' messages carry only stream ids (`shared_memory`); elsewhere the tensors ride in the messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
 
 import grpc
-import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from services.acoustic.engine import AcousticEngine, StreamSpec
 from services.common.grpc_server import CHANNEL_OPTIONS
-from services.common.shared_render import LLMSharedMemory
-from services.common.tensors import from_proto, to_proto
+from services.render.link import RenderUnavailable
+from services.render.shared_memory import LLMSharedMemory
+from services.render.values import RenderResult, RenderStep
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
-StepResult = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
-class AcousticUnavailable(Exception):
-    """The acoustic side failed mid-step; every stream it carried is lost."""
-
-
-class AcousticLink(Protocol):
-    async def step(
-        self,
-        step: int,
-        starts: list[StreamSpec],
-        ids: list[int],
-        positive: torch.Tensor | None,
-        negative: torch.Tensor | None,
-        ends: list[int],
-    ) -> StepResult: ...
-
-    async def close(self) -> None: ...
-
-
-class LocalAcoustic:
-    """The acoustic engine in this process (one GPU, no hop)."""
-
-    def __init__(self, engine: AcousticEngine) -> None:
-        self.engine = engine
-
-    async def step(self, step, starts, ids, positive, negative, ends) -> StepResult:
-        return await asyncio.to_thread(self.engine.step, starts, ids, positive, negative, ends)
-
-    async def close(self) -> None:
-        pass
-
-
-class RemoteAcoustic:
+class WireLink:
     """A remote acoustic service over one bidirectional Render stream, opened on first use.
 
     With `shared` (the llm on a GPU) the stream's first message offers shared GPU memory; if the acoustic
-    service runs on the same GPU it accepts, and steps' tensors stay on the device (`shared_render`).
+    service runs on the same GPU it accepts, and steps' tensors stay on the device (`shared_memory`).
     """
 
     def __init__(self, address: str, shared: LLMSharedMemory | None = None) -> None:
@@ -77,7 +43,7 @@ class RemoteAcoustic:
                 await asyncio.wait_for(self.channel.channel_ready(), CONNECT_TIMEOUT_S)
             except TimeoutError as e:
                 await self.close()
-                raise AcousticUnavailable(f"acoustic service at {self.address} is unreachable") from e
+                raise RenderUnavailable(f"acoustic service at {self.address} is unreachable") from e
             self.call = mesh_pb2_grpc.AcousticStub(self.channel).Render()
             if self.shared is not None and not await self._offer_shared_memory():
                 # Both sides must agree on where a step's tensors are: start over with a stream that offers none.
@@ -99,7 +65,7 @@ class RemoteAcoustic:
         response = await self.call.read()
         if response is grpc.aio.EOF:
             await self.close()
-            raise AcousticUnavailable(f"acoustic service at {self.address} closed the render stream")
+            raise RenderUnavailable(f"acoustic service at {self.address} closed the render stream")
         if not response.HasField("shared_accept"):
             return True
         try:
@@ -110,46 +76,25 @@ class RemoteAcoustic:
         log.info("render stream to %s: tensors in shared GPU memory", self.address)
         return True
 
-    async def step(self, step, starts, ids, positive, negative, ends) -> StepResult:
-        request = mesh_pb2.RenderRequest(
-            step=step,
-            starts=[
-                mesh_pb2.StreamStart(
-                    stream_id=s.stream_id,
-                    seed=s.seed,
-                    cfg_scale=s.cfg_scale,
-                    diffusion_steps=s.diffusion_steps,
-                    voice_count=s.voice_count,
-                    voice_max_frames=s.voice_max_frames,
-                )
-                for s in starts
-            ],
-            stream_ids=ids,
-            ends=ends,
-        )
+    async def step(self, step: RenderStep) -> RenderResult:
         try:
             call = await self._open()
             shared = self.shared is not None and self.shared.active
-            if ids and shared:
-                self.shared.send(positive, negative)
-            elif ids:
-                request.positive.CopyFrom(to_proto(positive))
-                request.negative.CopyFrom(to_proto(negative))
-            await call.write(request)
+            if step.ids and shared:
+                self.shared.send(step.positive, step.negative)
+            await call.write(step.to_proto(with_tensors=not shared))
             response = await call.read()
         except grpc.aio.AioRpcError as e:
             await self.close()
-            raise AcousticUnavailable(
-                f"acoustic service at {self.address} failed: {e.code().name}: {e.details()}"
-            ) from e
+            raise RenderUnavailable(f"acoustic service at {self.address} failed: {e.code().name}: {e.details()}") from e
         if response is grpc.aio.EOF:
             await self.close()
-            raise AcousticUnavailable(f"acoustic service at {self.address} closed the render stream")
-        if not ids:
-            return None, None
+            raise RenderUnavailable(f"acoustic service at {self.address} closed the render stream")
+        if not step.ids:
+            return RenderResult()
         if shared:
-            return self.shared.receive(len(ids))
-        return from_proto(response.embeddings), from_proto(response.audio)
+            return RenderResult(*self.shared.receive(len(step.ids)))
+        return RenderResult.from_proto(response)
 
     async def close(self) -> None:
         if self.call is not None:

@@ -1,0 +1,101 @@
+"""What one Render step carries each way, and its proto form."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from vibevoice.mesh.v1 import mesh_pb2
+
+from services.common.tensors import from_proto, to_proto
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the acoustic side needs to know about a stream when it joins."""
+
+    stream_id: int
+    seed: int
+    cfg_scale: float
+    diffusion_steps: int
+    voice_count: int = 0
+    voice_max_frames: int = 0
+
+    def to_proto(self) -> mesh_pb2.StreamStart:
+        return mesh_pb2.StreamStart(
+            stream_id=self.stream_id,
+            seed=self.seed,
+            cfg_scale=self.cfg_scale,
+            diffusion_steps=self.diffusion_steps,
+            voice_count=self.voice_count,
+            voice_max_frames=self.voice_max_frames,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: mesh_pb2.StreamStart, key: Callable[[int], int]) -> StreamSpec:
+        return cls(
+            key(msg.stream_id), msg.seed, msg.cfg_scale, msg.diffusion_steps, msg.voice_count, msg.voice_max_frames
+        )
+
+
+@dataclass
+class RenderStep:
+    """Join `starts`, render `ids` (their positive and negative conditions, (N, hidden) each), then end `ends`."""
+
+    step: int = 0
+    starts: list[StreamSpec] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    positive: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
+    ends: list[int] = field(default_factory=list)
+
+    def to_proto(self, with_tensors: bool = True) -> mesh_pb2.RenderRequest:
+        """The request; without tensors when they travel in shared GPU memory."""
+        request = mesh_pb2.RenderRequest(
+            step=self.step, starts=[s.to_proto() for s in self.starts], stream_ids=self.ids, ends=self.ends
+        )
+        if self.ids and with_tensors:
+            request.positive.CopyFrom(to_proto(self.positive))
+            request.negative.CopyFrom(to_proto(self.negative))
+        return request
+
+    @classmethod
+    def from_proto(
+        cls, msg: mesh_pb2.RenderRequest, key: Callable[[int], int], conditions: tuple | None = None
+    ) -> RenderStep:
+        """`key` maps the llm's stream ids to the engine's; `conditions` when they came through shared memory."""
+        positive = negative = None
+        if msg.stream_ids:
+            if conditions is not None:
+                positive, negative = conditions
+            else:
+                positive, negative = from_proto(msg.positive), from_proto(msg.negative)
+        return cls(
+            step=msg.step,
+            starts=[StreamSpec.from_proto(s, key) for s in msg.starts],
+            ids=[key(s) for s in msg.stream_ids],
+            positive=positive,
+            negative=negative,
+            ends=[key(s) for s in msg.ends],
+        )
+
+
+@dataclass
+class RenderResult:
+    """Next-step input embeddings (N, hidden) and the frames' audio (N, 3200) of the rendered streams."""
+
+    embeddings: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+
+    def fill(self, response: mesh_pb2.RenderResponse) -> mesh_pb2.RenderResponse:
+        if self.embeddings is not None:
+            response.embeddings.CopyFrom(to_proto(self.embeddings))
+            response.audio.CopyFrom(to_proto(self.audio))
+        return response
+
+    @classmethod
+    def from_proto(cls, msg: mesh_pb2.RenderResponse) -> RenderResult:
+        if not msg.HasField("embeddings"):
+            return cls()
+        return cls(from_proto(msg.embeddings), from_proto(msg.audio))
