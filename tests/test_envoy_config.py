@@ -68,7 +68,10 @@ def test_streaming_safe_settings():
     config = load()
     r = route(config)
     assert r["timeout"] == "0s"  # no route timeout cutting a 90-minute stream
-    assert r["max_stream_duration"]["grpc_timeout_header_max"]  # client deadlines honoured
+    # Envoy keeps no timer of its own from grpc-timeout: the client and the gateway end a call at its
+    # deadline (tests/test_resilience.py), and calls without one are still bounded.
+    assert "grpc_timeout_header_max" not in r["max_stream_duration"]
+    assert r["max_stream_duration"]["max_stream_duration"] == "7200s"
     assert hcm(config)["stream_idle_timeout"] == "60s"
     assert hcm(config)["request_timeout"] == "0s"
     # Only failures that prove the gateway never saw the call are retried.
@@ -85,7 +88,21 @@ def test_rate_limit_and_filter_order():
     assert rl["rate_limited_as_resource_exhausted"] is True
     assert rl["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03"
     keys = [[e["key"] for e in d["entries"]] for d in rl["descriptors"]]
-    assert ["api_key"] in keys and ["no_api_key", "remote_address"] in keys
+    assert ["api_key"] in keys and ["no_api_key", "remote_address"] in keys and ["remote_address"] in keys
+    # One address can still fill the mesh in one burst (keyed clients behind a NAT, the mesh bench).
+    address = address_bucket()
+    assert address["max_tokens"] >= gateway_cluster(config)["circuit_breakers"]["thresholds"][0]["max_requests"]
+    assert address["max_tokens"] >= burst_size()
+
+
+def test_only_grpc_calls_reach_the_gateway():
+    routes = hcm(load())["route_config"]["virtual_hosts"][0]["routes"]
+    to_gateway = [r for r in routes if r.get("route", {}).get("cluster") == "gateway"]
+    assert to_gateway == [routes[0]]
+    match = routes[0]["match"]
+    assert "grpc" in match
+    assert {h["name"]: h["string_match"]["exact"] for h in match["headers"]} == {":method": "POST", "te": "trailers"}
+    assert all(400 <= r["direct_response"]["status"] < 500 for r in routes[1:])
 
 
 def test_gateway_cluster_is_guarded():
@@ -95,6 +112,13 @@ def test_gateway_cluster_is_guarded():
     # What the mesh admits: llm --max-streams (64) running + gateway --queue-size (32) waiting.
     assert thresholds["max_requests"] == 64 + 32
     assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == ""
+    # Ejected only for its own failures (resets, refused or cut connections), not for the statuses it
+    # answers with (tests/test_resilience.py sends calls that make it answer UNKNOWN).
+    od = cluster["outlier_detection"]
+    assert od["split_external_local_origin_errors"] is True
+    assert od["enforcing_consecutive_local_origin_failure"] > 0
+    assert od["enforcing_consecutive_5xx"] == od["enforcing_consecutive_gateway_failure"] == 0
+    assert od["enforcing_success_rate"] == 0
 
 
 def test_ports_are_rewritten_for_other_meshes(tmp_path):
@@ -143,11 +167,15 @@ def envoy_address(tmp_path_factory):
         backend.stop(0)
 
 
-def calls(address: str, n: int, key: str | None = None, spoof: bool = False) -> dict[str, int]:
+def calls(
+    address: str, n: int, key: str | None = None, spoof: bool = False, keys: list[str] | None = None
+) -> dict[str, int]:
     """n concurrent Health/Check calls through Envoy; counts of status codes.
 
-    spoof: each call claims a different client address in x-forwarded-for."""
-    metadata = [[("x-api-key", key)] if key else [] for _ in range(n)]
+    spoof: each call claims a different client address in x-forwarded-for.
+    keys: each call's own x-api-key (instead of `key` for all)."""
+    keys = keys or [key] * n
+    metadata = [[("x-api-key", k)] if k else [] for k in keys]
     if spoof:
         forged = [("x-forwarded-for", f"10.9.{i // 200}.{i % 200 + 1}") for i in range(n)]
         metadata = [[*m, f] for m, f in zip(metadata, forged, strict=True)]
@@ -171,6 +199,16 @@ def burst_size() -> int:
     return rl["descriptors"][0]["token_bucket"]["max_tokens"]
 
 
+def address_bucket() -> dict:
+    """The bucket every call from one address shares, keyed or not."""
+    rl = http_filter(load(), "envoy.filters.http.local_ratelimit")
+    return next(d["token_bucket"] for d in rl["descriptors"] if [e["key"] for e in d["entries"]] == ["remote_address"])
+
+
+def tokens_per_second(bucket: dict) -> float:
+    return bucket["tokens_per_fill"] / float(bucket["fill_interval"].rstrip("s"))
+
+
 def test_rate_limit_is_per_api_key_else_per_address(envoy_address):
     burst = burst_size()
     flood = calls(envoy_address, burst + 20, key="client-a")
@@ -180,7 +218,7 @@ def test_rate_limit_is_per_api_key_else_per_address(envoy_address):
     # No key: the caller's address is the client; its bucket is separate from every key's.
     anonymous = calls(envoy_address, burst + 20)
     assert anonymous.get("RESOURCE_EXHAUSTED", 0) >= 10, anonymous
-    # A keyed caller from the same (exhausted) address is not limited by the address's bucket.
+    # A keyed caller from the same address is not limited by the (exhausted) keyless bucket.
     assert calls(envoy_address, 5, key="client-c") == {"OK": 5}
     # A forged x-forwarded-for does not buy a fresh bucket: the address is the connection's peer.
     # (Were it trusted, every call here would have a bucket of its own and pass.)
@@ -196,3 +234,20 @@ def test_rate_limit_headers_are_sent(envoy_address):
     headers = dict(call.initial_metadata())
     assert headers["x-ratelimit-limit"] == str(burst_size())
     assert "x-ratelimit-remaining" in headers
+
+
+def test_fresh_keys_on_every_call_do_not_escape_the_address_bucket(envoy_address):
+    bucket = address_bucket()
+    rate = tokens_per_second(bucket)
+    time.sleep(bucket["max_tokens"] / rate)  # the tests above drained it: start from a full bucket
+    # Twice the address's burst, each call with a key never seen before (its own key bucket is full).
+    n = 2 * bucket["max_tokens"]
+    t0 = time.perf_counter()
+    counts = calls(envoy_address, n, keys=[f"rotating-{i}" for i in range(n)])
+    refilled = rate * (time.perf_counter() - t0) + bucket["tokens_per_fill"]
+    # What the limiter let through; a few of those may meet the circuit breaker (UNAVAILABLE, flag UO):
+    # the address's burst is a little over what the mesh admits at once.
+    passed = n - counts.get("RESOURCE_EXHAUSTED", 0)
+    assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, counts
+    # Before the address bucket, every one of them passed.
+    assert bucket["max_tokens"] <= passed <= bucket["max_tokens"] + refilled, counts

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import signal
 import threading
 import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -283,3 +288,129 @@ def test_load_summary_counts_what_happened():
     assert s["frames_lost"] == 1 and s["rejections_with_retry_hint"] == 1
     assert s["max_gap_ms"] == pytest.approx(300.0)
     assert s["ttfa_ms"]["p50"] == pytest.approx(200.0)
+
+
+# --- Envoy in front of the gateway: what reaches the client, and what gets the gateway ejected ---
+
+
+def envoy_stat(mesh: Mesh, name: str) -> int:
+    query = urllib.parse.quote(f"^{name}$".replace(".", r"\."))
+    with urllib.request.urlopen(f"http://127.0.0.1:{mesh.ports.envoy_admin}/stats?filter={query}", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+    raise KeyError(name)
+
+
+def http_request(mesh: Mesh, method: str, path: str, body: bytes | None, headers: dict) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.ports.envoy, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+SYNTHESIZE = "/vibevoice.tts.v1.TextToSpeech/Synthesize"
+
+
+def test_plain_http_and_undecodable_calls_do_not_eject_the_gateway(mesh):
+    ejected = "cluster.gateway.outlier_detection.ejections_enforced_total"
+    before = envoy_stat(mesh, ejected)
+    statuses = Counter()
+    for i in range(50):
+        # A key per request keeps them clear of the keyless bucket, so every one reaches the router.
+        headers = {"x-api-key": f"curl-{i}"}
+        if i % 2:
+            status, _ = http_request(mesh, "GET", "/", None, headers)
+        else:
+            headers["content-type"] = "application/json"
+            status, _ = http_request(mesh, "POST", SYNTHESIZE, b'{"text": "hi"}', headers)
+        statuses[status] += 1
+    # Real gRPC framing, corrupt protobuf: the gateway answers (trailers-only, an error grpc-status),
+    # which Envoy used to count as a gateway 5xx.
+    answers = []
+    for i in range(10):
+        grpc_headers = {"content-type": "application/grpc", "te": "trailers", "x-api-key": f"bad-{i}"}
+        status, headers = http_request(mesh, "POST", SYNTHESIZE, b"\0\0\0\0\5hello", grpc_headers)
+        answers.append((status, headers.get("grpc-status")))
+
+    result = synthesize(
+        address(mesh), build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=2, seed=11), timeout=60
+    )
+    assert result.summary.frames == 2
+    assert envoy_stat(mesh, ejected) == before
+    assert envoy_stat(mesh, "cluster.gateway.outlier_detection.ejections_active") == 0
+    assert statuses == {415: 50}  # answered by Envoy; the gRPC server would have reset them
+    assert all(status == 200 and code not in (None, "0") for status, code in answers), answers
+
+
+def test_deadline_mid_stream_reaches_the_client_as_deadline_exceeded(mesh):
+    request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=400, seed=12)
+
+    def one(i: int) -> tuple[str, int]:
+        frames = 0
+        with grpc.insecure_channel(address(mesh)) as ch:
+            try:
+                call = tts_pb2_grpc.TextToSpeechStub(ch).Synthesize(
+                    request, timeout=1.5, metadata=[("x-api-key", f"deadline-{i}")]
+                )
+                for response in call:
+                    frames += response.WhichOneof("event") == "audio"
+                return "OK", frames
+            except grpc.RpcError as e:
+                return e.code().name, frames
+
+    # Four at a time: the race was between Envoy's timer and the client's, not between calls.
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(one, range(20)))
+    assert Counter(code for code, _ in outcomes) == {"DEADLINE_EXCEEDED": 20}, outcomes
+    assert all(frames > 0 for _, frames in outcomes), outcomes  # every deadline fell mid-stream
+
+    result = synthesize(
+        address(mesh), build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=2, seed=13), timeout=60
+    )
+    assert result.summary.frames == 2
+
+
+def test_gateway_killed_mid_stream(tiny_checkpoint, tmp_path):
+    mesh = Mesh(
+        ports=new_ports(),
+        model=str(tiny_checkpoint),
+        device="cpu",
+        dtype="float32",
+        allow_fixed_frames=True,
+        log_dir=tmp_path / "logs",
+    )
+    with mesh:
+        request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=400, seed=14)
+        chunks = 0
+        t0 = time.perf_counter()
+        with grpc.insecure_channel(address(mesh)) as ch, pytest.raises(grpc.RpcError) as err:
+            for response in tts_pb2_grpc.TextToSpeechStub(ch).Synthesize(request, timeout=120):
+                if response.WhichOneof("event") == "audio":
+                    chunks += 1
+                    if chunks == 3:
+                        mesh.processes["gateway"].send_signal(signal.SIGKILL)
+        failed_after = time.perf_counter() - t0
+        assert chunks == 3  # the stream ended at the kill, it did not play on or hang
+        assert failed_after < 30
+
+        mesh.processes.pop("gateway").wait()
+        mesh.start_service("gateway")
+        mesh.wait_ready(120, ["gateway", "envoy"])
+        result = synthesize(
+            address(mesh), build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=2, seed=15), timeout=60
+        )
+        assert result.summary.frames == 2
+
+    code, details = err.value.code(), err.value.details() or ""
+    if code == grpc.StatusCode.INTERNAL and "RST_STREAM" in details:
+        # Envoy had forwarded the response headers, so on the upstream reset it can only reset the
+        # client's stream (RST_STREAM), which gRPC clients report as INTERNAL; Envoy 1.40 has no setting
+        # that ends it with grpc-status trailers instead. Known; anything else fails.
+        pytest.xfail(f"gateway killed mid-stream: {code.name} ({details})")
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
