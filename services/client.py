@@ -10,6 +10,7 @@ import grpc
 from tqdm import tqdm
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
+from services.common.audio_files import finalize
 from services.common.grpc_server import CHANNEL_OPTIONS
 
 FORMAT_BY_SUFFIX = {
@@ -19,6 +20,14 @@ FORMAT_BY_SUFFIX = {
     ".opus": tts_pb2.AUDIO_FORMAT_OGG_OPUS,
     ".pcm": tts_pb2.AUDIO_FORMAT_PCM16,
     ".f32": tts_pb2.AUDIO_FORMAT_PCM_F32,
+}
+# The API's formats by their services.common.audio names (the encoder's, and finalize's).
+FORMAT_NAMES = {
+    tts_pb2.AUDIO_FORMAT_WAV: "wav",
+    tts_pb2.AUDIO_FORMAT_FLAC: "flac",
+    tts_pb2.AUDIO_FORMAT_OGG_OPUS: "ogg_opus",
+    tts_pb2.AUDIO_FORMAT_PCM16: "pcm16",
+    tts_pb2.AUDIO_FORMAT_PCM_F32: "pcm_f32",
 }
 SPOKEN_WORDS_PER_SECOND = 2.5
 FRAMES_PER_SECOND = 7.5
@@ -71,7 +80,8 @@ def synthesize(
                 if kind == "header":
                     result.header = response.header
                     if progress:
-                        bar = tqdm(total=response.header.max_frames, unit=" frames", desc="synthesizing")
+                        # disable=None: no bar when stderr is not a terminal (logs, pipes)
+                        bar = tqdm(total=response.header.max_frames, unit=" frames", desc="synthesizing", disable=None)
                 elif kind == "audio":
                     result.chunks.append(response.audio)
                     if bar is not None and response.audio.data and response.audio.frame_index >= bar.n:
@@ -84,6 +94,17 @@ def synthesize(
     return result
 
 
+def file_format(result: Result, path: Path) -> str:
+    """The container the stream carries (its header says), else the one the file's suffix names."""
+    if result.header is not None and result.header.format in FORMAT_NAMES:
+        return FORMAT_NAMES[result.header.format]
+    return FORMAT_NAMES[FORMAT_BY_SUFFIX.get(path.suffix.lower(), tts_pb2.AUDIO_FORMAT_WAV)]
+
+
 def write(result: Result, path: Path) -> None:
+    """The stream as a file: its container's sizes filled in, written whole or not at all."""
+    data = finalize(result.data, file_format(result, path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(result.data)
+    partial = path.with_name(path.name + ".part")
+    partial.write_bytes(data)
+    partial.replace(path)

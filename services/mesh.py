@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import grpc
@@ -21,23 +21,97 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY_CONFIG = ROOT / "envoy" / "envoy.yaml"
 
 
+BASE_PORT = 50051
+
+
 @dataclass
 class Ports:
-    envoy: int = 50051
-    envoy_admin: int = 9901
-    gateway: int = 50061
-    text_parser: int = 50062
-    acoustic: int = 50063
-    llm: int = 50064
+    """Where each process listens; the defaults are the layout that a base port shifts (`from_base`)."""
+
+    envoy: int = BASE_PORT  # what clients connect to
+    envoy_admin: int = BASE_PORT + 1
+    gateway: int = BASE_PORT + 10
+    text_parser: int = BASE_PORT + 11
+    acoustic: int = BASE_PORT + 12
+    llm: int = BASE_PORT + 13
+
+    @classmethod
+    def from_base(cls, base: int) -> Ports:
+        """Envoy at `base`, everything else at the default layout's offsets from it."""
+        shift = base - BASE_PORT
+        ports = cls(**{f.name: getattr(cls(), f.name) + shift for f in fields(cls)})
+        if min(ports.as_dict().values()) < 1 or max(ports.as_dict().values()) > 65535:
+            raise ValueError(f"base port {base} puts ports outside 1..65535 ({ports})")
+        return ports
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def envoy_config(ports: Ports) -> dict:
-    """envoy/envoy.yaml with this mesh's ports."""
+def _argv(config) -> list[str]:
+    """A config dataclass as command-line options: `--field value`; booleans as the flag that changes them."""
+    argv: list[str] = []
+    for f in fields(config):
+        value, flag = getattr(config, f.name), f.name.replace("_", "-")
+        if isinstance(value, bool):
+            if value != f.default:
+                argv.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
+@dataclass
+class LLMConfig:
+    """`vvmesh serve llm` options, with its defaults (the model options come from the Mesh)."""
+
+    max_streams: int = 64
+    max_context: int | None = None  # None: the model's
+    gpu_memory_fraction: float = 0.9
+    prefill_chunk: int = 512
+    drain_grace: float = 120.0
+    allow_fixed_frames: bool = False
+    cuda_graphs: bool = True
+    compile: bool = True
+    shared_gpu_memory: bool = True
+
+    def argv(self) -> list[str]:
+        return _argv(self)
+
+
+@dataclass
+class AcousticConfig:
+    """`vvmesh serve acoustic` options, with its defaults."""
+
+    max_streams: int = 64
+    cuda_graphs: bool = True
+    compile: bool = True
+
+    def argv(self) -> list[str]:
+        return _argv(self)
+
+
+@dataclass
+class GatewayConfig:
+    """`vvmesh serve gateway` options, with its defaults."""
+
+    queue_size: int = 32
+    max_queue_wait: float = 50.0
+    drain_grace: float = 120.0
+
+    def argv(self) -> list[str]:
+        return _argv(self)
+
+
+def envoy_config(ports: Ports, admitted: int | None = None) -> dict:
+    """envoy/envoy.yaml with this mesh's ports; `admitted` (llm streams + gateway queue) sizes the breaker."""
     config = yaml.safe_load(ENVOY_CONFIG.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = ports.envoy_admin
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = ports.envoy
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] == "gateway":
+            if admitted is not None:
+                cluster["circuit_breakers"]["thresholds"][0]["max_requests"] = admitted
             for group in cluster["load_assignment"]["endpoints"]:
                 for endpoint in group["lb_endpoints"]:
                     endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports.gateway
@@ -55,14 +129,27 @@ class Mesh:
     model: str = "tiny"
     device: str = "cpu"
     dtype: str | None = None
-    allow_fixed_frames: bool = False
     acoustic: str = "remote"  # or "local": the llm hosts the acoustic engine
-    max_streams: int = 64
-    llm_args: list[str] = field(default_factory=list)  # extra llm options, e.g. --max-context
-    gateway_args: list[str] = field(default_factory=list)  # extra gateway options, e.g. --queue-size
-    acoustic_args: list[str] = field(default_factory=list)  # extra acoustic options, e.g. --no-compile
+    llm_config: LLMConfig = field(default_factory=LLMConfig)
+    acoustic_config: AcousticConfig = field(default_factory=AcousticConfig)
+    gateway_config: GatewayConfig = field(default_factory=GatewayConfig)
+    # Shorthands: when set they override the configs (max_streams for llm and acoustic alike).
+    allow_fixed_frames: bool = False
+    max_streams: int | None = None
+    # Extra options appended after each config's (argparse keeps the last value given).
+    llm_args: list[str] = field(default_factory=list)
+    gateway_args: list[str] = field(default_factory=list)
+    acoustic_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Copies, so a config shared between meshes is not changed under another one.
+        if self.max_streams is not None:
+            self.llm_config = replace(self.llm_config, max_streams=self.max_streams)
+            self.acoustic_config = replace(self.acoustic_config, max_streams=self.max_streams)
+        if self.allow_fixed_frames:
+            self.llm_config = replace(self.llm_config, allow_fixed_frames=True)
 
     def _model_args(self) -> list[str]:
         args = ["--model", self.model, "--device", self.device]
@@ -74,23 +161,12 @@ class Mesh:
         if service == "text_parser":
             return [*serve, "--model", self.model, "--port", str(p.text_parser)]
         if service == "acoustic":
-            port = ["--port", str(p.acoustic), "--max-streams", str(self.max_streams)]
-            return [*serve, *self._model_args(), *port, *self.acoustic_args]
+            port = ["--port", str(p.acoustic)]
+            return [*serve, *self._model_args(), *port, *self.acoustic_config.argv(), *self.acoustic_args]
         if service == "llm":
             acoustic = "local" if self.acoustic == "local" else f"127.0.0.1:{p.acoustic}"
-            extra = ["--allow-fixed-frames"] if self.allow_fixed_frames else []
-            return [
-                *serve,
-                *self._model_args(),
-                "--port",
-                str(p.llm),
-                "--acoustic",
-                acoustic,
-                "--max-streams",
-                str(self.max_streams),
-                *extra,
-                *self.llm_args,
-            ]
+            port = ["--port", str(p.llm), "--acoustic", acoustic]
+            return [*serve, *self._model_args(), *port, *self.llm_config.argv(), *self.llm_args]
         if service == "gateway":
             return [
                 *serve,
@@ -102,11 +178,13 @@ class Mesh:
                 f"127.0.0.1:{p.llm if self.acoustic == 'local' else p.acoustic}",
                 "--llm",
                 f"127.0.0.1:{p.llm}",
+                *self.gateway_config.argv(),
                 *self.gateway_args,
             ]
         if service == "envoy":
             path = Path(tempfile.mkdtemp(prefix="vvmesh-envoy-")) / "envoy.yaml"
-            path.write_text(yaml.safe_dump(envoy_config(p)))
+            admitted = self.llm_config.max_streams + self.gateway_config.queue_size
+            path.write_text(yaml.safe_dump(envoy_config(p, admitted)))
             return [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"]
         raise ValueError(f"unknown service {service!r}")
 
@@ -175,9 +253,9 @@ class Mesh:
                 proc.wait()
         return proc.returncode
 
-    def stop(self) -> None:
-        for service in reversed(list(self.processes)):
-            self.stop_service(service, timeout_s=15.0)
+    def stop(self) -> dict[str, int | None]:
+        """Stops every process, last started first; their exit statuses (0: a clean drain)."""
+        return {service: self.stop_service(service, timeout_s=15.0) for service in reversed(list(self.processes))}
 
     def __enter__(self) -> Mesh:
         try:
