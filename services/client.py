@@ -11,6 +11,7 @@ from tqdm import tqdm
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
 from services.common.audio_files import finalize
+from services.common.frames import FRAMES_PER_SECOND
 from services.common.grpc_server import CHANNEL_OPTIONS
 
 FORMAT_BY_SUFFIX = {
@@ -30,7 +31,6 @@ FORMAT_NAMES = {
     tts_pb2.AUDIO_FORMAT_PCM_F32: "pcm_f32",
 }
 SPOKEN_WORDS_PER_SECOND = 2.5
-FRAMES_PER_SECOND = 7.5
 
 
 def estimate_frames(script: str) -> int:

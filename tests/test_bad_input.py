@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -27,10 +29,24 @@ def wav(seconds: float, rate: int = 24000) -> bytes:
     return buf.getvalue()
 
 
+def wav_claiming_rate(rate: int, seconds: float = 10.0) -> bytes:
+    """A normal 24 kHz WAV whose header then claims another sample rate (bytes 24..27) and byte rate (28..31)."""
+    data = bytearray(wav(seconds))
+    data[24:28] = struct.pack("<I", rate)
+    data[28:32] = struct.pack("<I", (rate * 2) % 2**32)
+    return bytes(data)
+
+
 def request(
-    text: str = GOOD, voices: dict[int, bytes] | None = None, fmt: int = tts_pb2.AUDIO_FORMAT_WAV, **options
+    text: str = GOOD,
+    voices: dict[int, bytes] | None = None,
+    fmt: int = tts_pb2.AUDIO_FORMAT_WAV,
+    request_id: str = "",
+    **options,
 ) -> tts_pb2.SynthesizeRequest:
-    return build_request(text, voices or {}, fmt, **{"fixed_frames": 2, "seed": 1, **options})
+    req = build_request(text, voices or {}, fmt, **{"fixed_frames": 2, "seed": 1, **options})
+    req.request_id = request_id
+    return req
 
 
 CASES = {
@@ -52,6 +68,20 @@ CASES = {
     "too many diffusion steps": (request(diffusion_steps=101), "options.diffusion_steps", "out of range"),
     "script longer than the context": (request(text=(SCRIPTS / "4p_climate_45min.txt").read_text()), "text", "context"),
     "fixed frames beyond the context": (request(fixed_frames=100_000), "options.fixed_frames", "room"),
+    "voice claiming a 2 GHz sample rate": (
+        request(voices={1: wav_claiming_rate(2_000_000_000)}),
+        "voices[0].audio",
+        "8000 to 192000 Hz",
+    ),
+    "voice claiming a 4 kHz sample rate": (
+        request(voices={1: wav_claiming_rate(4000, seconds=1.0)}),
+        "voices[0].audio",
+        "8000 to 192000 Hz",
+    ),
+    "speaker number with thousands of digits": (request(text="Speaker " + "7" * 5000 + ": hi"), "text", "range"),
+    "request id with a newline": (request(request_id="abc\ndef"), "request_id", "printable"),
+    "request id with an escape sequence": (request(request_id="abc\x1b[2Jdef"), "request_id", "printable"),
+    "request id longer than 128 characters": (request(request_id="r" * 129), "request_id", "128"),
 }
 
 
@@ -88,6 +118,38 @@ def test_bad_request_gets_invalid_argument(envoy_address, running_stream, case):
     violations = bad_request_fields(rpc_status.from_call(err))
     assert violations and violations[0][0] == field, (case, violations)
     assert reason.lower() in violations[0][1].lower(), (case, violations)
+
+
+def test_request_id_of_128_printable_characters_is_echoed(envoy_address):
+    request_id = "id é/" + "r" * 123
+    result = synthesize(envoy_address, request(request_id=request_id), timeout=120)
+    assert result.header.request_id == request_id
+
+
+def test_a_request_id_cannot_forge_a_gateway_log_line(mesh, envoy_address):
+    forged = "FORGED-4c1d gateway INFO services.gateway.server: request accepted"
+    log_file = mesh.log_dir / "gateway.log"
+    offset = log_file.stat().st_size
+    # A bad option as well, so the request is refused (and logged) whichever check comes first.
+    err = call(envoy_address, request(request_id=f"x\n{forged}", cfg_scale=0.0))
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(rpc_status.from_call(err))[0][0] == "request_id"
+    time.sleep(0.2)
+    with log_file.open("rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    assert any("FORGED-4c1d" in line for line in lines), "the refusal is logged"
+    assert not any(line.startswith("FORGED") for line in lines)
+
+
+def test_voices_claiming_huge_sample_rates_cost_little(envoy_address):
+    voice = wav_claiming_rate(2_000_000_000)
+    started = time.monotonic()
+    err = call(envoy_address, request(voices={1: voice, 2: voice}))
+    elapsed = time.monotonic() - started
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(rpc_status.from_call(err))[0][0] == "voices[0].audio"
+    assert elapsed < 2.0, f"{elapsed:.1f} s"
 
 
 def test_good_request_after_bad_ones_succeeds(envoy_address):

@@ -10,11 +10,13 @@ import soundfile as sf
 import soxr
 import torch
 
-SAMPLE_RATE = 24000
-SAMPLES_PER_FRAME = 3200  # one speech frame of the model: 7.5 frames per second
-FRAME_MS = SAMPLES_PER_FRAME / SAMPLE_RATE * 1000
-MAX_VOICE_SECONDS = 60.0
+from services.common.frames import FRAME_MS, MAX_VOICE_SECONDS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: F401
+
 MAX_VOICE_BYTES = 10 * 1024 * 1024
+# Voice sample rates accepted: the header's claim is checked before any sample is read, as resampling from an
+# absurd rate (a WAV header may say 2 GHz) costs seconds of CPU for a few samples of output.
+MIN_VOICE_RATE = 8000
+MAX_VOICE_RATE = 192000
 TARGET_DBFS = -25  # the feature extractor's default, an int there too
 NORM_EPS = 1e-6
 
@@ -91,6 +93,11 @@ def decode_voice(data: bytes) -> np.ndarray:
         if f.format not in _VOICE_CONTAINERS:
             raise AudioError(f"{_NOT_AUDIO} (it is {f.format_info})")
         rate = f.samplerate
+        if not MIN_VOICE_RATE <= rate <= MAX_VOICE_RATE:
+            raise AudioError(
+                f"the voice file's sample rate is {rate} Hz; the supported range is "
+                f"{MIN_VOICE_RATE} to {MAX_VOICE_RATE} Hz"
+            )
         limit = int(MAX_VOICE_SECONDS * rate)
         if f.frames != _UNKNOWN_FRAMES and f.frames > limit:
             seconds = f.frames / rate

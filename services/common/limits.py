@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 
-from services.common.audio import MAX_VOICE_SECONDS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from services.common.frames import FRAMES_PER_SECOND, MAX_VOICE_SECONDS
 
 DEFAULT_CFG_SCALE = 1.3
 MAX_CFG_SCALE = 10.0
 DEFAULT_DIFFUSION_STEPS = 10
 MAX_DIFFUSION_STEPS = 100
 MAX_VOICES = 4  # one per speaker
-MAX_VOICE_FRAMES = math.ceil(MAX_VOICE_SECONDS * SAMPLE_RATE / SAMPLES_PER_FRAME)
+MAX_VOICE_FRAMES = math.ceil(MAX_VOICE_SECONDS * FRAMES_PER_SECOND)  # a voice's prompt positions
 
 
 def cfg_scale_problem(value: float) -> str | None:

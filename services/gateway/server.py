@@ -14,18 +14,18 @@ import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
-from services.common.audio import MEDIA_TYPES, SAMPLE_RATE, AudioError, StreamEncoder, decode_voice, normalize_voice
+from services.common.audio import MEDIA_TYPES, AudioError, StreamEncoder, decode_voice, normalize_voice
 from services.common.errors import RequestError, abort, from_rpc_error, invalid_argument, unavailable
+from services.common.frames import FRAMES_PER_SECOND, SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import Service, insecure_channel
-from services.common.logs import mark_random_weights, setup_logging
+from services.common.logs import escape, mark_random_weights, setup_logging
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.gateway.admission import Admission
-from services.gateway.options import FRAMES_PER_SECOND, Options, check_options
+from services.gateway.options import MAX_REQUEST_ID_CHARS, Options, check_options
 
 log = logging.getLogger(__name__)
 
-SAMPLES_PER_FRAME = 3200
 PROGRESS_EVERY_FRAMES = 8
 VOICE_TIMEOUT_S = 10.0
 
@@ -98,6 +98,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         request_id = request.request_id or uuid.uuid4().hex
         key = api_key(context)
         admitted = None
+        refused: RequestError | None = None
         try:
             options = check_options(request)
             try:
@@ -107,11 +108,16 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
             async for response in self._synthesize(request, options, request_id, started, context):
                 yield response
         except RequestError as e:
-            log.info("request %s: %s", request_id, e.status.message)
-            await abort(context, e)
+            # The id is the client's and may be the reason for the refusal: bounded and escaped in the log.
+            log.info("request %s: %s", escape(request_id, max_chars=MAX_REQUEST_ID_CHARS), e.status.message)
+            # Abort after the except block: the traceback would keep the request (voices of up to 40 MB)
+            # alive in a reference cycle until a full garbage collection.
+            refused = RequestError(e.status)
         finally:
             if admitted is not None:
                 self.admission.release(key, admitted)
+        if refused is not None:
+            await abort(context, refused)
 
     async def _synthesize(self, request, options: Options, request_id: str, started: float, context):
         voices = await asyncio.to_thread(_decode_voices, request)

@@ -12,6 +12,14 @@ from dataclasses import dataclass, field
 
 MAX_SPEAKERS = 4
 MAX_SCRIPT_BYTES = 512 * 1024
+# Each turn takes at least five prompt tokens, so no context holds this many; an empty turn costs two bytes on
+# the wire, so without a count limit a 64 MB request would be 32 million turns.
+MAX_TURNS = 65536
+# The response carries every warning: beyond this many, one line says how many more there were.
+MAX_WARNINGS = 100
+# A speaker number is one digit in range; longer digit strings are refused without converting them to int
+# (Python refuses to convert more than 4300 digits at all).
+_MAX_SPEAKER_DIGITS = 6
 _TURN = re.compile(r"^Speaker\s+(\d+)\s*:\s*(.*)$", re.IGNORECASE)
 
 
@@ -52,11 +60,31 @@ def _finish(turns: list[Turn], warnings: list[str], field_name: str) -> ParsedSc
         )
     shift = 1 if speakers[0] > 0 else 0
     if speakers[-1] - shift >= MAX_SPEAKERS:
-        raise ScriptError(
-            field_name,
-            f"speaker {speakers[-1]} is out of range: speakers are numbered 0..3 or 1..4",
-        )
-    return ParsedScript(turns=turns, shift=shift, warnings=warnings)
+        raise ScriptError(field_name, _out_of_range(str(speakers[-1])))
+    return ParsedScript(turns=turns, shift=shift, warnings=_capped(warnings))
+
+
+def _out_of_range(speaker: str) -> str:
+    return f"speaker {speaker} is out of range: speakers are numbered 0..3 or 1..4"
+
+
+def _capped(warnings: list[str]) -> list[str]:
+    if len(warnings) <= MAX_WARNINGS:
+        return warnings
+    return [*warnings[:MAX_WARNINGS], f"... and {len(warnings) - MAX_WARNINGS} more lines skipped"]
+
+
+def _speaker_number(digits: str, field_name: str) -> int:
+    if len(digits.lstrip("0")) > _MAX_SPEAKER_DIGITS:
+        shown = digits if len(digits) <= 20 else f"{digits[:8]}...({len(digits)} digits)"
+        raise ScriptError(field_name, _out_of_range(shown))
+    return int(digits)
+
+
+def check_turn_count(count: int) -> None:
+    """Before the turns are copied out of the request: their number alone can be too large."""
+    if count > MAX_TURNS:
+        raise ScriptError("turns", f"{count} turns; at most {MAX_TURNS}")
 
 
 def parse_text(text: str) -> ParsedScript:
@@ -78,13 +106,14 @@ def parse_text(text: str) -> ParsedScript:
         if not speech:
             warnings.append(f"line {number}: speaker {match.group(1)} has no text; skipped")
             continue
-        turns.append(Turn(int(match.group(1)), speech))
+        turns.append(Turn(_speaker_number(match.group(1), "text"), speech))
     return _finish(turns, warnings, "text")
 
 
 def parse_turns(turns: list[tuple[int, str]]) -> ParsedScript:
     if not turns:
         raise ScriptError("turns", "script is empty")
+    check_turn_count(len(turns))
     total = sum(len(t.encode()) for _, t in turns)
     if total > MAX_SCRIPT_BYTES:
         raise ScriptError("turns", f"script is {total} bytes; the limit is {MAX_SCRIPT_BYTES}")

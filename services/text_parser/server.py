@@ -13,10 +13,11 @@ from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.common.checkpoint import Checkpoint, resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument
 from services.common.grpc_server import Service
+from services.common.limits import MAX_VOICE_FRAMES
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.telemetry import setup_tracing
 from services.text_parser.prompt import PromptBuilder, SpecialTokens
-from services.text_parser.script import ParsedScript, ScriptError, parse_text, parse_turns
+from services.text_parser.script import ParsedScript, ScriptError, check_turn_count, parse_text, parse_turns
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,14 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
     def parse(self, request: mesh_pb2.ParseRequest) -> mesh_pb2.ParseResponse:
         try:
             if request.WhichOneof("script") == "turns":
+                check_turn_count(len(request.turns.turns))
                 script = parse_turns([(t.speaker, t.text) for t in request.turns.turns])
             else:
                 script = parse_text(request.text)
         except ScriptError as e:
             raise invalid_argument(e.field, e.reason) from e
         voice_frames = self._voice_frames(script, request.voices)
-        ids, order = self.builder.build(script, voice_frames)
+        ids, order = self.builder.build(script, voice_frames, limit=self.context - 1)
         # One position for the first generated token at least; every speech frame takes one more.
         room = self.context - len(ids)
         if room < 1:
@@ -83,8 +85,11 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
             k = script.model_speaker(v.speaker)
             if k in frames:
                 raise invalid_argument(f"voices[{i}].speaker", f"speaker {v.speaker} has more than one voice")
-            if v.frames < 1:
-                raise invalid_argument(f"voices[{i}].audio", "the voice prompt has no audio")
+            if not 1 <= v.frames <= MAX_VOICE_FRAMES:
+                raise invalid_argument(
+                    f"voices[{i}].frames",
+                    f"{v.frames} frames; a voice prompt has at least 1 and at most {MAX_VOICE_FRAMES} (60 s)",
+                )
             frames[k] = v.frames
         return frames
 
@@ -92,7 +97,11 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
         try:
             return await asyncio.to_thread(self.parse, request)
         except RequestError as e:
-            await abort(context, e)
+            # A fresh error, aborted outside the except block: the caught one's traceback holds the frames with
+            # the script and its token ids, and the abort would keep them in a reference cycle (megabytes per
+            # refused script) until the next full garbage collection.
+            error = RequestError(e.status)
+        await abort(context, error)
 
 
 def main(argv: list[str] | None = None) -> None:
