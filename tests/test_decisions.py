@@ -21,8 +21,9 @@ from transformers import AutoTokenizer
 from services.acoustic.engine import AcousticEngine
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_generate
+from services.llm import scheduler as scheduler_module
 from services.llm.engine import FINISH_CONTEXT, FINISH_EOS, FINISH_MAX_FRAMES, LMEngine, LMStream
-from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
+from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler, StillWorking
 from services.render.local import LocalLink
 from services.render.values import StreamSpec
 from tests.conftest import SCRIPTS, VOICES
@@ -71,15 +72,17 @@ def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | Non
             spec = StreamSpec(scheduler.new_stream_id(), r["seed"], r.get("cfg", 1.3), 10, *r.get("voice_shape", ()))
             job = Job(stream, spec)
             scheduler.submit(job)
-            frames, segments = [], []
+            frames, segments, alive = [], [], 0
             while True:
                 event = await asyncio.wait_for(job.events.get(), 120)
+                alive += isinstance(event, StillWorking)
                 if isinstance(event, Frame):
                     frames.append(event.audio.numpy())
                     segments.append(event.segment)
                 elif isinstance(event, Finished):
                     audio = np.concatenate(frames) if frames else np.zeros(0, np.float32)
-                    return {"audio": audio, "segments": segments, "finish": event.reason, "stream": stream}
+                    result = {"audio": audio, "segments": segments, "finish": event.reason, "alive": alive}
+                    return {**result, "stream": stream}
                 elif isinstance(event, Failed):
                     raise AssertionError(event.message)
 
@@ -188,10 +191,13 @@ def silent_checkpoint(tiny_checkpoint, tmp_path_factory):
     return resolve_checkpoint(str(path))
 
 
-def test_a_stream_that_never_speaks_ends_at_the_context_and_does_not_hang(silent_checkpoint, reference):
+def test_a_stream_that_never_speaks_ends_at_the_context_and_does_not_hang(silent_checkpoint, reference, monkeypatch):
     model, tokenizer = reference
     prompt = reference_prompt(tokenizer, model.config, SCRIPT, [])
+    monkeypatch.setattr(scheduler_module, "KEEPALIVE_S", 0.0)  # say it is alive at every silent step
     ((ours,), _) = run(silent_checkpoint, [{"prompt": prompt, "seed": 0}], max_context=len(prompt) + 40)
     assert ours["finish"] == FINISH_CONTEXT
     assert ours["audio"].size == 0
     assert set(letters(model.config, ours["tokens"][:-1])) == {"B"}
+    # a silent stream still sends something, so no proxy on the way takes it for a dead one
+    assert ours["alive"] >= len(ours["tokens"]) - 2

@@ -111,6 +111,8 @@ def decode_voice(data: bytes) -> np.ndarray:
         raise AudioError("the voice file has NaN or infinite samples")
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+        if len(mono) == 0:  # a sample or two at a high rate is less than one sample at 24 kHz
+            raise AudioError(f"the voice is too short: no samples left at {SAMPLE_RATE} Hz")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

@@ -48,7 +48,18 @@ class Failed:
     message: str
 
 
-Event = Frame | PromptDone | Finished | Failed
+@dataclass
+class StillWorking:
+    """The stream is deciding but has made no audio for a while (tokens that are not speech)."""
+
+    positions: int
+
+
+Event = Frame | PromptDone | Finished | Failed | StillWorking
+
+# A stream that makes no frame for this long says it is alive, so no proxy on the way (Envoy ends streams idle
+# for 60 s) takes a model that chooses many tokens that are not speech for a dead stream.
+KEEPALIVE_S = 5.0
 
 
 @dataclass(eq=False)  # compared by identity: two identical requests are two jobs
@@ -57,6 +68,7 @@ class Job:
     spec: StreamSpec
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    last_event: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:
@@ -191,6 +203,14 @@ class Scheduler:
             for row, d in enumerate(speech):
                 s = d.stream
                 by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, audio[row]))
+        now = time.monotonic()
+        for d in decisions:
+            job = by_stream[id(d.stream)]
+            if d.speech:
+                job.last_event = now
+            elif d.finish is None and now - job.last_event > KEEPALIVE_S:
+                job.events.put_nowait(StillWorking(d.stream.positive_len))
+                job.last_event = now
         finish = {id(d.stream): d.finish for d in decisions if d.finish is not None}
         for job in done:
             job.events.put_nowait(Finished(job.stream.frames, finish[id(job.stream)]))

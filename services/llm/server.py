@@ -28,7 +28,7 @@ from services.common.model_info import model_info
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.llm.engine import LMEngine, LMStream
-from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler
+from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler, StillWorking
 from services.render.link import RenderLink
 from services.render.shared_memory import LLMSharedMemory
 from services.render.values import StreamSpec
@@ -146,9 +146,10 @@ class LLM(mesh_pb2_grpc.LLMServicer):
                             index=event.index, segment_index=event.segment, audio=to_proto(event.audio)
                         )
                     )
-                elif isinstance(event, PromptDone):
+                elif isinstance(event, PromptDone | StillWorking):
+                    tokens = len(job.stream.prompt_ids)
                     yield mesh_pb2.GenerateResponse(
-                        progress=mesh_pb2.GenerateProgress(prompt_tokens_done=event.tokens, prompt_tokens=event.tokens)
+                        progress=mesh_pb2.GenerateProgress(prompt_tokens_done=tokens, prompt_tokens=tokens)
                     )
                 elif isinstance(event, Finished):
                     yield mesh_pb2.GenerateResponse(
