@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos install clean
+.PHONY: demo test fuzz lint protos install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Starts its own mesh (tiny model, fixed_frames allowed); exits non-zero if a requirement fails.
+fuzz: $(STAMP)
+	$(PY) -m services.fuzz --requests 20000
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
