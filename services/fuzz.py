@@ -37,7 +37,6 @@ import json
 import math
 import random
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -1375,18 +1374,6 @@ def _first_difference(run: int, expected: bytes, got: bytes) -> str:
 # --- command line --------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def replay(address: str, payload_hex: str, metadata: Metadata, timeout: float) -> Outcome:
     caller = Caller(address, timeout)
     try:
@@ -1422,11 +1409,11 @@ def main(argv: list[str] | None = None) -> int:
         processes: dict[str, subprocess.Popen] = {}
         address = args.address
         if address is None:
-            from services.mesh import Mesh, Ports
+            from services.mesh import Mesh, Ports, free_ports
 
             log_dir = ROOT / "out" / "fuzz" / "logs"
             mesh = Mesh(
-                ports=Ports(*_free_ports(6)), model="tiny", device="cpu", dtype="float32",
+                ports=Ports(*free_ports(6)), model="tiny", device="cpu", dtype="float32",
                 allow_fixed_frames=True, log_dir=log_dir,
             )  # fmt: skip
             print(f"starting the mesh (logs in {log_dir})", file=sys.stderr, flush=True)

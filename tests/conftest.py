@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from services.common.tiny_model import build_tiny_checkpoint
-from services.mesh import Mesh, Ports
+from services.mesh import Mesh, Ports, free_ports
 
 TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "vibevoice-demo"
 SCRIPTS = TESTDATA / "scripts"
 VOICES = TESTDATA / "voices"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def new_ports() -> Ports:

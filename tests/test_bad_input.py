@@ -73,7 +73,11 @@ CASES = {
         "voices[0].audio",
         "8000 to 192000 Hz",
     ),
-    "voice of one sample at 192 kHz": (request(voices={1: wav(1 / 192000, rate=192000)}), "voices[0].audio", "too short"),
+    "voice of one sample at 192 kHz": (
+        request(voices={1: wav(1 / 192000, rate=192000)}),
+        "voices[0].audio",
+        "too short",
+    ),
     "voice claiming a 4 kHz sample rate": (
         request(voices={1: wav_claiming_rate(4000, seconds=1.0)}),
         "voices[0].audio",

@@ -29,7 +29,7 @@ from vibevoice.tts.v1 import tts_pb2
 from services.cli import build_parser, mesh_from_args
 from services.client import build_request, synthesize
 from services.common.audio import SAMPLES_PER_FRAME
-from services.mesh import BASE_PORT, AcousticConfig, GatewayConfig, LLMConfig, Mesh, Ports
+from services.mesh import BASE_PORT, AcousticConfig, GatewayConfig, LLMConfig, Mesh, Ports, free_ports
 from tests.conftest import SCRIPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,18 +243,6 @@ def test_mesh_shorthands_and_extra_args_still_apply():
 
 
 # --- two meshes on one machine ---
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def is_free(port: int) -> bool:
