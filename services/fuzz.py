@@ -517,7 +517,7 @@ class Generator:
             v.audio = v.audio[: r.choice([0, 1, 3, 4, 11, 12, 36, 43, 44, 45, 100, r.randrange(len(v.audio) + 1)])]
         elif which == "garbage":
             v.audio = r.randbytes(r.choice([1, 16, 100, 4096, 65536]))
-        elif which == "bitflip":
+        elif which == "bitflip" and v.audio:  # (an earlier mutation may have left the voice empty)
             audio = bytearray(v.audio)
             header = r.random() < 0.7  # most of the parsing happens in the first bytes
             for _ in range(r.randint(1, 16)):

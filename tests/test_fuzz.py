@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-from services.fuzz import ALLOWED, GOOD_TOLERANCE, run_fuzz
+from services.fuzz import ALLOWED, GOOD_TOLERANCE, Generator, Seeds, run_fuzz
 
 REQUESTS = 2000
+FULL_RUN_SEED = 20251202  # `make fuzz`'s default seed
 
 
 def test_fuzzed_requests_are_answered_cleanly(mesh, envoy_address):
@@ -20,3 +21,12 @@ def test_fuzzed_requests_are_answered_cleanly(mesh, envoy_address):
     assert set(report.counts) <= ALLOWED | {"UNAVAILABLE"}
     assert report.good_runs >= 1 and not report.good_mismatches
     assert report.good_max_difference < GOOD_TOLERANCE
+
+
+def test_the_generator_makes_every_case_of_a_full_run():
+    """`make fuzz` sends 20,000 cases: each must be a request, whatever mutations came before it."""
+    seeds = Seeds.load(seed=FULL_RUN_SEED)
+    generator = Generator(seeds, FULL_RUN_SEED)
+    cases = [generator.case(i) for i in range(20_000)]
+    assert all(isinstance(c.payload, bytes) for c in cases)
+    assert len({c.family.split(".")[0] for c in cases}) > 5  # every kind of mutation was drawn
