@@ -19,6 +19,7 @@ from services.common.errors import RequestError, abort, from_rpc_error, invalid_
 from services.common.frames import FRAMES_PER_SECOND, SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import Service, insecure_channel
 from services.common.logs import escape, mark_random_weights, setup_logging
+from services.common.memory import LARGE_REQUEST_BYTES, release_free_memory
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.gateway.admission import Admission
@@ -71,6 +72,15 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         self.llm = mesh_pb2_grpc.LLMStub(insecure_channel(llm))
         self._model: mesh_pb2.ModelInfo | None = None
         self.admission = Admission(self._llm_slots, queue_size, max_queue_wait)
+        self.trim_due = False
+
+    async def trim_loop(self, every_s: float = 2.0) -> None:
+        """Give the memory of large requests back to the system shortly after they end, not at the next one."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.trim_due:
+                self.trim_due = False
+                await asyncio.to_thread(release_free_memory)
 
     async def _llm_slots(self) -> int:
         try:
@@ -116,6 +126,8 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         finally:
             if admitted is not None:
                 self.admission.release(key, admitted)
+            if sum(len(v.audio) for v in request.voices) >= LARGE_REQUEST_BYTES:
+                self.trim_due = True  # once gRPC has let go of the request too: see trim_loop
         if refused is not None:
             await abort(context, refused)
 
@@ -291,9 +303,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         gateway = Gateway(args.text_parser, args.acoustic, args.llm, args.queue_size, args.max_queue_wait)
         tts_pb2_grpc.add_TextToSpeechServicer_to_server(gateway, service.server)
-        refresh = asyncio.create_task(gateway.admission.refresh_loop())
+        background = [asyncio.create_task(gateway.admission.refresh_loop()), asyncio.create_task(gateway.trim_loop())]
         await service.run(grace_s=args.drain_grace)
-        refresh.cancel()
+        for task in background:
+            task.cancel()
 
     asyncio.run(run())
 

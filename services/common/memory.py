@@ -1,0 +1,28 @@
+"""Giving freed memory back to the system after a request that carried a lot of it.
+
+glibc keeps freed heap memory in its arenas for reuse, so a burst of large requests (voice prompts of up to
+40 MB each) would raise a process's resident memory to its high-water mark and keep it there. malloc_trim
+returns the free pages of every arena to the system. Elsewhere (musl, macOS) this is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+LARGE_REQUEST_BYTES = 1 << 20  # requests this big are followed by a trim
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    return getattr(ctypes.CDLL(name), "malloc_trim", None)
+
+
+def release_free_memory() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
