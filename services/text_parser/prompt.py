@@ -14,8 +14,9 @@ SYSTEM_PROMPT = (
     " respective speaker.\n"
 )
 # What the token cache may hold, counted as the bytes of its keys and values: a busy parser keeps the pieces
-# scripts repeat (speaker prefixes, common lines) without growing with every distinct script it sees.
-TOKEN_CACHE_BYTES = 64 * 1024 * 1024
+# scripts repeat (speaker prefixes, common lines) without growing with every distinct script it sees. 16 MiB
+# is about 400,000 tokens of pieces, a few hundred scripts' worth, and a small share of the parser's memory.
+TOKEN_CACHE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
