@@ -215,6 +215,10 @@ class Mesh:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (owned by the child)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if service == "gateway":
+            # Requests of up to 40 MB pass through gRPC's threads: with one glibc arena per thread, each keeps
+            # its own high-water mark; two arenas bound what bursts of large requests leave behind.
+            env.setdefault("MALLOC_ARENA_MAX", "2")
         proc = subprocess.Popen(
             self.command(service),
             cwd=ROOT,
