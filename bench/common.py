@@ -66,3 +66,28 @@ def save(name: str, data: dict) -> None:
     data["date"] = time.strftime("%Y-%m-%d")
     (out_dir() / f"{name}.json").write_text(json.dumps(data, indent=2))
     print(json.dumps(data, indent=2), flush=True)
+
+
+def forced_reference(model, ids: list[int], batch: int = 1):
+    """`go(n)`: the reference's `generate()` for `batch` copies of `ids`, forced to speak n frames."""
+    from transformers import LogitsProcessorList
+
+    from services.common.reference import ForceFrames
+
+    cfg = model.config
+    x = torch.tensor([ids] * batch, device="cuda")
+    force = LogitsProcessorList([ForceFrames(len(ids), 0, cfg.audio_token_id, cfg.eos_token_id)])
+
+    def go(n: int):
+        force[0].frames = n
+        torch.manual_seed(0)
+        return model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n + 1,
+            guidance_scale=1.3,
+            num_diffusion_steps=10,
+            logits_processor=force,
+        )
+
+    return go

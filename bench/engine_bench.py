@@ -21,30 +21,13 @@ import torch
 from services.acoustic.engine import AcousticEngine
 from services.common.audio import FRAME_MS
 from services.common.checkpoint import resolve_checkpoint
-from services.common.reference import ForceFrames, load_reference
+from services.common.reference import load_reference
 from services.llm.engine import LMEngine, LMStream
 from services.render.values import RenderStep, StreamSpec
 
 
 def reference_run(model, ids: list[int], batch: int, frames: int) -> dict:
-    from transformers import LogitsProcessorList
-
-    cfg = model.config
-    x = torch.tensor([ids] * batch, device="cuda")
-    force = LogitsProcessorList([ForceFrames(len(ids), frames, cfg.audio_token_id, cfg.eos_token_id)])
-
-    def go(n):
-        force[0].frames = n
-        torch.manual_seed(0)
-        return model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=n + 1,
-            guidance_scale=1.3,
-            num_diffusion_steps=10,
-            logits_processor=force,
-        )
-
+    go = common.forced_reference(model, ids, batch)
     go(3)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -114,6 +114,7 @@ def mesh_from_args(args: argparse.Namespace) -> Mesh:
             max_streams=args.max_streams,
             max_context=args.max_context,
             gpu_memory_fraction=args.gpu_memory_fraction,
+            kv_pages=args.kv_pages,
             prefill_chunk=args.prefill_chunk,
             drain_grace=args.drain_grace,
         ),
@@ -243,6 +244,7 @@ def _mesh_options(sp: argparse.ArgumentParser) -> None:
         type=float,
         help=f"llm: share of GPU memory it plans ({LLMConfig.gpu_memory_fraction})",
     )
+    engine.add_argument("--kv-pages", type=int, help="llm: KV pages in its pool (what the memory fraction allows)")
     engine.add_argument(
         "--prefill-chunk", type=int, help=f"llm: prompt tokens prefilled per step ({LLMConfig.prefill_chunk})"
     )

@@ -79,9 +79,10 @@ def _argv(config) -> list[str]:
 class LLMConfig:
     """`vvmesh serve llm` options, with its defaults (the model options come from the Mesh)."""
 
-    max_streams: int = 64
+    max_streams: int = 256
     max_context: int | None = None  # None: the model's
     gpu_memory_fraction: float = 0.9
+    kv_pages: int | None = None  # None: from the memory fraction
     prefill_chunk: int = 512
     drain_grace: float = 120.0
     allow_fixed_frames: bool = False
@@ -97,7 +98,7 @@ class LLMConfig:
 class AcousticConfig:
     """`vvmesh serve acoustic` options, with its defaults."""
 
-    max_streams: int = 64
+    max_streams: int = 256
     cuda_graphs: bool = True
     compile: bool = True
 
@@ -215,9 +216,10 @@ class Mesh:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (owned by the child)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if service == "gateway":
-            # Requests of up to 40 MB pass through gRPC's threads: with one glibc arena per thread, each keeps
-            # its own high-water mark; two arenas bound what bursts of large requests leave behind.
+        if service in ("gateway", "text_parser"):
+            # Large requests (voices of up to 40 MB, scripts of hundreds of KB) pass through gRPC's threads: with
+            # one glibc arena per thread, each keeps its own high-water mark; two arenas bound what bursts of
+            # large requests leave behind.
             env.setdefault("MALLOC_ARENA_MAX", "2")
         proc = subprocess.Popen(
             self.command(service),

@@ -7,15 +7,15 @@ import asyncio
 import pytest
 
 from services.common.errors import RequestError
-from services.gateway.admission import Admission
+from services.gateway.admission import Admission, Room
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-async def slots(n: int) -> int:
-    return n
+async def slots(n: int, positions: int = 10**9) -> Room:
+    return Room(n, positions)
 
 
 def test_queue_is_bounded_and_rejection_carries_a_delay():
@@ -46,9 +46,9 @@ def test_next_slot_goes_to_the_quietest_key_then_the_shortest_job():
 
         tasks = [asyncio.create_task(wait(k, c)) for k, c in [("busy", 5), ("calm", 300), ("calm", 50)]]
         await asyncio.sleep(0)
-        adm.release("busy", started[0])  # "calm" has nothing running: its shortest job goes first
+        adm.release("busy", 100, started[0])  # "calm" has nothing running: its shortest job goes first
         await asyncio.sleep(0)
-        adm.release("busy", started[1])  # now each key runs one: the shortest job overall
+        adm.release("busy", 100, started[1])  # now each key runs one: the shortest job overall
         await asyncio.sleep(0)
         for t in tasks:
             t.cancel()
@@ -68,3 +68,28 @@ def test_a_queued_request_gives_up_before_envoys_idle_timeout():
     status, waiting = run(main())
     assert status.code == 8 and "within" in status.message
     assert waiting == []
+
+
+def test_requests_wait_for_kv_positions_as_well_as_for_streams():
+    """Room for many streams but positions for two jobs of 400: the third waits until one ends, and a job larger
+    than the whole pool still runs when nothing else does."""
+
+    async def main():
+        adm = Admission(lambda: slots(8, positions=1000), queue_size=4)
+        first = await adm.acquire("a", 400)
+        await adm.acquire("b", 400)
+        third = asyncio.create_task(adm.acquire("c", 400))
+        await asyncio.sleep(0)
+        waited = not third.done()
+        adm.release("a", 400, first)
+        await asyncio.wait_for(third, 1.0)
+        return waited, adm.positions
+
+    assert run(main()) == (True, 800)
+
+    async def alone():
+        adm = Admission(lambda: slots(8, positions=1000), queue_size=4)
+        await adm.acquire("a", 5000)
+        return adm.positions
+
+    assert run(alone()) == 5000

@@ -51,15 +51,29 @@ def test_compiled_acoustic_frame_equals_eager(ckpt):
         assert torch.allclose(eager, comp, atol=1e-5, rtol=1e-4), (eager - comp).abs().max()
 
 
-def test_compiled_decode_step_equals_eager(ckpt):
-    engine = LMEngine(ckpt, max_streams=3, max_context=64)
+def test_captured_decode_step_equals_the_eager_one_over_the_same_pages(ckpt):
+    """The GPU's decode graphs run compiled layers with FlexAttention over each row's pages; CPU steps gather the
+    rows' keys and run SDPA. Over one page table with scattered pages and rows of different lengths, both give
+    the same hidden states and the same choices."""
+    engine = LMEngine(ckpt, max_streams=3, max_context=1024)
     engine.decoder.compile()
     g = torch.Generator().manual_seed(1)
+    for t in (*engine.kv.k, *engine.kv.v):
+        t.copy_(torch.randn(t.shape, generator=g))
     engine.next_inputs.copy_(torch.randn(engine.next_inputs.shape, generator=g))
     engine.token_inputs.copy_(torch.randn(engine.token_inputs.shape, generator=g))
-    engine.positions[:3] = torch.tensor([[5, 1, 2], [9, 3, 4], [2, 2, 2]])
+    lengths = [[300, 1, 130], [9, 0, 256], [127, 128, 2]]  # positions written next, per stream and branch
+    free = torch.randperm(engine.blocks.usable, generator=g).add(1).tolist()  # pages in no particular order
+    updates = []
+    for stream, branches in enumerate(lengths):
+        for branch, n in enumerate(branches):
+            updates += [(3 * stream + branch, i, free.pop()) for i in range(n // 128 + 1)]
+    engine.kv.set_pages(updates)
+    engine.positions[:3] = torch.tensor(lengths)
     with torch.inference_mode():
-        hidden, logits = engine._decode_rows(3, engine.kv.max_len)
-        hidden_c, logits_c = engine._decode_rows(3, engine.kv.max_len, compiled=True)
+        hidden, logits = engine._decode_rows(3, 512)
+        hidden_c, logits_c = engine._decode_rows(3, None, compiled=True)
     assert torch.allclose(hidden, hidden_c, atol=1e-5, rtol=1e-4), (hidden - hidden_c).abs().max()
     assert torch.equal(logits.argmax(-1), logits_c.argmax(-1))
+    # The rows really differ: a row that read another row's pages would not match its own eager step.
+    assert (hidden[0] - hidden[3]).abs().max() > 1e-3

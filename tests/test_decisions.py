@@ -9,6 +9,7 @@ whose model never speaks, which must end instead of spinning.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 
 import numpy as np
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer
 from services.acoustic.engine import AcousticEngine
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_generate
+from services.llm import memory_plan
 from services.llm import scheduler as scheduler_module
 from services.llm.engine import FINISH_CONTEXT, FINISH_EOS, FINISH_MAX_FRAMES, LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler, StillWorking
@@ -47,11 +49,11 @@ def letters(config, tokens: list[int]) -> str:
     return "".join(names.get(t, "X" if t == config.eos_token_id else "?") for t in tokens)
 
 
-def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | None = None) -> list[dict]:
+def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | None = None, **engine) -> list[dict]:
     """Run requests through the scheduler (staggered by `after` steps); each one's tokens, frames and finish."""
 
     async def main():
-        lm = LMEngine(ckpt, max_streams=max_streams, max_context=max_context)
+        lm = LMEngine(ckpt, max_streams=max_streams, max_context=max_context, **engine)
         scheduler = Scheduler(lm, LocalLink(AcousticEngine(ckpt, max_streams=max_streams)))
         tokens: dict[int, list[int]] = {}
         mixed_steps = []
@@ -68,7 +70,9 @@ def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | Non
         async def one(r):
             for _ in range(r.get("after", 0)):  # join a few steps after the others
                 await asyncio.sleep(0.05)
-            stream = LMStream(r["prompt"], r.get("voices"), 0, r.get("max_frames", 10_000), r.get("cfg", 1.3))
+            stream = LMStream(
+                r["prompt"], r.get("voices"), 0, r.get("max_frames", 10_000), r.get("cfg", 1.3), r.get("expected", 0)
+            )
             spec = StreamSpec(scheduler.new_stream_id(), r["seed"], r.get("cfg", 1.3), 10, *r.get("voice_shape", ()))
             job = Job(stream, spec)
             scheduler.submit(job)
@@ -89,6 +93,7 @@ def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | Non
         results = await asyncio.gather(*(one(r) for r in requests))
         for r in results:
             r["tokens"] = tokens[id(r.pop("stream"))]
+        run.engine = lm
         return results, any(mixed_steps)
 
     return asyncio.run(main())
@@ -201,3 +206,24 @@ def test_a_stream_that_never_speaks_ends_at_the_context_and_does_not_hang(silent
     assert set(letters(model.config, ours["tokens"][:-1])) == {"B"}
     # a silent stream still sends something, so no proxy on the way takes it for a dead one
     assert ours["alive"] >= len(ours["tokens"]) - 2
+
+
+def test_a_full_kv_pool_swaps_a_stream_out_and_its_audio_does_not_change(ckpt, reference, monkeypatch, caplog):
+    """Pages of 4 positions and a pool that holds the three streams' prompts and their small reservations but
+    not all they grow to: the scheduler swaps streams to host memory and back. Every stream still makes the
+    reference's tokens and audio, and the pool ends as it began."""
+    model, _ = reference
+    caplog.set_level(logging.INFO, logger="services.llm.engine")
+    monkeypatch.setattr(memory_plan, "TURN_TOKENS", 0)  # reserve no room to grow: each stream outgrows its own
+    requests = [no_voice_request(reference, seed=s, expected=1) for s in (0, 2, 3)]
+    prompt = len(requests[0]["prompt"])
+    reserved = -(-(prompt + 1) // 4) + 2  # what admission reserves for each: the prompt and one frame
+    results, _ = run(ckpt, requests, page_size=4, kv_pages=1 + 3 * reserved + 2)
+    engine = run.engine
+    swaps = sum("swapped to host memory" in r.getMessage() for r in caplog.records)
+    assert swaps > 0 and engine.preemptions >= swaps
+    assert sum("swapped back in" in r.getMessage() for r in caplog.records) == swaps
+    for request, ours in zip(requests, results, strict=True):
+        audio, tokens = reference_generate(model, request["prompt"], [], request["seed"])
+        assert_same(model.config, ours, audio, tokens)
+    assert len(engine.blocks.free) == engine.blocks.usable and engine.blocks.reserved == 0

@@ -53,7 +53,7 @@ class AcousticEngine:
         ckpt: Checkpoint,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_streams: int = 64,
+        max_streams: int = 256,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
     ) -> None:

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50063)
-    p.add_argument("--max-streams", type=int, default=64, help="most streams rendered together")
+    p.add_argument("--max-streams", type=int, default=256, help="most streams rendered together")
     args = p.parse_args(argv)
     setup_logging("acoustic")
     setup_tracing("acoustic")

@@ -1,6 +1,9 @@
 """Admission: a request runs only if the llm has room for it; a bounded queue holds the rest.
 
-The gateway admits against the llm's reported stream slots. Beyond them, up to `queue_size` requests wait:
+The gateway admits against the llm's reported room: streams it decodes together, and KV positions (its page
+pool). Each request costs the positions it is expected to need (`cost`, estimated from the script); a request
+runs when a stream and its positions are free, or when nothing runs (a script larger than the pool still
+gets its turn; the llm swaps streams out to fit it). Beyond that, up to `queue_size` requests wait:
 the next one to run comes from the API key with the fewest running streams (fair across keys), and within
 that key the shortest estimated job goes first. Beyond the queue, requests are refused at once with
 RESOURCE_EXHAUSTED and a RetryInfo delay estimated from how fast jobs finish.
@@ -23,6 +26,14 @@ log = logging.getLogger(__name__)
 CAPACITY_REFRESH_S = 1.0
 
 
+@dataclass(frozen=True)
+class Room:
+    """What the llm can hold at once: streams, and KV positions over all their branches."""
+
+    streams: int
+    positions: int
+
+
 @dataclass(order=True)
 class _Waiter:
     cost: int
@@ -32,14 +43,15 @@ class _Waiter:
 
 
 class Admission:
-    def __init__(self, slots: Callable[[], Awaitable[int]], queue_size: int, max_wait_s: float = 50.0) -> None:
-        self._fetch_slots = slots
+    def __init__(self, room: Callable[[], Awaitable[Room]], queue_size: int, max_wait_s: float = 50.0) -> None:
+        self._fetch_room = room
         self.queue_size = queue_size
         # A queued request sends nothing; Envoy ends streams idle for 60 s, so waits end before that.
         self.max_wait_s = max_wait_s
-        self.slots = 0
-        self._slots_at = 0.0
+        self.room = Room(0, 0)
+        self._room_at = 0.0
         self.running: Counter[str] = Counter()
+        self.positions = 0  # the running requests' costs
         self.waiting: list[_Waiter] = []
         self._order = itertools.count()
         self._job_seconds = 10.0  # moving average of how long an admitted job runs
@@ -49,20 +61,25 @@ class Admission:
         return sum(self.running.values())
 
     async def _refresh(self) -> None:
-        if time.monotonic() - self._slots_at > CAPACITY_REFRESH_S:
-            self.slots = await self._fetch_slots()
-            self._slots_at = time.monotonic()
+        if time.monotonic() - self._room_at > CAPACITY_REFRESH_S:
+            self.room = await self._fetch_room()
+            self._room_at = time.monotonic()
+
+    def fits(self, cost: int) -> bool:
+        if self.in_flight >= self.room.streams:
+            return False
+        return self.in_flight == 0 or self.positions + cost <= self.room.positions
 
     def retry_after(self) -> float:
-        """Seconds until a place is likely free: queued work ahead divided by the parallel slots."""
+        """Seconds until a place is likely free: queued work ahead divided by the streams running at once."""
         ahead = len(self.waiting) + 1
-        return min(60.0, max(0.5, self._job_seconds * ahead / max(self.slots, 1)))
+        return min(60.0, max(0.5, self._job_seconds * ahead / max(self.in_flight, 1)))
 
     async def acquire(self, key: str, cost: int) -> float:
         """Wait for a place (raises RESOURCE_EXHAUSTED when the queue is full); returns the admission time."""
         await self._refresh()
-        if self.in_flight < self.slots and not self.waiting:
-            self.running[key] += 1
+        if not self.waiting and self.fits(cost):
+            self._start(key, cost)
             return time.monotonic()
         if len(self.waiting) >= self.queue_size:
             raise resource_exhausted(
@@ -77,19 +94,24 @@ class Admission:
             if waiter in self.waiting:
                 self.waiting.remove(waiter)
                 raise resource_exhausted(
-                    f"no stream slot came free within {self.max_wait_s:.0f} s", self.retry_after()
+                    f"no room for the stream came free within {self.max_wait_s:.0f} s", self.retry_after()
                 ) from None
             return time.monotonic()  # granted at the last moment
         except BaseException:
             if waiter in self.waiting:
                 self.waiting.remove(waiter)
             elif waiter.granted.done() and not waiter.granted.cancelled():
-                self.release(key, started=None)  # granted just as the caller gave up
+                self.release(key, cost, started=None)  # granted just as the caller gave up
             raise
         return time.monotonic()
 
-    def release(self, key: str, started: float | None) -> None:
+    def _start(self, key: str, cost: int) -> None:
+        self.running[key] += 1
+        self.positions += cost
+
+    def release(self, key: str, cost: int, started: float | None) -> None:
         self.running[key] -= 1
+        self.positions -= cost
         if self.running[key] <= 0:
             del self.running[key]
         if started is not None:
@@ -97,20 +119,22 @@ class Admission:
         self._grant()
 
     def _grant(self) -> None:
-        while self.waiting and self.in_flight < self.slots:
+        while self.waiting:
             # Fair across keys first, then the shortest job.
             best = min(self.waiting, key=lambda w: (self.running[w.key], w))
+            if not best.granted.done() and not self.fits(best.cost):
+                return
             self.waiting.remove(best)
             if best.granted.done():
                 continue
-            self.running[best.key] += 1
+            self._start(best.key, best.cost)
             best.granted.set_result(None)
 
     async def refresh_loop(self) -> None:
-        """Keeps the slot count fresh so queued requests start as soon as the llm has room."""
+        """Keeps the room fresh so queued requests start as soon as the llm has room."""
         while True:
             try:
-                self._slots_at = 0.0
+                self._room_at = 0.0
                 await self._refresh()
                 self._grant()
             except Exception as e:  # the llm may be restarting; keep the last known value

@@ -19,10 +19,10 @@ from services.common.errors import RequestError, abort, from_rpc_error, invalid_
 from services.common.frames import FRAMES_PER_SECOND, SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import Service, insecure_channel
 from services.common.logs import escape, mark_random_weights, setup_logging
-from services.common.memory import LARGE_REQUEST_BYTES, release_free_memory
+from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
-from services.gateway.admission import Admission
+from services.gateway.admission import Admission, Room
 from services.gateway.options import MAX_REQUEST_ID_CHARS, Options, check_options
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,28 @@ def _decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
     return voices
 
 
+PROMPT_OVERHEAD_TOKENS = 128  # the system prompt and the speaker and turn markers, about
+
+
+def _words(request: tts_pb2.SynthesizeRequest) -> int:
+    text = " ".join(t.text for t in request.turns.turns) if request.WhichOneof("script") == "turns" else request.text
+    return len(text.split())
+
+
 def estimated_frames(request: tts_pb2.SynthesizeRequest) -> int:
-    """A job's size for shortest-job-first: fixed frames, or the script's words at 2.5 words per second."""
+    """A job's audio: fixed frames, or the script's words at 2.5 words per second."""
     if request.options.HasField("fixed_frames"):
         return request.options.fixed_frames
-    text = " ".join(t.text for t in request.turns.turns) if request.WhichOneof("script") == "turns" else request.text
-    return int(len(text.split()) / 2.5 * FRAMES_PER_SECOND)
+    return int(_words(request) / 2.5 * FRAMES_PER_SECOND)
+
+
+def estimated_positions(request: tts_pb2.SynthesizeRequest) -> int:
+    """The KV positions a job is expected to hold, over its three branches, for admission and shortest-job-first:
+    the prompt (about two tokens a word, the voices' frames, the system prompt), and each frame twice (the
+    positive and the unconditional branch) plus the negative branch's segment."""
+    frames = estimated_frames(request)
+    voice_frames = sum(len(v.audio) for v in request.voices) // (2 * SAMPLES_PER_FRAME)  # as 16-bit samples
+    return 2 * _words(request) + voice_frames + PROMPT_OVERHEAD_TOKENS + 2 * frames + min(frames, 1024)
 
 
 def finish_reason(llm_reason: str, options: Options, budget: int) -> str:
@@ -71,25 +87,17 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         self.acoustic = mesh_pb2_grpc.AcousticStub(insecure_channel(acoustic))
         self.llm = mesh_pb2_grpc.LLMStub(insecure_channel(llm))
         self._model: mesh_pb2.ModelInfo | None = None
-        self.admission = Admission(self._llm_slots, queue_size, max_queue_wait)
-        self.trim_due = False
+        self.admission = Admission(self._llm_room, queue_size, max_queue_wait)
+        self.trimmer = Trimmer()
 
-    async def trim_loop(self, every_s: float = 2.0) -> None:
-        """Give the memory of large requests back to the system shortly after they end, not at the next one."""
-        while True:
-            await asyncio.sleep(every_s)
-            if self.trim_due:
-                self.trim_due = False
-                await asyncio.to_thread(release_free_memory)
-
-    async def _llm_slots(self) -> int:
+    async def _llm_room(self) -> Room:
         try:
             capacity = await self.llm.Capacity(mesh_pb2.CapacityRequest(), timeout=2.0, wait_for_ready=True)
         except grpc.aio.AioRpcError as e:  # stopping, restarting or gone: no new work can start there
             raise unavailable(f"llm service at {self.addresses['llm']} is not accepting work ({e.code().name})") from e
         if capacity.draining:
             raise unavailable(f"llm service at {self.addresses['llm']} is draining; retry shortly")
-        return capacity.slots
+        return Room(capacity.slots, capacity.kv_pages * capacity.page_size)
 
     async def model(self, timeout: float | None) -> mesh_pb2.ModelInfo:
         if self._model is None:
@@ -112,7 +120,8 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         try:
             options = check_options(request)
             try:
-                admitted = await self.admission.acquire(key, estimated_frames(request))
+                cost = estimated_positions(request)
+                admitted = await self.admission.acquire(key, cost)
             except grpc.aio.AioRpcError as e:
                 raise from_rpc_error(e, f"llm service at {self.addresses['llm']}") from e
             async for response in self._synthesize(request, options, request_id, started, context):
@@ -125,9 +134,9 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
             refused = RequestError(e.status)
         finally:
             if admitted is not None:
-                self.admission.release(key, admitted)
+                self.admission.release(key, cost, admitted)
             if sum(len(v.audio) for v in request.voices) >= LARGE_REQUEST_BYTES:
-                self.trim_due = True  # once gRPC has let go of the request too: see trim_loop
+                self.trimmer.due = True
         if refused is not None:
             await abort(context, refused)
 
@@ -166,6 +175,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
             seed=options.seed,
             max_frames=max_frames,
             fixed_frames=options.fixed_frames,
+            expected_frames=min(estimated_frames(request), max_frames),
         )
         if voices:
             ordered = [voices[i] for i in parsed.voice_order]
@@ -303,7 +313,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         gateway = Gateway(args.text_parser, args.acoustic, args.llm, args.queue_size, args.max_queue_wait)
         tts_pb2_grpc.add_TextToSpeechServicer_to_server(gateway, service.server)
-        background = [asyncio.create_task(gateway.admission.refresh_loop()), asyncio.create_task(gateway.trim_loop())]
+        background = [
+            asyncio.create_task(gateway.admission.refresh_loop()),
+            asyncio.create_task(gateway.trimmer.loop()),
+        ]
         await service.run(grace_s=args.drain_grace)
         for task in background:
             task.cancel()

@@ -1,10 +1,10 @@
-"""The Qwen2.5 forward over static KV slots, batched across streams at different positions.
+"""The Qwen2.5 forward over paged KV, batched across streams at different positions.
 
 transformers' Qwen2Model keeps one position per batch, so streams at different points of their scripts
 cannot share its forward. This runs the same modules (the checkpoint's own Qwen2 layers, rotary embedding
-and norms) with per-row positions: each row writes its new keys and values at its own position and attends
-to everything before it. Shapes depend only on (rows, tokens), so a decode step can be captured as a CUDA
-graph per batch size.
+and norms) with per-row positions: each row writes its new keys and values at its own position (through its
+page table) and attends to everything before it. Shapes depend only on (rows, tokens), so a decode step can
+be captured as a CUDA graph per batch size.
 
 The q/k/v projections and the MLP's gate/up projections of each layer run as one matmul each
 (`fuse_linears`).
@@ -18,11 +18,11 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from services.common.cuda_graphs import compiled
 from services.common.fused_linear import fuse_linears
-from services.llm.kv_slots import KVSlots
+from services.llm.paged_kv import PagedKV, causal_visibility, decode_block_mask, gathered, paged_flex
 
 
-class SlotDecoder:
-    def __init__(self, lm, kv: KVSlots) -> None:
+class PagedDecoder:
+    def __init__(self, lm, kv: PagedKV) -> None:
         if getattr(lm.config, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported")
         self.lm = lm
@@ -40,48 +40,55 @@ class SlotDecoder:
         self.compiled_layer = compiled(self.layer)
 
     def forward(
-        self, x: torch.Tensor, first_row: int, positions: torch.Tensor, keys: int, compiled: bool = False
+        self,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        keys: int | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        """x: (R, T, hidden) inputs of KV rows [first_row, first_row + R) at `positions` (R, T).
+        """x: (R, T, hidden) inputs of KV rows `rows` (R,) at `positions` (R, T).
 
-        Attends over the first `keys` positions of each row. Returns the final-norm hidden states (R, T, hidden).
-        `compiled` runs the layers through `compiled_layer` (the decode step's graphs; prefill stays eager, its
-        shapes change with every chunk).
+        Each query attends to its row's positions up to its own. With `keys` the rows' first `keys` positions
+        are gathered (plain PyTorch); without, one query per row reads only the pages its row holds
+        (FlexAttention over the page table). Returns the final-norm hidden states (R, T, hidden). `compiled`
+        runs the layers through `compiled_layer` (the decode step's graphs; prefill stays eager, its shapes
+        change with every chunk).
         """
-        rows, tokens = x.shape[:2]
         cos, sin = self.lm.rotary_emb(x, positions)
-        visible = torch.arange(keys, device=x.device)[None, None, None, :] <= positions[:, None, :, None]
-        row_index = torch.arange(first_row, first_row + rows, device=x.device)[:, None].expand(rows, tokens)
+        write = self.kv.pool_index(rows, positions)
+        if keys is None:
+            gather = visible = None
+            mask = decode_block_mask(self.kv, len(rows), positions[:, 0])
+        else:
+            gather, visible, mask = self.kv.gather_index(rows, keys), causal_visibility(keys, positions), None
         step = self.compiled_layer if compiled else self.layer
         for i, layer in enumerate(self.lm.layers):
-            cache_k = self.kv.k[i][first_row : first_row + rows]
-            cache_v = self.kv.v[i][first_row : first_row + rows]
             weights = (*self.qkv[i], self.gate_up[i])
-            x = step(layer, weights, x, cos, sin, positions, row_index - first_row, visible, cache_k, cache_v, keys)
+            pools = (self.kv.k[i], self.kv.v[i])
+            x = step(layer, weights, x, cos, sin, write, pools, gather, visible, mask)
         return self.lm.norm(x)
 
-    def layer(self, layer, weights, x, cos, sin, positions, rows, visible, cache_k, cache_v, keys: int) -> torch.Tensor:
-        """One Qwen2 decoder layer: writes this step's keys and values at `positions` of its rows, attends to the
-        first `keys` positions. No per-layer constants, so one compilation serves all layers."""
+    def layer(self, layer, weights, x, cos, sin, write, pools, gather, visible, mask) -> torch.Tensor:
+        """One Qwen2 decoder layer: writes this step's keys and values at pool positions `write`, then attends
+        (gathered keys when `gather` is given, the paged block `mask` otherwise). No per-layer constants, so
+        one compilation serves all layers."""
         batch, tokens = x.shape[:2]
         attn, mlp = layer.self_attn, layer.mlp
         qkv_weight, qkv_bias, gate_up_weight = weights
+        k_pool, v_pool = pools
         h = layer.input_layernorm(x)
         q, k, v = F.linear(h, qkv_weight, qkv_bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache_k[rows, :, positions] = k.transpose(1, 2)
-        cache_v[rows, :, positions] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q,
-            cache_k[:, :, :keys],
-            cache_v[:, :, :keys],
-            attn_mask=visible,
-            scale=self.scaling,
-            enable_gqa=True,
-        )
+        k_pool[0][:, write] = k.transpose(0, 1)
+        v_pool[0][:, write] = v.transpose(0, 1)
+        if gather is not None:
+            out = gathered(q, k_pool, v_pool, gather, visible, self.scaling)
+        else:
+            out = paged_flex(q, k_pool, v_pool, mask, self.scaling)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
         gate, up = F.linear(layer.post_attention_layernorm(x), gate_up_weight).chunk(2, dim=-1)
         return x + mlp.down_proj(mlp.act_fn(gate) * up)

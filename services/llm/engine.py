@@ -19,13 +19,18 @@ chooses it (its generation loop in `generation_vibevoice.py` is the specificatio
 The two final hidden states of the streams that chose the speech token go to the acoustic side.
 
 Stream state lives in persistent device buffers indexed by slot (next inputs, branch lengths, guidance), so
-the decode step has fixed shapes per batch bucket and is captured as a CUDA graph on the GPU.
+the decode step has fixed shapes per batch bucket and is captured as a CUDA graph on the GPU. Keys and
+values live in pages (`services/llm/paged_kv.py`, `services/llm/block_manager.py`): a stream holds pages for
+the positions its branches have, admission reserves what it is expected to need, and when the pool runs out
+the stream with the most audio ahead of its playback is swapped to host memory and resumed later, with
+identical audio.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +38,15 @@ from transformers import AutoModel
 
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
-from services.llm.decoder import SlotDecoder
-from services.llm.kv_slots import BRANCHES, NEGATIVE, POSITIVE, UNCONDITIONAL, KVSlots
+from services.common.frames import FRAMES_PER_SECOND
+from services.llm import memory_plan
+from services.llm.block_manager import SCRATCH_PAGE, BlockManager, StreamPages
+from services.llm.decoder import PagedDecoder
+from services.llm.memory_plan import BRANCHES, KVShape, planned_pages
+from services.llm.paged_kv import PAGE_SIZE, PagedKV
+
+POSITIVE, NEGATIVE, UNCONDITIONAL = 0, 1, 2
+CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU, where there is no memory budget to plan from
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,7 @@ class LMStream:
     fixed_frames: int  # a test and benchmark option: exactly this many frames, whatever the model chooses
     max_frames: int
     cfg_scale: float = 1.3
+    expected_frames: int = 0  # the caller's estimate, for the pages reserved at admission (0: from the prompt)
     frames: int = 0
     segment: int = 0
     slot: int | None = None
@@ -56,10 +69,25 @@ class LMStream:
     negative_len: int = 0
     unconditional_len: int = 0
     prompt_embeds: torch.Tensor | None = None
+    pages: StreamPages | None = None
+    # While preempted: the pages each branch held, and their keys and values (every layer) on the host.
+    swapped: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    first_frame_at: float | None = None
+    starved: bool = False  # alone, it needs more pages than the pool has: it ends at the next step
 
     @property
     def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt_ids) - 1 and self.prompt_embeds is None
+        return self.prefilled == len(self.prompt_ids) - 1 and self.prompt_embeds is None and self.swapped is None
+
+    @property
+    def lengths(self) -> tuple[int, int, int]:
+        return self.positive_len, self.negative_len, self.unconditional_len
+
+    def slack_s(self, now: float) -> float:
+        """Seconds of audio made ahead of real-time playback from the first frame (how long it can wait)."""
+        if self.first_frame_at is None:
+            return 0.0
+        return self.frames / FRAMES_PER_SECOND - (now - self.first_frame_at)
 
 
 # Why a stream ended: the model's own end-of-sequence, or a limit that stopped it first.
@@ -84,9 +112,11 @@ class LMEngine:
         ckpt: Checkpoint,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_streams: int = 64,
+        max_streams: int = 256,
         max_context: int | None = None,
+        kv_pages: int | None = None,
         prefill_chunk: int = 512,
+        page_size: int = PAGE_SIZE,
         memory_fraction: float = 0.9,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
@@ -111,32 +141,54 @@ class LMEngine:
         self.hidden = text.hidden_size
         self.prefill_chunk = prefill_chunk
 
-        # Memory is planned here, once: KV slots for both branches of every stream, from the budget.
+        # Memory is planned here, once: a pool of KV pages for every branch of every stream, from the budget.
         max_len = min(max_context or text.max_position_embeddings, text.max_position_embeddings)
         head_dim = self.lm.layers[0].self_attn.head_dim
-        per_slot = KVSlots.bytes_per_slot(text.num_hidden_layers, text.num_key_value_heads, head_dim, max_len, dtype)
-        slots = max_streams
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            free_budget = int(total * memory_fraction) - torch.cuda.memory_allocated(self.device)
-            slots = min(max_streams, max(0, free_budget) // per_slot)
-            if slots < 1:
-                raise RuntimeError(
-                    f"no room for one stream: {per_slot / 2**30:.2f} GiB of KV per stream at --max-context {max_len}"
-                )
-        self.kv = KVSlots(
-            text.num_hidden_layers, text.num_key_value_heads, head_dim, slots, max_len, self.device, dtype
+        self.max_streams = max_streams
+        self.kv_shape = KVShape(
+            text.num_hidden_layers, text.num_key_value_heads, head_dim, torch.empty((), dtype=dtype).element_size()
         )
-        self.decoder = SlotDecoder(self.lm, self.kv)
-        self.max_positions = max_len - 1  # the last position of every row is scratch space
+        self.page_bytes = self.kv_shape.page_bytes(page_size)
+        # More than every stream at the full context could ever hold is never useful.
+        ceiling = max_streams * BRANCHES * -(-max_len // page_size) + 1
+        pages = min(kv_pages or CPU_KV_BYTES // self.page_bytes, ceiling)
+        if self.device.type == "cuda" and kv_pages is None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            in_use = torch.cuda.memory_allocated(self.device)
+            pages = planned_pages(total, memory_fraction, in_use, self.page_bytes, ceiling)
+        self.blocks = BlockManager(pages, page_size, BRANCHES)
+        self.kv = PagedKV(
+            text.num_hidden_layers,
+            text.num_key_value_heads,
+            head_dim,
+            pages,
+            BRANCHES * max_streams,
+            max_len,
+            self.device,
+            dtype,
+            page_size,
+        )
+        self.decoder = PagedDecoder(self.lm, self.kv)
+        self.max_positions = max_len - 1
         self.vocab_size = text.vocab_size
-        log.info("KV slots: %d streams x %d positions (%.2f GiB)", slots, max_len, slots * per_slot / 2**30)
+        self.preemptions = 0
+        log.info(
+            "KV pool: %d pages of %d positions (%.2f GiB), batches of up to %d streams, %d positions per stream",
+            pages,
+            page_size,
+            pages * self.page_bytes / 2**30,
+            max_streams,
+            max_len,
+        )
 
-        self.streams: list[LMStream] = []  # by slot: decoding streams first, then those being prefilled
+        # By slot: decoding streams first, then those being prefilled or swapped out.
+        self.streams: list[LMStream] = []
+        slots = max_streams
         self.next_inputs = torch.zeros(slots, self.hidden, device=self.device, dtype=dtype)  # both CFG branches
         self.token_inputs = torch.zeros(slots, self.hidden, device=self.device, dtype=dtype)  # unconditional
         self.guidance = torch.ones(slots, 1, device=self.device, dtype=torch.float32)
-        self.positions = torch.full((slots, BRANCHES), self.kv.scratch, device=self.device, dtype=torch.long)
+        # The position each branch writes next; rows of no stream write position 0 of the scratch page.
+        self.positions = torch.zeros((slots, BRANCHES), device=self.device, dtype=torch.long)
         with torch.inference_mode():
             self.audio_token_embedding = self.embed_tokens(torch.tensor(self.audio_token_id, device=self.device))
         self.graphs: dict[int, CapturedStep] = {}
@@ -150,7 +202,29 @@ class LMEngine:
 
     @property
     def capacity(self) -> int:
-        return self.kv.slots
+        """Streams decoded together at most."""
+        return self.max_streams
+
+    def expected_frames(self, stream: LMStream) -> int:
+        """The frames admission plans for: fixed ones, or the caller's estimate (two frames per text token of
+        the prompt without one), bounded by the stream's frame budget."""
+        if stream.fixed_frames:
+            return stream.fixed_frames
+        text_tokens = len(stream.prompt_ids) - sum(1 for t in stream.prompt_ids if t == self.audio_token_id)
+        return min(stream.max_frames, stream.expected_frames or 2 * text_tokens)
+
+    def expected_positions(self, stream: LMStream) -> int:
+        """Positions admission reserves for a stream, over its three branches."""
+        return sum(
+            memory_plan.expected_branch_positions(
+                len(stream.prompt_ids), self.expected_frames(stream), memory_plan.TURN_TOKENS
+            )
+        )
+
+    def expected_pages(self, stream: LMStream) -> int:
+        return memory_plan.expected_pages(
+            len(stream.prompt_ids), self.expected_frames(stream), self.blocks.page_size, memory_plan.TURN_TOKENS
+        )
 
     def modules(self) -> dict[str, object]:
         return {"model.language_model": self.lm, "lm_head[special tokens]": self.head_rows}
@@ -161,8 +235,13 @@ class LMEngine:
     # ------------------------------------------------------------------ admission and release
 
     def admit(self, stream: LMStream) -> bool:
-        """Give the stream a slot if one is free; its prompt is prefilled by later `prefill` calls."""
-        if len(self.streams) >= self.kv.slots:
+        """Give the stream a slot and reserve the pages it is expected to need, if both are free; its prompt is
+        prefilled by later `prefill` calls."""
+        if len(self.streams) >= self.max_streams:
+            return False
+        # A stream expected to need more than the whole pool reserves it all, and takes its turn alone.
+        stream.pages = self.blocks.admit(min(self.expected_pages(stream), self.blocks.usable))
+        if stream.pages is None:
             return False
         stream.slot = len(self.streams)
         self.streams.append(stream)
@@ -176,11 +255,14 @@ class LMEngine:
         stream.prompt_embeds = embeds
         return True
 
+    def _rows(self, slot: int) -> slice:
+        return slice(BRANCHES * slot, BRANCHES * slot + BRANCHES)
+
     def _move(self, src: int, dst: int) -> None:
         if src == dst:
             return
         stream = self.streams[src]
-        self.kv.move(src, dst)
+        self.kv.move_rows(self._rows(src), self._rows(dst))
         self.next_inputs[dst] = self.next_inputs[src]
         self.token_inputs[dst] = self.token_inputs[src]
         self.guidance[dst] = self.guidance[src]
@@ -188,8 +270,19 @@ class LMEngine:
         self.streams[dst] = stream
         stream.slot = dst
 
+    def _exchange(self, i: int, j: int) -> None:
+        """Swap the slots of two streams (through the free slot past the last stream)."""
+        if i == j:
+            return
+        spare = len(self.streams)
+        self.streams.append(self.streams[i])
+        self._move(i, spare)
+        self._move(j, i)
+        self._move(spare, j)
+        self.streams.pop()
+
     def release(self, stream: LMStream) -> None:
-        """Free the stream's slot, keeping decoding streams packed first and prefilling ones after them."""
+        """Free the stream's slot and pages, keeping decoding streams packed first and the others after them."""
         if stream.slot is None:
             return
         i, n = stream.slot, self.decoding_count
@@ -198,8 +291,109 @@ class LMEngine:
             i = n - 1
         self._move(len(self.streams) - 1, i)
         self.streams.pop()
-        self.positions[len(self.streams)] = self.kv.scratch
+        last = len(self.streams)
+        self.kv.clear_rows(self._rows(last))
+        self.positions[last] = 0
         stream.slot = None
+        if stream.pages is not None:
+            self.blocks.release(stream.pages)
+        stream.swapped = None
+
+    def _became_decoding(self, stream: LMStream) -> None:
+        """Move a stream that just became ready (prefilled or swapped back in) to the end of the decoding rows."""
+        n = self.decoding_count  # counts this stream already
+        self._exchange(stream.slot, n - 1)
+
+    # ------------------------------------------------------------------ pages
+
+    def _grow(self, stream: LMStream, branch: int, positions: int) -> bool:
+        """Pages for the first `positions` positions of a branch, written into the page table; False when the
+        pool has none the stream may take."""
+        new = self.blocks.grow(stream.pages, branch, positions)
+        if new is None:
+            return False
+        row = BRANCHES * stream.slot + branch
+        self.kv.set_pages([(row, index, page) for index, page in new])
+        return True
+
+    def _restart_negative(self, stream: LMStream) -> None:
+        """audio_bos: the negative branch keeps only the page its next position (0) is written to."""
+        held = stream.pages.branches[NEGATIVE]
+        row = BRANCHES * stream.slot + NEGATIVE
+        self.kv.set_pages([(row, index, SCRATCH_PAGE) for index in range(1, len(held))])
+        self.blocks.shrink(stream.pages, NEGATIVE, 1)
+
+    def make_room(self) -> list[LMStream]:
+        """Pages for the position every decoding stream writes next. When the pool has none left, take them
+        back from prompts still being prefilled (they are prefilled again later), then swap out the streams with
+        the most audio ahead of playback, until every stream left can step. A stream alone that the whole
+        pool cannot hold ends at this step (`FINISH_CONTEXT`). Returns the streams swapped out by this call."""
+        swapped = []
+        while True:
+            decoding = self.streams[: self.decoding_count]
+            short = next((s for s in decoding if not s.starved and not self._grow_next(s)), None)
+            if short is None:
+                return swapped
+            prefilling = [s for s in self.streams[self.decoding_count :] if s.prefilled and s.swapped is None]
+            if prefilling:
+                self._restart_prefill(prefilling[-1])
+            elif len(decoding) > 1:
+                now = time.monotonic()
+                victim = max(decoding, key=lambda s: s.slack_s(now))
+                self._swap_out(victim)
+                swapped.append(victim)
+            else:
+                short.starved = True
+                log.warning("stream at positions %s fills the whole KV pool: it ends here", short.lengths)
+
+    def place(self, stream: LMStream, lengths: tuple[int, int, int]) -> None:
+        """Benchmarks: put a decoding stream at these branch lengths, as if it had run there, with pages for
+        them (their keys and values are whatever the pages held). Step costs then match a stream that far
+        into its script without generating it."""
+        assert stream.decoding and stream.slot is not None
+        for branch, n in enumerate(lengths):
+            if not self._grow(stream, branch, n + 1):
+                raise RuntimeError(f"the KV pool has no room for a stream at positions {lengths}")
+        stream.positive_len, stream.negative_len, stream.unconditional_len = lengths
+        self.positions[stream.slot] = torch.tensor(lengths, device=self.device)
+
+    def _grow_next(self, stream: LMStream) -> bool:
+        return all(self._grow(stream, branch, n + 1) for branch, n in enumerate(stream.lengths))
+
+    def _restart_prefill(self, stream: LMStream) -> None:
+        log.warning("KV pool full: a prompt's prefill (%d tokens so far) gives its pages back", stream.prefilled)
+        self.kv.clear_rows(self._rows(stream.slot))
+        self.blocks.shrink(stream.pages, POSITIVE, 0)
+        stream.prefilled = 0
+        self.preemptions += 1
+
+    def _swap_out(self, stream: LMStream) -> None:
+        held = [page for branch in stream.pages.branches for page in branch]
+        stream.swapped = [len(b) for b in stream.pages.branches], self.kv.copy_out(held)
+        self.preemptions += 1
+        log.warning(
+            "KV pool full: stream at positions %s swapped to host memory (%d pages; %d preemptions so far)",
+            stream.lengths,
+            len(held),
+            self.preemptions,
+        )
+        self._exchange(stream.slot, self.decoding_count)  # it no longer counts as decoding: move it past them
+        self.kv.clear_rows(self._rows(stream.slot))
+        self.blocks.release(stream.pages)
+
+    def _swap_in(self, stream: LMStream) -> bool:
+        counts, saved = stream.swapped
+        pages = self.blocks.admit(sum(counts))
+        if pages is None:
+            return False
+        stream.pages = pages
+        for branch, count in enumerate(counts):
+            self._grow(stream, branch, count * self.blocks.page_size)
+        self.kv.copy_in([page for branch in pages.branches for page in branch], saved)
+        stream.swapped = None
+        self._became_decoding(stream)
+        log.info("stream at positions %s swapped back in", stream.lengths)
+        return True
 
     @property
     def decoding_count(self) -> int:
@@ -212,18 +406,24 @@ class LMEngine:
 
     @torch.inference_mode()
     def prefill(self, budget: int) -> list[LMStream]:
-        """Write up to `budget` prompt tokens into the KV cache; returns the streams that became ready."""
+        """Resume swapped-out streams for which pages are free, then write up to `budget` prompt tokens into the
+        KV cache; returns the streams whose prompts became ready."""
+        for stream in [s for s in self.streams if s.swapped is not None]:
+            if not self._swap_in(stream):
+                break  # oldest first: a later stream does not overtake one that waits for pages
         ready = []
-        for stream in self.streams[self.decoding_count :]:
+        for stream in [s for s in self.streams[self.decoding_count :] if s.prompt_embeds is not None]:
             if budget <= 0:
                 break
             target = len(stream.prompt_ids) - 1
             while stream.prefilled < target and budget > 0:
                 a = stream.prefilled
                 b = min(target, a + self.prefill_chunk, a + budget)
+                if not self._grow(stream, POSITIVE, b):
+                    return ready  # the pool is full: the running streams come first
                 positions = torch.arange(a, b, device=self.device)[None]
-                row = BRANCHES * stream.slot + POSITIVE
-                self.decoder.forward(stream.prompt_embeds[None, a:b], row, positions, self._keys(b))
+                rows = torch.tensor([BRANCHES * stream.slot + POSITIVE], device=self.device)
+                self.decoder.forward(stream.prompt_embeds[None, a:b], rows, positions, self._keys(b))
                 stream.prefilled, budget = b, budget - (b - a)
             if stream.prefilled == target:
                 # The prompt's last token (audio_bos) is the first step's input for every branch; the
@@ -234,19 +434,22 @@ class LMEngine:
                 stream.positive_len, stream.negative_len, stream.unconditional_len = target, 0, 0
                 self.positions[stream.slot] = torch.tensor([target, 0, 0], device=self.device)
                 stream.prompt_embeds = None
+                self._became_decoding(stream)
                 ready.append(stream)
         return ready
 
     # ------------------------------------------------------------------ decode
 
-    def _decode_rows(self, rows: int, keys: int, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of the first `rows` slots: (hidden states of every branch row, guided scores (rows, 4))."""
+    def _decode_rows(self, rows: int, keys: int | None, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the first `rows` slots: (hidden states of every branch row, guided scores (rows, 4)).
+        `keys`: gather that many positions per row; None: read each row's own pages (the captured graphs)."""
         branches = [None] * BRANCHES
         branches[POSITIVE] = branches[NEGATIVE] = self.next_inputs[:rows]
         branches[UNCONDITIONAL] = self.token_inputs[:rows]
         x = torch.stack(branches, dim=1).reshape(BRANCHES * rows, 1, self.hidden)
         positions = self.positions[:rows].reshape(BRANCHES * rows, 1)
-        hidden = self.decoder.forward(x, 0, positions, keys, compiled)[:, 0]
+        kv_rows = torch.arange(BRANCHES * rows, device=self.device)
+        hidden = self.decoder.forward(x, kv_rows, positions, keys, compiled)[:, 0]
         positive = (hidden[POSITIVE::BRANCHES] @ self.head_rows.T).float()
         unconditional = (hidden[UNCONDITIONAL::BRANCHES] @ self.head_rows.T).float()
         g = self.guidance[:rows]
@@ -254,20 +457,21 @@ class LMEngine:
 
     def _capture_graphs(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
-        for rows in buckets_up_to(self.kv.slots):
+        for rows in buckets_up_to(self.max_streams):
             with torch.inference_mode():
-                step = functools.partial(self._decode_rows, rows, self.kv.max_len, self._compiled)
+                step = functools.partial(self._decode_rows, rows, None, self._compiled)
                 self.graphs[rows] = CapturedStep(step, pool)
         log.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
 
     @torch.inference_mode()
     def decode(self) -> tuple[list[Decision], torch.Tensor, torch.Tensor]:
         """One step for every decoding stream: (decisions, positive hidden, negative hidden) in row order."""
+        self.make_room()
         n = self.decoding_count
         if n == 0:
             return [], torch.empty(0), torch.empty(0)
         if self.graphs:
-            rows = bucket_for(n, self.kv.slots)
+            rows = bucket_for(n, self.max_streams)
             hidden, logits = self.graphs[rows].replay()
         else:
             longest = max(s.positive_len for s in self.streams[:n]) + 1  # the longest branch
@@ -288,7 +492,7 @@ class LMEngine:
             finish = FINISH_FIXED_FRAMES if done else None
         elif stream.frames >= stream.max_frames and finish is None:
             token, finish = self.eos_token_id, FINISH_MAX_FRAMES
-        elif stream.positive_len + 1 >= self.max_positions and finish is None:
+        elif (stream.positive_len + 1 >= self.max_positions or stream.starved) and finish is None:
             # The next step would have no position left to write: stop here.
             token, finish = self.eos_token_id, FINISH_CONTEXT
         return Decision(stream, row, token, token == self.audio_token_id, finish)
@@ -309,6 +513,7 @@ class LMEngine:
                 s.negative_len += 1
                 s.unconditional_len += 1
                 s.frames += 1
+            self._first_frames(decisions)
             return
         going_on = [d for d in decisions if d.finish is None]
         if speech_rows:
@@ -333,7 +538,17 @@ class LMEngine:
                 # A new speech segment: the negative branch starts again from nothing.
                 s.negative_len = 0
                 s.segment += 1
+                self._restart_negative(s)
+        self._first_frames(decisions)
         if going_on:
             rows = torch.tensor([d.row for d in going_on], device=self.device)
             lengths = [[d.stream.positive_len, d.stream.negative_len, d.stream.unconditional_len] for d in going_on]
             self.positions[rows] = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _first_frames(decisions: list[Decision]) -> None:
+        now = None
+        for d in decisions:
+            if d.speech and d.stream.first_frame_at is None:
+                now = now or time.monotonic()
+                d.stream.first_frame_at = now

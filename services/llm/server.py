@@ -66,6 +66,13 @@ class LLM(mesh_pb2_grpc.LLMServicer):
                 f"the prompt takes {len(prompt)} positions; this server's context is "
                 f"{self.engine.max_positions} (--max-context)",
             )
+        blocks = self.engine.blocks
+        if blocks.pages_for(len(prompt) + 1) + 2 > blocks.usable:
+            raise invalid_argument(
+                "prompt_ids",
+                f"the prompt takes {len(prompt)} positions; this server's KV pool holds "
+                f"{blocks.usable * blocks.page_size} (--kv-pages)",
+            )
         if request.fixed_frames > room:
             raise invalid_argument(
                 "options.fixed_frames",
@@ -84,6 +91,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             fixed_frames=request.fixed_frames,
             max_frames=min(request.max_frames or room, room),
             cfg_scale=cfg_scale,
+            expected_frames=request.expected_frames,
         )
         spec = StreamSpec(
             stream_id=self.scheduler.new_stream_id(),
@@ -164,6 +172,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             self.scheduler.cancel(job)
 
     async def Capacity(self, request, context):  # noqa: N802
+        blocks = self.engine.blocks
         return mesh_pb2.CapacityResponse(
             slots=self.engine.capacity,
             active=len(self.scheduler.active),
@@ -171,6 +180,11 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             max_positions=self.engine.max_positions,
             step_ms=self.scheduler.step_ms,
             draining=self.draining,
+            kv_pages=blocks.usable,
+            kv_pages_available=max(0, blocks.available),
+            page_size=blocks.page_size,
+            expected_positions=sum(self.engine.expected_positions(j.stream) for j in self.scheduler.active),
+            preemptions=self.engine.preemptions,
         )
 
     async def DescribeModel(self, request, context):  # noqa: N802
@@ -194,9 +208,15 @@ def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
         default="127.0.0.1:50063",
         help="address of the acoustic service, or 'local' to host the acoustic engine in this process",
     )
-    p.add_argument("--max-streams", type=int, default=64, help="most streams decoded together")
+    p.add_argument("--max-streams", type=int, default=256, help="most streams decoded together")
     p.add_argument("--max-context", type=int, default=None, help="positions per stream (default: the model's)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory this process plans")
+    p.add_argument(
+        "--kv-pages",
+        type=int,
+        default=None,
+        help="KV pages in the pool (default: as many as the memory fraction leaves room for on a GPU)",
+    )
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
     p.add_argument(
         "--no-shared-gpu-memory",
@@ -229,6 +249,7 @@ def build_engine(args: argparse.Namespace, ckpt: Checkpoint, dtype: torch.dtype)
         dtype,
         max_streams=args.max_streams,
         max_context=args.max_context,
+        kv_pages=args.kv_pages,
         prefill_chunk=args.prefill_chunk,
         memory_fraction=args.gpu_memory_fraction,
         cuda_graphs=not args.no_cuda_graphs,

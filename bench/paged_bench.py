@@ -1,0 +1,304 @@
+"""The paged engine at the context users run: step cost by position, throughput, prefill, memory, capacity.
+
+    python bench/paged_bench.py --shape 1.5b
+    python bench/paged_bench.py --shape 7b --cases b1@15K --no-reference-batch
+
+Runs the configuration `vvmesh up` gives (the model's own context, CUDA graphs of compiled code, the default
+stream limit and memory fraction) and prints it with the figures. Streams are put at the positions of a case
+with `LMEngine.place` (their pages hold arbitrary keys), so a step costs what it costs that far into a script
+without generating the script first. The reference (transformers' `generate()`) is timed in the same run at
+the batch-1 case's position: the time of 24 steps less that of 4, so its prefill drops out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import common
+import numpy as np
+import torch
+
+from services.acoustic.engine import AcousticEngine
+from services.common.audio import FRAME_MS
+from services.common.checkpoint import resolve_checkpoint
+from services.common.reference import load_reference
+from services.llm import memory_plan
+from services.llm.engine import LMEngine, LMStream
+from services.llm.server import parser as llm_parser
+from services.render.values import RenderStep, StreamSpec
+
+CASES = {
+    "b1@30K": [30_000],
+    "b1@15K": [15_000],
+    "b64@2K-30K": np.linspace(2_000, 30_000, 64).astype(int).tolist(),
+    "b256@2K-6K": np.linspace(2_000, 6_000, 256).astype(int).tolist(),
+}
+SEGMENT = 300  # frames into the current segment: the negative branch's length
+LONG_PROMPT = 12_555  # the 45-minute demo script's prompt tokens
+TEN_MINUTES = (2_000, 4_500)  # prompt tokens, frames
+NINETY_MINUTES = (24_000, 40_500)
+
+
+def filler_prompt(ids: list[int], length: int) -> list[int]:
+    """`ids` stretched to `length` tokens by repeating its text, its ending (audio_bos) kept last."""
+    body = ids[:-1] * (length // max(1, len(ids) - 1) + 1)
+    return body[: length - 1] + ids[-1:]
+
+
+def reference_ms_per_step(model, ids: list[int]) -> float:
+    generate = common.forced_reference(model, ids)
+
+    def go(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        generate(n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    go(2)  # warm-up
+    return (go(24) - go(4)) / 20 * 1000
+
+
+def user_defaults() -> argparse.Namespace:
+    return llm_parser().parse_args(["--device", "cuda", "--dtype", "bfloat16"])
+
+
+def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_streams: int | None = None):
+    t = time.perf_counter()
+    streams = max_streams or defaults.max_streams
+    acoustic = AcousticEngine(ckpt, "cuda", torch.bfloat16, streams, True, True)
+    lm = LMEngine(
+        ckpt,
+        "cuda",
+        torch.bfloat16,
+        max_streams=streams,
+        max_context=defaults.max_context,
+        kv_pages=kv_pages,
+        prefill_chunk=defaults.prefill_chunk,
+        memory_fraction=defaults.gpu_memory_fraction,
+    )
+    print(f"engines built in {time.perf_counter() - t:.0f} s", flush=True)
+    return lm, acoustic
+
+
+ACOUSTIC_IDS: dict[int, int] = {}  # id(LMStream) -> its acoustic stream id
+
+
+def admit(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], n: int, frames: int, first_id: int):
+    streams = [LMStream(ids, None, fixed_frames=frames, max_frames=frames) for _ in range(n)]
+    specs = [StreamSpec(first_id + i, i, 1.3, 10) for i in range(n)]
+    for s, spec in zip(streams, specs, strict=True):
+        assert lm.admit(s), "no room to admit"
+        ACOUSTIC_IDS[id(s)] = spec.stream_id
+    acoustic.step(RenderStep(starts=specs))
+    return streams
+
+
+def start(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], n: int, frames: int, first_id: int):
+    streams = admit(lm, acoustic, ids, n, frames, first_id)
+    while lm.decoding_count < len(lm.streams):
+        lm.prefill(1 << 20)
+    return streams
+
+
+def step(lm: LMEngine, acoustic: AcousticEngine) -> int:
+    decisions, positive, negative = lm.decode()
+    if decisions:
+        ids = [ACOUSTIC_IDS[id(d.stream)] for d in decisions]  # fixed frames: every decoding stream speaks
+        embeds, audio = acoustic.render(ids, positive, negative)
+        lm.accept(decisions, embeds)
+        audio.float().cpu()  # every frame leaves the GPU for its client
+    return len(decisions)
+
+
+def finish(lm: LMEngine, acoustic: AcousticEngine, streams) -> None:
+    for s in streams:
+        lm.release(s)
+        acoustic.end(ACOUSTIC_IDS.pop(id(s)))
+
+
+def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], steps: int) -> dict:
+    streams = start(lm, acoustic, ids, len(positions), steps + 8, 10_000)
+    for s, p in zip(streams, positions, strict=True):
+        lm.place(s, (p, min(SEGMENT, p - len(ids)), p - len(ids)))
+    for _ in range(3):
+        step(lm, acoustic)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    frames = sum(step(lm, acoustic) for _ in range(steps))
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t
+    finish(lm, acoustic, streams)
+    ms = elapsed / steps * 1000
+    return {
+        "case": name,
+        "streams": len(positions),
+        "positions": [min(positions), max(positions)],
+        "ms_per_step": ms,
+        "frames_per_s": frames / elapsed,
+        "real_time_factor": ms / FRAME_MS,
+    }
+
+
+def prefill_run(lm, acoustic, ids: list[int], playing: int, arrivals: int, base: list[int]) -> dict:
+    """Time to first frame of a long prompt, alone or arriving with others while `playing` streams play: the
+    longest step any playing stream sees."""
+    long_ids = filler_prompt(ids, LONG_PROMPT)
+    play = start(lm, acoustic, base, playing, 10_000, 20_000) if playing else []
+    for s in play:
+        lm.place(s, (4_000, SEGMENT, 4_000 - len(base)))
+    for _ in range(3):
+        step(lm, acoustic)
+    torch.cuda.synchronize()
+    new = admit(lm, acoustic, long_ids, arrivals, 50, 30_000)
+    t0 = time.perf_counter()
+    first_frame = None
+    longest = 0.0
+    while first_frame is None or lm.decoding_count < playing + arrivals:
+        t = time.perf_counter()
+        budget = lm.prefill_chunk if playing else 1 << 20
+        lm.prefill(budget)
+        step(lm, acoustic)
+        torch.cuda.synchronize()
+        longest = max(longest, (time.perf_counter() - t) * 1000)
+        if first_frame is None and any(s.frames for s in new):
+            first_frame = (time.perf_counter() - t0) * 1000
+        if time.perf_counter() - t0 > 60:
+            break
+    finish(lm, acoustic, play + new)
+    return {
+        "playing": playing,
+        "arrivals": arrivals,
+        "prompt_tokens": LONG_PROMPT,
+        "first_frame_ms": first_frame,
+        "longest_step_ms": longest,
+    }
+
+
+def weights_bytes(lm: LMEngine, acoustic: AcousticEngine | None = None) -> int:
+    modules = [lm.lm]
+    if acoustic is not None:
+        modules += [
+            acoustic.audio_tower,
+            acoustic.semantic_encoder,
+            acoustic.diffusion_head,
+            acoustic.acoustic_connector,
+            acoustic.semantic_connector,
+        ]
+    total = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return total + lm.head_rows.numel() * lm.head_rows.element_size()
+
+
+def capacity_plan(lm: LMEngine, gib: float) -> dict:
+    """What `LMEngine` would plan on a GPU of `gib` GiB with the llm alone on it (the Kubernetes layout)."""
+    defaults = user_defaults()
+    weights = weights_bytes(lm)
+    ps = lm.blocks.page_size
+    ceiling = defaults.max_streams * memory_plan.BRANCHES * -(-lm.kv.max_len // ps) + 1
+    pages = memory_plan.planned_pages(int(gib * 2**30), defaults.gpu_memory_fraction, weights, lm.page_bytes, ceiling)
+    return {
+        "gpu_gib": gib,
+        "weights_gib": weights / 2**30,
+        "kv_pages": pages,
+        "kv_gib": pages * lm.page_bytes / 2**30,
+        "ten_minute_streams": memory_plan.streams_that_fit(pages, ps, *TEN_MINUTES),
+        "ninety_minute_streams": memory_plan.streams_that_fit(pages, ps, *NINETY_MINUTES),
+    }
+
+
+def one_long_job_memory(ckpt, ids: list[int]) -> dict:
+    """Peak memory of one 90-minute job at its last position, with the pool sized to that job."""
+    prompt, frames = NINETY_MINUTES
+    lm = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    defaults = user_defaults()
+    probe_pages = memory_plan.expected_pages(prompt, frames, 128) + 1
+    torch.cuda.reset_peak_memory_stats()
+    lm, acoustic = build(ckpt, defaults, kv_pages=probe_pages, max_streams=1)
+    job_kv = (probe_pages - 1) * lm.page_bytes
+    weights = weights_bytes(lm, acoustic)
+    conv = acoustic.decoder_state.bytes_per_row() + acoustic.semantic_state.bytes_per_row()
+    long_ids = filler_prompt(ids, prompt)
+    streams = start(lm, acoustic, long_ids, 1, 20, 40_000)
+    lm.place(streams[0], (prompt + frames - 1, SEGMENT, frames - 1))
+    for _ in range(10):
+        step(lm, acoustic)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    finish(lm, acoustic, streams)
+    return {
+        "prompt_tokens": prompt,
+        "frames": frames,
+        "weights_gib": weights / 2**30,
+        "job_kv_gib": job_kv / 2**30,
+        "conv_state_gib": conv / 2**30,
+        "peak_gib": peak / 2**30,
+        "peak_over_weights_plus_kv": peak / (weights + job_kv + conv),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1.5b")
+    p.add_argument("--cases", default="b1@30K,b64@2K-30K,b256@2K-6K")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    args = p.parse_args()
+    path = common.checkpoint(args.shape)
+    ckpt = resolve_checkpoint(str(path))
+    ids = common.prompt_ids(path)
+    cases = args.cases.split(",")
+    results: dict = {"shape": args.shape, "rows": []}
+
+    if not args.no_reference:
+        position = CASES[cases[0]][0]
+        ref = load_reference(path, dtype=torch.bfloat16, device="cuda")
+        results["reference"] = {
+            "position": position,
+            "ms_per_step": reference_ms_per_step(ref, filler_prompt(ids, position)),
+        }
+        print(results["reference"], flush=True)
+        del ref
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    defaults = user_defaults()
+    lm, acoustic = build(ckpt, defaults)
+    results["configuration"] = {
+        "max_context": lm.kv.max_len,
+        "max_streams": lm.max_streams,
+        "gpu_memory_fraction": defaults.gpu_memory_fraction,
+        "prefill_chunk": lm.prefill_chunk,
+        "cuda_graphs": bool(lm.graphs),
+        "compiled": lm._compiled,
+        "page_size": lm.blocks.page_size,
+        "kv_pages": lm.blocks.usable,
+        "kv_pool_gib": lm.blocks.pages * lm.page_bytes / 2**30,
+        "dtype": "bfloat16",
+    }
+    print(results["configuration"], flush=True)
+    for name in cases:
+        row = case_run(lm, acoustic, ids, name, CASES[name], args.steps)
+        if "reference" in results and row["streams"] == 1:
+            row["speedup_vs_reference"] = results["reference"]["ms_per_step"] / row["ms_per_step"]
+        results["rows"].append(row)
+        print(row, flush=True)
+    if not args.no_prefill:
+        results["prefill"] = [prefill_run(lm, acoustic, ids, 0, 1, ids), prefill_run(lm, acoustic, ids, 64, 8, ids)]
+        print(results["prefill"], flush=True)
+    results["capacity"] = [capacity_plan(lm, 22.0), capacity_plan(lm, 139.8)]  # an A10G's usable 24 GB; an H200
+    print(results["capacity"], flush=True)
+    results["preemptions"] = lm.preemptions
+    del lm, acoustic
+    if not args.no_memory:
+        results["one_long_job"] = one_long_job_memory(ckpt, ids)
+    common.save(f"paged-{args.shape}", results)
+
+
+if __name__ == "__main__":
+    main()

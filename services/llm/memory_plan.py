@@ -1,0 +1,57 @@
+"""How many KV pages the llm plans at start-up, and how many streams of a given length they hold.
+
+One place for the arithmetic, used by the engine when it sizes its pool and by `vvmesh capacity`, which
+answers the same question for a GPU that is not at hand (an A10G of 24 GB, say).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BRANCHES = 3  # positive, speech-CFG negative, token-CFG unconditional (services/llm/engine.py)
+TURN_TOKENS = 64  # positions reserved beyond the speech frames, for the turn tokens between segments
+SEGMENT_FRAMES = 1024  # the negative branch's expected longest segment, reserved at admission
+ACTIVATION_RESERVE = 0.05  # of the planned memory, kept for the captured graphs' activations and workspaces
+
+
+def pages_for(positions: int, page_size: int) -> int:
+    return -(-positions // page_size)
+
+
+def expected_branch_positions(prompt_tokens: int, frames: int, turn_tokens: int = TURN_TOKENS) -> tuple[int, int, int]:
+    """Positions a stream's branches are expected to reach: the positive one holds the prompt, every frame and
+    the turn tokens; the negative one its longest segment; the unconditional one every generated token."""
+    return prompt_tokens + frames + turn_tokens, min(frames, SEGMENT_FRAMES), frames + turn_tokens
+
+
+def expected_pages(prompt_tokens: int, frames: int, page_size: int, turn_tokens: int = TURN_TOKENS) -> int:
+    return sum(pages_for(n, page_size) for n in expected_branch_positions(prompt_tokens, frames, turn_tokens))
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    def page_bytes(self, page_size: int) -> int:
+        return self.layers * 2 * self.kv_heads * page_size * self.head_dim * self.dtype_bytes  # K and V
+
+
+def planned_pages(
+    total_bytes: int,
+    memory_fraction: float,
+    in_use_bytes: int,
+    page_bytes: int,
+    ceiling: int,
+) -> int:
+    """Pages for the share of the GPU this process plans, less what it already holds (weights) and a reserve
+    for activations; never more than `ceiling` (what every stream at the full context could hold)."""
+    budget = int(total_bytes * memory_fraction * (1 - ACTIVATION_RESERVE)) - in_use_bytes
+    return max(0, min(ceiling, budget // page_bytes))
+
+
+def streams_that_fit(pages: int, page_size: int, prompt_tokens: int, frames: int) -> int:
+    """Streams of this size the pool holds at once (the scratch page aside)."""
+    return max(0, pages - 1) // expected_pages(prompt_tokens, frames, page_size)

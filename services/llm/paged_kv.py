@@ -1,0 +1,156 @@
+"""Paged KV storage for every branch of every stream, and attention that reads each row's real length.
+
+Per layer, keys and values live in one pool of shape (1, kv_heads, pages * page_size, head_dim): page p
+holds pool positions [p * page_size, (p + 1) * page_size). A KV row (one branch of one stream: row
+3s + POSITIVE, 3s + NEGATIVE, 3s + UNCONDITIONAL for the stream in slot s) maps its positions to pages
+through `page_table[row]`; which pages a row holds is decided by `BlockManager`, and entries a row does not
+hold point at the scratch page 0.
+
+Two attention implementations read the same pool and page table:
+
+- `gathered`: plain PyTorch. It gathers each row's first `keys` positions and runs SDPA with a causal mask
+  over logical positions. The CPU, eager GPU steps and prefill chunks use it.
+- `paged_flex`: FlexAttention with a block mask made from the page table, one KV block per page. A row
+  reads only the pages it holds, so a decode step costs what the streams' real lengths cost, not the
+  configured context. Its shapes are fixed per batch bucket, so the GPU's captured decode graphs use it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from services.llm.block_manager import SCRATCH_PAGE, pages_for
+
+PAGE_SIZE = 128  # positions per page; also FlexAttention's KV block, so a page is one block of its mask
+
+
+class PagedKV:
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        pages: int,
+        rows: int,
+        max_len: int,
+        device,
+        dtype: torch.dtype,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.pages = pages
+        self.page_size = page_size
+        self.max_len = max_len
+        self.max_pages = pages_for(max_len, page_size)  # per row
+        shape = (1, kv_heads, pages * page_size, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.page_table = torch.full((rows, self.max_pages), SCRATCH_PAGE, device=device, dtype=torch.int32)
+        self._offsets = torch.arange(page_size, device=device)
+
+    def pool_index(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where positions (R, T) of rows (R,) live in the pool: (R, T)."""
+        page = self.page_table[rows[:, None], positions // self.page_size].long()
+        return page * self.page_size + positions % self.page_size
+
+    def gather_index(self, rows: torch.Tensor, keys: int) -> torch.Tensor:
+        """Pool positions of the first `keys` positions of each row: (R, keys)."""
+        pages = pages_for(keys, self.page_size)
+        table = self.page_table[rows, :pages].long()
+        return (table[:, :, None] * self.page_size + self._offsets).reshape(len(rows), -1)[:, :keys]
+
+    # ------------------------------------------------------------------ row moves and swaps
+
+    def move_rows(self, src: slice, dst: slice) -> None:
+        self.page_table[dst] = self.page_table[src]
+
+    def clear_rows(self, rows: slice) -> None:
+        self.page_table[rows] = SCRATCH_PAGE
+
+    def set_pages(self, updates: list[tuple[int, int, int]]) -> None:
+        """(row, page index, page) entries of the page table, written in one copy."""
+        if not updates:
+            return
+        rows, index, pages = zip(*updates, strict=True)
+        device = self.page_table.device
+        at = (torch.tensor(rows, device=device), torch.tensor(index, device=device))
+        self.page_table.index_put_(at, torch.tensor(pages, device=device, dtype=torch.int32))
+
+    def copy_out(self, pages: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys and values of `pages`, every layer, on the host."""
+        index = self._pages_index(pages)
+        return [(k[0][:, index].cpu(), v[0][:, index].cpu()) for k, v in zip(self.k, self.v, strict=True)]
+
+    def copy_in(self, pages: list[int], saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        index = self._pages_index(pages)
+        for (k, v), (sk, sv) in zip(zip(self.k, self.v, strict=True), saved, strict=True):
+            k[0][:, index] = sk.to(k.device)
+            v[0][:, index] = sv.to(v.device)
+
+    def _pages_index(self, pages: list[int]) -> torch.Tensor:
+        table = torch.tensor(pages, device=self.page_table.device)
+        return (table[:, None] * self.page_size + self._offsets).reshape(-1)
+
+
+def gathered(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    index: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q (R, heads, T, head_dim) over pool positions `index` (R, keys), where `visible` (R, 1, T, keys)."""
+    k = k_pool[0][:, index].transpose(0, 1)  # (R, kv_heads, keys, head_dim)
+    v = v_pool[0][:, index].transpose(0, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+
+
+def causal_visibility(keys: int, positions: torch.Tensor) -> torch.Tensor:
+    """(R, 1, T, keys): logical key j is visible to a query at position p when j <= p."""
+    return torch.arange(keys, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
+
+
+def decode_block_mask(kv: PagedKV, rows: int, positions: torch.Tensor) -> BlockMask:
+    """The block mask of a decode step of rows [0, rows), one query per row at `positions` (rows,).
+
+    Every page before a row's last is visible whole; the last is visible up to the row's own position.
+    """
+    ps = kv.page_size
+    lengths = positions.to(torch.int32) + 1
+    held = (lengths + ps - 1) // ps
+    table = kv.page_table[:rows]
+    if not table.is_cuda:
+        # Inductor's CPU kernel takes the block lists' width for the number of KV blocks; the GPU's reads
+        # only the listed blocks.
+        table = F.pad(table, (0, max(0, kv.pages - kv.max_pages)))
+    # The partial block of each row is its last page, listed first; the rest of the width is never read.
+    last = torch.zeros_like(table)
+    last[:, :1] = table.gather(1, (held - 1).long()[:, None])
+    tail = (lengths - 1) % ps
+
+    def visible(b, h, q_idx, kv_idx):
+        return kv_idx % ps <= tail[b]
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=torch.ones_like(held).view(rows, 1, 1),
+        kv_indices=last.view(rows, 1, 1, -1),
+        full_kv_num_blocks=(held - 1).view(rows, 1, 1),
+        full_kv_indices=table.view(rows, 1, 1, -1),
+        BLOCK_SIZE=ps,
+        mask_mod=visible,
+        seq_lengths=(1, kv.pages * ps),
+        compute_q_blocks=False,
+    )
+
+
+_compiled_flex = torch.compile(flex_attention, fullgraph=True)  # compiles at its first call
+
+
+def paged_flex(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, mask: BlockMask, scale: float
+) -> torch.Tensor:
+    """q (R, heads, 1, head_dim) over the pages `mask` lists for each row. FlexAttention's eager fallback
+    reads block indices as dense columns, which a page table is not, so it always runs compiled."""
+    return _compiled_flex(q, k_pool, v_pool, block_mask=mask, scale=scale, enable_gqa=True)
