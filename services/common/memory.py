@@ -7,6 +7,7 @@ returns the free pages of every arena to the system. Elsewhere (musl, macOS) thi
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -26,3 +27,17 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class Trimmer:
+    """Trims shortly after large requests end (once gRPC has let go of them too), not at the next request."""
+
+    def __init__(self) -> None:
+        self.due = False
+
+    async def loop(self, every_s: float = 2.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            if self.due:
+                self.due = False
+                await asyncio.to_thread(release_free_memory)

@@ -15,6 +15,7 @@ from services.common.errors import RequestError, abort, invalid_argument
 from services.common.grpc_server import Service
 from services.common.limits import MAX_VOICE_FRAMES
 from services.common.logs import mark_random_weights, setup_logging
+from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
 from services.common.telemetry import setup_tracing
 from services.text_parser.prompt import PromptBuilder, SpecialTokens
 from services.text_parser.script import ParsedScript, ScriptError, check_turn_count, parse_text, parse_turns
@@ -30,6 +31,7 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
             SpecialTokens(cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id),
         )
         self.context = cfg.text_config.max_position_embeddings
+        self.trimmer = Trimmer()
 
     def parse(self, request: mesh_pb2.ParseRequest) -> mesh_pb2.ParseResponse:
         try:
@@ -94,6 +96,8 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
         return frames
 
     async def Parse(self, request, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC method name)
+        if request.ByteSize() >= LARGE_REQUEST_BYTES // 4:  # scripts of a few hundred KB tokenize into megabytes
+            self.trimmer.due = True
         try:
             return await asyncio.to_thread(self.parse, request)
         except RequestError as e:
@@ -119,8 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         service = Service(
             "text_parser", args.host, args.port, [mesh_pb2.DESCRIPTOR.services_by_name["TextParser"].full_name]
         )
-        mesh_pb2_grpc.add_TextParserServicer_to_server(TextParser(ckpt), service.server)
+        parser = TextParser(ckpt)
+        mesh_pb2_grpc.add_TextParserServicer_to_server(parser, service.server)
+        trimming = asyncio.create_task(parser.trimmer.loop())
         await service.run(grace_s=5)
+        trimming.cancel()
 
     asyncio.run(run())
 
