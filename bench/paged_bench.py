@@ -24,7 +24,7 @@ from services.acoustic.engine import AcousticEngine
 from services.common.audio import FRAME_MS
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference
-from services.llm import memory_plan
+from services.llm import memory_plan, paged_kv
 from services.llm.engine import LMEngine, LMStream
 from services.llm.server import parser as llm_parser
 from services.render.values import RenderStep, StreamSpec
@@ -68,7 +68,8 @@ def user_defaults() -> argparse.Namespace:
 def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_streams: int | None = None):
     t = time.perf_counter()
     streams = max_streams or defaults.max_streams
-    acoustic = AcousticEngine(ckpt, "cuda", torch.bfloat16, streams, True, True)
+    graphs, compiled = not defaults.no_cuda_graphs, not defaults.no_compile
+    acoustic = AcousticEngine(ckpt, "cuda", torch.bfloat16, streams, graphs, compiled)
     lm = LMEngine(
         ckpt,
         "cuda",
@@ -78,6 +79,8 @@ def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_s
         kv_pages=kv_pages,
         prefill_chunk=defaults.prefill_chunk,
         memory_fraction=defaults.gpu_memory_fraction,
+        cuda_graphs=graphs,
+        torch_compile=compiled,
     )
     print(f"engines built in {time.perf_counter() - t:.0f} s", flush=True)
     return lm, acoustic
@@ -103,24 +106,83 @@ def start(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], n: int, frames
     return streams
 
 
-def step(lm: LMEngine, acoustic: AcousticEngine) -> int:
+PHASES: dict[str, list[float]] = {"lm": [], "acoustic": []}
+
+
+def step(lm: LMEngine, acoustic: AcousticEngine, timed: bool = False) -> int:
+    """One step as the scheduler runs it (in-process render); `timed` records the GPU time of each half."""
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if timed else None
+    if marks:
+        marks[0].record()
     decisions, positive, negative = lm.decode()
-    if decisions:
-        ids = [ACOUSTIC_IDS[id(d.stream)] for d in decisions]  # fixed frames: every decoding stream speaks
-        embeds, audio = acoustic.render(ids, positive, negative)
-        lm.accept(decisions, embeds)
+    if marks:
+        marks[1].record()
+    speech = [d for d in decisions if d.speech]
+    embeds = None
+    if speech:
+        if len(speech) != len(decisions):
+            rows = torch.tensor([d.row for d in speech], device=positive.device)
+            positive, negative = positive.index_select(0, rows), negative.index_select(0, rows)
+        embeds, audio = acoustic.render([ACOUSTIC_IDS[id(d.stream)] for d in speech], positive, negative)
         audio.float().cpu()  # every frame leaves the GPU for its client
-    return len(decisions)
+    if marks:
+        marks[2].record()
+        torch.cuda.synchronize()
+        PHASES["lm"].append(marks[0].elapsed_time(marks[1]))
+        PHASES["acoustic"].append(marks[1].elapsed_time(marks[2]))
+    if decisions:
+        lm.accept(decisions, embeds)
+    for d in decisions:
+        if d.finish is not None:
+            finish(lm, acoustic, [d.stream])
+    return len(speech)
 
 
 def finish(lm: LMEngine, acoustic: AcousticEngine, streams) -> None:
     for s in streams:
-        lm.release(s)
-        acoustic.end(ACOUSTIC_IDS.pop(id(s)))
+        if id(s) in ACOUSTIC_IDS:
+            lm.release(s)
+            acoustic.end(ACOUSTIC_IDS.pop(id(s)))
+
+
+def gpu_ms(fn, repeats: int = 20) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+@torch.inference_mode()
+def attention_probe(lm: LMEngine, streams: int) -> dict:
+    """One layer's attention for the rows of this case: FlexAttention over the pages (what the graphs run)
+    against gathering the rows' keys for SDPA up to the longest row."""
+    rows = 3 * streams
+    attn = lm.lm.layers[0].self_attn
+    heads = attn.config.num_attention_heads
+    q = torch.randn(rows, heads, 1, attn.head_dim, device="cuda", dtype=lm.dtype)
+    positions = lm.positions[:streams].reshape(-1)
+    keys = int(positions.max()) + 1
+    k, v = lm.kv.k[0], lm.kv.v[0]
+    kv_rows = torch.arange(rows, device="cuda")
+
+    def flex():
+        mask = paged_kv.decode_block_mask(lm.kv, rows, positions)
+        return paged_kv.paged_flex(q, k, v, mask, attn.scaling)
+
+    def gathered():
+        index = lm.kv.gather_index(kv_rows, keys)
+        visible = paged_kv.causal_visibility(keys, positions[:, None])
+        return paged_kv.gathered(q, k, v, index, visible, attn.scaling)
+
+    return {"flex": gpu_ms(flex), "gathered_sdpa": gpu_ms(gathered), "keys": keys}
 
 
 def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], steps: int) -> dict:
-    streams = start(lm, acoustic, ids, len(positions), steps + 8, 10_000)
+    streams = start(lm, acoustic, ids, len(positions), steps + 20, 10_000)
     for s, p in zip(streams, positions, strict=True):
         lm.place(s, (p, min(SEGMENT, p - len(ids)), p - len(ids)))
     for _ in range(3):
@@ -130,9 +192,17 @@ def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], step
     frames = sum(step(lm, acoustic) for _ in range(steps))
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t
+    PHASES["lm"].clear()
+    PHASES["acoustic"].clear()
+    for _ in range(5):
+        step(lm, acoustic, timed=True)
+    attention = attention_probe(lm, len(positions))
     finish(lm, acoustic, streams)
     ms = elapsed / steps * 1000
     return {
+        "lm_gpu_ms": float(np.median(PHASES["lm"])),
+        "attention_one_layer_ms": attention,
+        "acoustic_gpu_ms": float(np.median(PHASES["acoustic"])),
         "case": name,
         "streams": len(positions),
         "positions": [min(positions), max(positions)],

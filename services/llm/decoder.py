@@ -30,14 +30,16 @@ class PagedDecoder:
         attn = lm.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
-        self.compiled_layer = self.layer
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
         self.qkv = [fuse_linears([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj]) for la in lm.layers]
         self.gate_up = [fuse_linears([la.mlp.gate_proj, la.mlp.up_proj])[0] for la in lm.layers]
+        self.compiled_parts = (self.before_attention, self.after_attention)
 
     def compile(self) -> None:
-        self.compiled_layer = compiled(self.layer)
+        # Attention stays outside these regions: FlexAttention picks its decoding kernel only for a batch size
+        # known when it compiles, and these regions become shape-generic after their second size.
+        self.compiled_parts = (compiled(self.before_attention), compiled(self.after_attention))
 
     def forward(
         self,
@@ -52,8 +54,8 @@ class PagedDecoder:
         Each query attends to its row's positions up to its own. With `keys` the rows' first `keys` positions
         are gathered (plain PyTorch); without, one query per row reads only the pages its row holds
         (FlexAttention over the page table). Returns the final-norm hidden states (R, T, hidden). `compiled`
-        runs the layers through `compiled_layer` (the decode step's graphs; prefill stays eager, its shapes
-        change with every chunk).
+        runs the layers' other parts through `compiled_parts` (the decode step's graphs; prefill stays eager,
+        its shapes change with every chunk).
         """
         cos, sin = self.lm.rotary_emb(x, positions)
         write = self.kv.pool_index(rows, positions)
@@ -62,33 +64,36 @@ class PagedDecoder:
             mask = decode_block_mask(self.kv, len(rows), positions[:, 0])
         else:
             gather, visible, mask = self.kv.gather_index(rows, keys), causal_visibility(keys, positions), None
-        step = self.compiled_layer if compiled else self.layer
+        before, after = self.compiled_parts if compiled else (self.before_attention, self.after_attention)
         for i, layer in enumerate(self.lm.layers):
-            weights = (*self.qkv[i], self.gate_up[i])
-            pools = (self.kv.k[i], self.kv.v[i])
-            x = step(layer, weights, x, cos, sin, write, pools, gather, visible, mask)
+            k_pool, v_pool = self.kv.k[i], self.kv.v[i]
+            q, k, v = before(layer, self.qkv[i], x, cos, sin)
+            # Written outside the compiled regions: a compiled write into the pool (a graph input) would copy it.
+            k_pool[0][:, write] = k.transpose(0, 1)
+            v_pool[0][:, write] = v.transpose(0, 1)
+            if gather is not None:
+                out = gathered(q, k_pool, v_pool, gather, visible, self.scaling)
+            else:
+                out = paged_flex(q, k_pool, v_pool, mask, self.scaling)
+            x = after(layer, self.gate_up[i], x, out)
         return self.lm.norm(x)
 
-    def layer(self, layer, weights, x, cos, sin, write, pools, gather, visible, mask) -> torch.Tensor:
-        """One Qwen2 decoder layer: writes this step's keys and values at pool positions `write`, then attends
-        (gathered keys when `gather` is given, the paged block `mask` otherwise). No per-layer constants, so
-        one compilation serves all layers."""
+    def before_attention(self, layer, qkv, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A Qwen2 layer up to attention: this step's queries, keys and values (R, heads, T, head_dim). No
+        per-layer constants, so one compilation serves all layers."""
         batch, tokens = x.shape[:2]
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv_weight, qkv_bias, gate_up_weight = weights
-        k_pool, v_pool = pools
+        qkv_weight, qkv_bias = qkv
         h = layer.input_layernorm(x)
         q, k, v = F.linear(h, qkv_weight, qkv_bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k_pool[0][:, write] = k.transpose(0, 1)
-        v_pool[0][:, write] = v.transpose(0, 1)
-        if gather is not None:
-            out = gathered(q, k_pool, v_pool, gather, visible, self.scaling)
-        else:
-            out = paged_flex(q, k_pool, v_pool, mask, self.scaling)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        return q, k, v
+
+    def after_attention(self, layer, gate_up_weight, x, out) -> torch.Tensor:
+        """The rest of the layer: output projection, residuals and the MLP."""
+        batch, tokens = x.shape[:2]
+        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
         gate, up = F.linear(layer.post_attention_layernorm(x), gate_up_weight).chunk(2, dim=-1)
-        return x + mlp.down_proj(mlp.act_fn(gate) * up)
+        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)

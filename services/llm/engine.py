@@ -46,6 +46,7 @@ from services.llm.memory_plan import BRANCHES, KVShape, planned_pages
 from services.llm.paged_kv import PAGE_SIZE, PagedKV
 
 POSITIVE, NEGATIVE, UNCONDITIONAL = 0, 1, 2
+IDLE_PREFILL_CHUNKS = 4  # a prefill chunk is this many times --prefill-chunk while no stream is decoding
 CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU, where there is no memory budget to plan from
 
 log = logging.getLogger(__name__)
@@ -412,13 +413,15 @@ class LMEngine:
             if not self._swap_in(stream):
                 break  # oldest first: a later stream does not overtake one that waits for pages
         ready = []
+        # With nothing playing, no step waits on the prefill: larger chunks bring the first audio sooner.
+        chunk = self.prefill_chunk if self.decoding_count else IDLE_PREFILL_CHUNKS * self.prefill_chunk
         for stream in [s for s in self.streams[self.decoding_count :] if s.prompt_embeds is not None]:
             if budget <= 0:
                 break
             target = len(stream.prompt_ids) - 1
             while stream.prefilled < target and budget > 0:
                 a = stream.prefilled
-                b = min(target, a + self.prefill_chunk, a + budget)
+                b = min(target, a + chunk, a + budget)
                 if not self._grow(stream, POSITIVE, b):
                     return ready  # the pool is full: the running streams come first
                 positions = torch.arange(a, b, device=self.device)[None]

@@ -115,29 +115,34 @@ def causal_visibility(keys: int, positions: torch.Tensor) -> torch.Tensor:
 def decode_block_mask(kv: PagedKV, rows: int, positions: torch.Tensor) -> BlockMask:
     """The block mask of a decode step of rows [0, rows), one query per row at `positions` (rows,).
 
-    Every page before a row's last is visible whole; the last is visible up to the row's own position.
+    Every page a row holds is listed as a partial block, in logical order: every page but its last is visible
+    whole, the last up to the row's own position. (With full blocks listed apart, FlexAttention's decoding
+    kernel would split the work by the pool's length instead of each row's, leaving one thread block per row
+    to read all of it.)
     """
     ps = kv.page_size
     lengths = positions.to(torch.int32) + 1
     held = (lengths + ps - 1) // ps
     table = kv.page_table[:rows]
+    full = {}
     if not table.is_cuda:
-        # Inductor's CPU kernel takes the block lists' width for the number of KV blocks; the GPU's reads
-        # only the listed blocks.
+        # Inductor's CPU kernel takes the block lists' width for the number of KV blocks (the GPU's reads only
+        # the listed blocks), and it needs a list of full blocks, which is empty here.
         table = F.pad(table, (0, max(0, kv.pages - kv.max_pages)))
-    # The partial block of each row is its last page, listed first; the rest of the width is never read.
-    last = torch.zeros_like(table)
-    last[:, :1] = table.gather(1, (held - 1).long()[:, None])
+        full = {
+            "full_kv_num_blocks": torch.zeros_like(held).view(rows, 1, 1),
+            "full_kv_indices": table.view(rows, 1, 1, -1),
+        }
+    last = table.gather(1, (held - 1).long()[:, None])[:, 0]
     tail = (lengths - 1) % ps
 
     def visible(b, h, q_idx, kv_idx):
-        return kv_idx % ps <= tail[b]
+        return (kv_idx // ps != last[b]) | (kv_idx % ps <= tail[b])
 
     return BlockMask.from_kv_blocks(
-        kv_num_blocks=torch.ones_like(held).view(rows, 1, 1),
-        kv_indices=last.view(rows, 1, 1, -1),
-        full_kv_num_blocks=(held - 1).view(rows, 1, 1),
-        full_kv_indices=table.view(rows, 1, 1, -1),
+        kv_num_blocks=held.view(rows, 1, 1),
+        kv_indices=table.view(rows, 1, 1, -1),
+        **full,
         BLOCK_SIZE=ps,
         mask_mod=visible,
         seq_lengths=(1, kv.pages * ps),
@@ -145,7 +150,10 @@ def decode_block_mask(kv: PagedKV, rows: int, positions: torch.Tensor) -> BlockM
     )
 
 
-_compiled_flex = torch.compile(flex_attention, fullgraph=True)  # compiles at its first call
+# Compiled per batch size (dynamic=False): FlexAttention's decoding kernel, which splits each row's pages across
+# the GPU, needs the batch known at compile time; the generic kernel gives a one-query row one thread block.
+_compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one per batch bucket
 
 
 def paged_flex(

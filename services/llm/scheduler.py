@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.step_stats import StepStats
-from services.llm.engine import LMEngine, LMStream
+from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.values import RenderStep, StreamSpec
 
@@ -154,7 +154,8 @@ class Scheduler:
             joined.append(job)
 
         def compute():
-            ready = self.engine.prefill(self.prefill_budget)
+            idle = self.engine.decoding_count == 0  # nobody plays: the prefill may take the whole step
+            ready = self.engine.prefill(self.prefill_budget * (IDLE_PREFILL_CHUNKS if idle else 1))
             return ready, *self.engine.decode()
 
         t0 = time.perf_counter()
