@@ -38,17 +38,6 @@ def place(kv: paged_kv.PagedKV, positions: list[int]) -> torch.Tensor:
     return torch.tensor(lengths, device="cuda")
 
 
-def timed(fn, repeats: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 @torch.inference_mode()
 def run_case(name: str, positions: list[int]) -> list[dict]:
     rows = 3 * len(positions)
@@ -69,7 +58,7 @@ def run_case(name: str, positions: list[int]) -> list[dict]:
         try:
             out = call()
             reference = out if reference is None else reference
-            ms = timed(call)
+            ms = common.gpu_ms(call)
             row = {"case": name, "kernel": option, "ms": ms, "tb_per_s": held_bytes / ms / 1e9}
             row["max_diff_vs_flex"] = float((out - reference).abs().max())
         except Exception as e:  # an option this torch does not take
@@ -84,7 +73,7 @@ def run_case(name: str, positions: list[int]) -> list[dict]:
         visible = paged_kv.causal_visibility(keys, lengths[:, None])
         return paged_kv.gathered(q, kv.k[0], kv.v[0], index, visible, None)
 
-    ms = timed(gathered, 5)
+    ms = common.gpu_ms(gathered, 5)
     row = {"case": name, "kernel": "gather + SDPA", "ms": ms, "tb_per_s": held_bytes / ms / 1e9}
     row["max_diff_vs_flex"] = float((gathered() - reference).abs().max())
     out_rows.append(row)

@@ -91,3 +91,15 @@ def forced_reference(model, ids: list[int], batch: int = 1):
         )
 
     return go
+
+
+def gpu_ms(fn, repeats: int = 20) -> float:
+    """GPU time of one call of `fn`, after a warm-up call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats

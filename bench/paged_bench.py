@@ -145,17 +145,6 @@ def finish(lm: LMEngine, acoustic: AcousticEngine, streams) -> None:
             acoustic.end(ACOUSTIC_IDS.pop(id(s)))
 
 
-def gpu_ms(fn, repeats: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 @torch.inference_mode()
 def attention_probe(lm: LMEngine, streams: int) -> dict:
     """One layer's attention for the rows of this case: FlexAttention over the pages (what the graphs run)
@@ -178,7 +167,7 @@ def attention_probe(lm: LMEngine, streams: int) -> dict:
         visible = paged_kv.causal_visibility(keys, positions[:, None])
         return paged_kv.gathered(q, k, v, index, visible, attn.scaling)
 
-    return {"flex": gpu_ms(flex), "gathered_sdpa": gpu_ms(gathered), "keys": keys}
+    return {"flex": common.gpu_ms(flex), "gathered_sdpa": common.gpu_ms(gathered), "keys": keys}
 
 
 def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], steps: int) -> dict:
