@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services import k8s_args
 from services.mesh import ENVOY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +194,18 @@ def test_service_args_are_accepted_by_the_services(monkeypatch):
         if c["command"][:2] == ["vvmesh", "serve"]:
             with pytest.raises(_Parsed):
                 importlib.import_module(f"services.{c['command'][2]}.server").main(c["args"])
+
+
+def test_service_args_are_the_config_classes_rendered():
+    """The base manifests' args are what `python -m services.k8s_args --write` renders from the config classes
+    that `Mesh` uses, so a new option or a changed default reaches Kubernetes too."""
+    deployments = by_kind(render(BASE), "Deployment")
+    for name, args in k8s_args.rendered().items():
+        assert container(deployments[name])["args"] == args, name
+    changed = k8s_args.rewrite((BASE / "llm.yaml").read_text(), ["--host", "0.0.0.0", "--port", "1"])
+    deployment = by_kind(list(yaml.safe_load_all(changed)), "Deployment")["llm"]
+    assert container(deployment)["args"] == ["--host", "0.0.0.0", "--port", "1"]
+    assert "# Args rendered by" in changed  # the comments around the block stay
 
 
 def test_every_deployment_has_probes_and_resources(rendered):
