@@ -137,3 +137,22 @@ def test_a_stream_that_ends_without_rendering_frees_its_row_before_the_step(ckpt
     result = engine.step(RenderStep(0, [StreamSpec(3, 3, 1.3, 10)], [2], zeros, zeros, [1]))
     assert result.audio.shape == (1, 3200)
     assert sorted(engine.streams) == [2, 3]
+
+
+def test_a_stream_with_another_step_count_does_not_take_its_batch_off_the_usual_step(ckpt, monkeypatch):
+    """Two streams at the usual 10 diffusion steps and one at 5: the two go through the bucket step (the one the
+    GPU's graphs replay; the CPU calls it as it is), and only the third renders apart."""
+    engine = AcousticEngine(ckpt, max_streams=4)
+    for sid, steps in ((1, 10), (2, 5), (3, 10)):
+        engine.start(StreamSpec(sid, seed=sid, cfg_scale=1.3, diffusion_steps=steps))
+    buckets, leading = [], []
+    bucket_step, render_leading = engine._bucket_step, engine._render_leading
+    monkeypatch.setattr(engine, "_bucket_step", lambda n: buckets.append(n) or bucket_step(n))
+    monkeypatch.setattr(
+        engine, "_render_leading", lambda states, *a: leading.append(len(states)) or render_leading(states, *a)
+    )
+    conditions = torch.randn(3, engine.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds, audio = engine.render([1, 2, 3], conditions, conditions.flip(0))
+    assert leading == [2] and buckets == [2]
+    assert embeds.shape == (3, engine.hidden_size) and audio.shape == (3, 3200)
+    assert torch.isfinite(audio).all() and audio.abs().amax(dim=1).min() > 0

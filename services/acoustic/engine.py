@@ -131,6 +131,12 @@ class AcousticEngine:
         if torch_compile and cuda and cuda_graphs:
             self._compiled_diffusion = compiled(self._diffuse)
             self._compiled_block = compiled(convnext_step)
+        # The usual step (every stream at GRAPH_DIFFUSION_STEPS) reads its inputs from these buffers and renders
+        # the leading rows of a batch bucket. On the GPU it is captured per bucket; elsewhere it is called as
+        # it is, so the CPU runs the control flow the graphs replay (row moves, padding rows put back).
+        rows = max_streams
+        self._condition = torch.zeros(2 * rows, hidden, device=self.device, dtype=dtype)
+        self._noise_in = torch.zeros(rows, self.latent_size, device=self.device, dtype=dtype)
         self.graphs: dict[int, CapturedStep] = {}
         if cuda_graphs and cuda:
             self._capture_graphs()
@@ -307,29 +313,31 @@ class AcousticEngine:
         embeds = self.acoustic_connector(latent) + self.semantic_connector(semantic)
         return embeds[:, 0], audio[:, 0]
 
-    def _capture_graphs(self) -> None:
+    def _bucket_step(self, n: int):
+        """The usual step over the first `n` rows, reading `_condition` and `_noise_in`."""
         plan = self._plan(GRAPH_DIFFUSION_STEPS)
         rows = self.max_streams
-        self._condition = torch.zeros(2 * rows, self.hidden_size, device=self.device, dtype=self.dtype)
-        self._noise_in = torch.zeros(rows, self.latent_size, device=self.device, dtype=self.dtype)
+
+        def step():
+            condition = torch.cat([self._condition[:n], self._condition[rows : rows + n]], dim=0)
+            return self._frame(
+                condition,
+                self._noise_in[:n],
+                self.cfg_rows[:n],
+                plan,
+                self.decoder_state.leading(n),
+                self.semantic_state.leading(n),
+                use_compiled=True,
+            )
+
+        return step
+
+    def _capture_graphs(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # outputs are consumed before the next replay
         conv_kernels = {}
-        for n in buckets_up_to(rows):
-
-            def step(n=n):
-                condition = torch.cat([self._condition[:n], self._condition[rows : rows + n]], dim=0)
-                return self._frame(
-                    condition,
-                    self._noise_in[:n],
-                    self.cfg_rows[:n],
-                    plan,
-                    self.decoder_state.leading(n),
-                    self.semantic_state.leading(n),
-                    use_compiled=True,
-                )
-
+        for n in buckets_up_to(self.max_streams):
             with torch.inference_mode():
-                self.graphs[n], cudnn = capture_fastest_convolutions(step, pool)
+                self.graphs[n], cudnn = capture_fastest_convolutions(self._bucket_step(n), pool)
             conv_kernels[n] = "cudnn" if cudnn else "native"
         for store in (self.decoder_state, self.semantic_state):  # warm-up ran on rows no stream owns yet
             for t in store.state.values():
@@ -364,32 +372,21 @@ class AcousticEngine:
         positive = positive.to(self.device, self.dtype)
         negative = negative.to(self.device, self.dtype)
         noise = self._noise(states)
-        steps = {st.diffusion_steps for st in states}
-        # The usual step: a graph over the leading rows serves, in whatever order the llm lists the streams.
-        if self.graphs and steps == {GRAPH_DIFFUSION_STEPS}:
-            if n < len(self.order):
-                self._speakers_first(states)
-            rows = [st.row for st in states]
-            bucket = bucket_for(n, self.max_streams)
-            limit = self.max_streams
-            # The graph also steps the padding rows [n, bucket); those of streams that sit this step out are
-            # put back afterwards.
-            held = min(bucket, len(self.order))
-            stores = (self.decoder_state, self.semantic_state) if held > n else ()
-            saved = [(store, store.snapshot(n, held)) for store in stores]
-            index = slice(0, n) if rows == list(range(n)) else torch.tensor(rows, device=self.device)
-            self._condition[index], self._condition[limit : limit + bucket][index] = positive, negative
-            self._noise_in[index] = noise
-            embeds, audio = self.graphs[bucket].replay()
-            for store, rows_saved in saved:
-                store.restore(n, rows_saved)
+        usual = [i for i, st in enumerate(states) if st.diffusion_steps == GRAPH_DIFFUSION_STEPS]
+        if len(usual) == n:
+            embeds, audio = self._render_leading(states, positive, negative, noise)
             self._draw_ahead(states)
-            return embeds[index], audio[index]
-
+            return embeds, audio
+        # Streams with other step counts render apart, each count as one eager group; the others still go
+        # through the usual step, so one unusual request does not slow its whole batch.
         embeds = torch.empty(n, self.hidden_size, device=self.device, dtype=self.dtype)
         audio = torch.empty(n, SAMPLES_PER_FRAME, device=self.device, dtype=self.dtype)
+        if usual:
+            index = torch.tensor(usual, device=self.device)
+            leading = [states[i] for i in usual]
+            embeds[index], audio[index] = self._render_leading(leading, positive[index], negative[index], noise[index])
         cfg = self.cfg_rows[torch.tensor([st.row for st in states], device=self.device)]
-        for count in sorted(steps):
+        for count in sorted({st.diffusion_steps for st in states} - {GRAPH_DIFFUSION_STEPS}):
             group = [i for i, st in enumerate(states) if st.diffusion_steps == count]
             index = torch.tensor(group, device=self.device)
             rows = torch.tensor([states[i].row for i in group], device=self.device)
@@ -402,6 +399,30 @@ class AcousticEngine:
             embeds[index], audio[index] = e, a
         self._draw_ahead(states)
         return embeds, audio
+
+    def _render_leading(
+        self, states: list[StreamState], positive: torch.Tensor, negative: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The usual step for `states`, in whatever order the llm lists them: they move to the leading rows,
+        and a bucket's step (its graph on the GPU) renders them."""
+        n = len(states)
+        if n < len(self.order):
+            self._speakers_first(states)
+        rows = [st.row for st in states]
+        bucket = bucket_for(n, self.max_streams)
+        limit = self.max_streams
+        # The step also steps the padding rows [n, bucket); those of streams that sit this step out are put
+        # back afterwards.
+        held = min(bucket, len(self.order))
+        stores = (self.decoder_state, self.semantic_state) if held > n else ()
+        saved = [(store, store.snapshot(n, held)) for store in stores]
+        index = slice(0, n) if rows == list(range(n)) else torch.tensor(rows, device=self.device)
+        self._condition[index], self._condition[limit : limit + bucket][index] = positive, negative
+        self._noise_in[index] = noise
+        embeds, audio = self.graphs[bucket].replay() if self.graphs else self._bucket_step(bucket)()
+        for store, rows_saved in saved:
+            store.restore(n, rows_saved)
+        return embeds[index], audio[index]
 
     def step(self, step: RenderStep) -> RenderResult:
         """One Render step: join `starts`, render `ids`, then release `ends`.
