@@ -13,6 +13,7 @@ the batch-1 case's position: the time of 24 steps less that of 4, so its prefill
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import time
 
@@ -23,10 +24,13 @@ import torch
 from services.acoustic.engine import AcousticEngine
 from services.common.audio import FRAME_MS
 from services.common.checkpoint import resolve_checkpoint
+from services.common.model_args import resolve_dtype
 from services.common.reference import load_reference
 from services.llm import memory_plan, paged_kv
-from services.llm.engine import LMEngine, LMStream
+from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
+from services.llm.runner import StepPlan, StepRunner
 from services.llm.server import parser as llm_parser
+from services.render.local import LocalLink
 from services.render.values import RenderStep, StreamSpec
 
 CASES = {
@@ -34,6 +38,7 @@ CASES = {
     "b1@15K": [15_000],
     "b64@2K-30K": np.linspace(2_000, 30_000, 64).astype(int).tolist(),
     "b256@2K-6K": np.linspace(2_000, 6_000, 256).astype(int).tolist(),
+    "cpu-smoke": [600, 900, 1200],  # the tiny model on a CPU: the bench's own code paths, no figures
 }
 SEGMENT = 300  # frames into the current segment: the negative branch's length
 LONG_PROMPT = 12_555  # the 45-minute demo script's prompt tokens
@@ -61,19 +66,24 @@ def reference_ms_per_step(model, ids: list[int]) -> float:
     return (go(24) - go(4)) / 20 * 1000
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def user_defaults() -> argparse.Namespace:
-    return llm_parser().parse_args(["--device", "cuda", "--dtype", "bfloat16"])
+    """What `vvmesh up` gives the llm on this machine (the server's own parser and defaults)."""
+    return llm_parser().parse_args(["--device", DEVICE])
 
 
 def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_streams: int | None = None):
     t = time.perf_counter()
     streams = max_streams or defaults.max_streams
     graphs, compiled = not defaults.no_cuda_graphs, not defaults.no_compile
-    acoustic = AcousticEngine(ckpt, "cuda", torch.bfloat16, streams, graphs, compiled)
+    dtype = resolve_dtype(defaults)
+    acoustic = AcousticEngine(ckpt, defaults.device, dtype, streams, graphs, compiled)
     lm = LMEngine(
         ckpt,
-        "cuda",
-        torch.bfloat16,
+        defaults.device,
+        dtype,
         max_streams=streams,
         max_context=defaults.max_context,
         kv_pages=kv_pages,
@@ -107,35 +117,31 @@ def start(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], n: int, frames
 
 
 PHASES: dict[str, list[float]] = {"lm": [], "acoustic": []}
+LOOP = asyncio.new_event_loop()  # one loop (and thread pool) for every step, as in the llm's server
+RUNNERS: dict[int, StepRunner] = {}
 
 
-def step(lm: LMEngine, acoustic: AcousticEngine, timed: bool = False) -> int:
-    """One step as the scheduler runs it (in-process render); `timed` records the GPU time of each half."""
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if timed else None
-    if marks:
-        marks[0].record()
-    decisions, positive, negative = lm.decode()
-    if marks:
-        marks[1].record()
-    speech = [d for d in decisions if d.speech]
-    embeds = None
-    if speech:
-        if len(speech) != len(decisions):
-            rows = torch.tensor([d.row for d in speech], device=positive.device)
-            positive, negative = positive.index_select(0, rows), negative.index_select(0, rows)
-        embeds, audio = acoustic.render([ACOUSTIC_IDS[id(d.stream)] for d in speech], positive, negative)
-        audio.float().cpu()  # every frame leaves the GPU for its client
-    if marks:
-        marks[2].record()
+def runner(lm: LMEngine, acoustic: AcousticEngine) -> StepRunner:
+    if id(lm) not in RUNNERS:
+        RUNNERS[id(lm)] = StepRunner(lm, LocalLink(acoustic))
+    return RUNNERS[id(lm)]
+
+
+def step(lm: LMEngine, acoustic: AcousticEngine, prefill_budget: int = 0) -> int:
+    """One step through the runner the llm's step loop uses (in-process render); records where it went."""
+    out = LOOP.run_until_complete(runner(lm, acoustic).step(StepPlan(prefill_budget=prefill_budget), ACOUSTIC_IDS))
+    PHASES["lm"].append(out.phase_ms["prefill+decode"])  # ends in the choice's device-to-host copy
+    PHASES["acoustic"].append(out.phase_ms["render"] + out.phase_ms["to host"])
+    for d in out.decisions:
+        if d.finish is not None:  # the runner's message already ended it on the acoustic side
+            lm.release(d.stream)
+            ACOUSTIC_IDS.pop(id(d.stream))
+    return sum(d.speech for d in out.decisions)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-        PHASES["lm"].append(marks[0].elapsed_time(marks[1]))
-        PHASES["acoustic"].append(marks[1].elapsed_time(marks[2]))
-    if decisions:
-        lm.accept(decisions, embeds)
-    for d in decisions:
-        if d.finish is not None:
-            finish(lm, acoustic, [d.stream])
-    return len(speech)
 
 
 def finish(lm: LMEngine, acoustic: AcousticEngine, streams) -> None:
@@ -176,22 +182,20 @@ def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], step
         lm.place(s, (p, min(SEGMENT, p - len(ids)), p - len(ids)))
     for _ in range(3):
         step(lm, acoustic)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    frames = sum(step(lm, acoustic) for _ in range(steps))
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t
+    sync()
     PHASES["lm"].clear()
     PHASES["acoustic"].clear()
-    for _ in range(5):
-        step(lm, acoustic, timed=True)
-    attention = attention_probe(lm, len(positions))
+    t = time.perf_counter()
+    frames = sum(step(lm, acoustic) for _ in range(steps))
+    sync()
+    elapsed = time.perf_counter() - t
+    attention = attention_probe(lm, len(positions)) if lm.device.type == "cuda" else None
     finish(lm, acoustic, streams)
     ms = elapsed / steps * 1000
     return {
-        "lm_gpu_ms": float(np.median(PHASES["lm"])),
+        "lm_ms": float(np.median(PHASES["lm"])),
         "attention_one_layer_ms": attention,
-        "acoustic_gpu_ms": float(np.median(PHASES["acoustic"])),
+        "acoustic_ms": float(np.median(PHASES["acoustic"])),
         "case": name,
         "streams": len(positions),
         "positions": [min(positions), max(positions)],
@@ -204,23 +208,23 @@ def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], step
 def prefill_run(lm, acoustic, ids: list[int], playing: int, arrivals: int, base: list[int]) -> dict:
     """Time to first frame of a long prompt, alone or arriving with others while `playing` streams play: the
     longest step any playing stream sees."""
-    long_ids = filler_prompt(ids, LONG_PROMPT)
+    long_ids = filler_prompt(ids, min(LONG_PROMPT, lm.max_positions // 2))
     play = start(lm, acoustic, base, playing, 10_000, 20_000) if playing else []
     for s in play:
         lm.place(s, (4_000, SEGMENT, 4_000 - len(base)))
     for _ in range(3):
         step(lm, acoustic)
-    torch.cuda.synchronize()
+    sync()
     new = admit(lm, acoustic, long_ids, arrivals, 50, 30_000)
     t0 = time.perf_counter()
     first_frame = None
     longest = 0.0
     while first_frame is None or lm.decoding_count < playing + arrivals:
         t = time.perf_counter()
-        budget = lm.prefill_chunk if playing else 1 << 20
-        lm.prefill(budget)
-        step(lm, acoustic)
-        torch.cuda.synchronize()
+        # the llm's budgets: one chunk a step while streams play, IDLE_PREFILL_CHUNKS of them otherwise
+        budget = lm.prefill_chunk * (1 if lm.decoding_count else IDLE_PREFILL_CHUNKS)
+        step(lm, acoustic, budget)
+        sync()
         longest = max(longest, (time.perf_counter() - t) * 1000)
         if first_frame is None and any(s.frames for s in new):
             first_frame = (time.perf_counter() - t0) * 1000
@@ -230,7 +234,7 @@ def prefill_run(lm, acoustic, ids: list[int], playing: int, arrivals: int, base:
     return {
         "playing": playing,
         "arrivals": arrivals,
-        "prompt_tokens": LONG_PROMPT,
+        "prompt_tokens": len(long_ids),
         "first_frame_ms": first_frame,
         "longest_step_ms": longest,
     }
@@ -307,6 +311,7 @@ def main() -> None:
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--playing", type=int, default=64, help="streams playing while the long prompts arrive")
     args = p.parse_args()
     path = common.checkpoint(args.shape)
     ckpt = resolve_checkpoint(str(path))
@@ -338,7 +343,8 @@ def main() -> None:
         "page_size": lm.blocks.page_size,
         "kv_pages": lm.blocks.usable,
         "kv_pool_gib": lm.blocks.pages * lm.page_bytes / 2**30,
-        "dtype": "bfloat16",
+        "dtype": str(lm.dtype),
+        "device": DEVICE,
     }
     print(results["configuration"], flush=True)
     for name in cases:
@@ -348,7 +354,10 @@ def main() -> None:
         results["rows"].append(row)
         print(row, flush=True)
     if not args.no_prefill:
-        results["prefill"] = [prefill_run(lm, acoustic, ids, 0, 1, ids), prefill_run(lm, acoustic, ids, 64, 8, ids)]
+        results["prefill"] = [
+            prefill_run(lm, acoustic, ids, 0, 1, ids),
+            prefill_run(lm, acoustic, ids, args.playing, 8, ids),
+        ]
         print(results["prefill"], flush=True)
     results["capacity"] = [capacity_plan(lm, 22.0), capacity_plan(lm, 139.8)]  # an A10G's usable 24 GB; an H200
     print(results["capacity"], flush=True)

@@ -1,9 +1,10 @@
 """The llm's step loop: streams join and leave at step boundaries; one acoustic message per batched step.
 
-Every step: release streams that were cancelled, give waiting streams free slots, prefill up to a token
-budget of new prompts (so a long new script never freezes the streams already playing), run one batched
-decode step for every ready stream, send the speaking streams' conditions to the acoustic side in one
-message, and hand each stream its frame.
+Every step is schedule -> execute -> update. The scheduler releases streams that were cancelled, admits
+waiting ones while the engine has room (a batch row and the KV pages they are expected to need), and sets
+the prefill budget (so a long new script never freezes the streams already playing); that plan goes to the
+runner (`services/llm/runner.py`), which prefills, decodes, renders and accepts; the scheduler then hands
+each stream its events.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 
 from services.common.step_stats import StepStats
 from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
+from services.llm.runner import StepPlan, StepRunner
 from services.render.link import RenderLink, RenderUnavailable
-from services.render.values import RenderStep, StreamSpec
+from services.render.values import StreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +76,17 @@ class Job:
 class Scheduler:
     def __init__(self, engine: LMEngine, link: RenderLink, prefill_budget: int = 512) -> None:
         self.engine = engine
-        self.link = link
+        self.runner = StepRunner(engine, link)
         self.prefill_budget = prefill_budget
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []  # holding an engine slot
         self.wake = asyncio.Event()
         self._ids = itertools.count(1)
-        self._step = 0
         self._task: asyncio.Task | None = None
         self.step_ms = 0.0  # moving average of a decoding step's wall time
         self.phase_ms: dict[str, float] = {}
         self.stats = StepStats(log, "llm step")
         self._rows = 0  # streams in the last step
-        # Streams the acoustic side may still hold after a failed step: released with the next message.
-        self._orphans: set[int] = set()
 
     def new_stream_id(self) -> int:
         return next(self._ids)
@@ -125,7 +124,7 @@ class Scheduler:
         for job in self.active:
             job.events.put_nowait(Failed(message))
             self.engine.release(job.stream)
-            self._orphans.add(job.spec.stream_id)
+            self.runner.orphans.add(job.spec.stream_id)
         self.active = []
 
     def _retire(self, jobs: list[Job]) -> list[int]:
@@ -144,83 +143,40 @@ class Scheduler:
             if self.phase_ms:
                 self.stats.add(self._rows, self.phase_ms, elapsed_ms, f" ({len(self.waiting)} waiting)")
 
-    async def _step_once(self) -> None:
-        self.phase_ms = {}
-        ends = self._retire([j for j in self.active if j.cancelled])
+    def _plan(self) -> StepPlan:
+        ended = self._retire([j for j in self.active if j.cancelled])
         joined = []
         while self.waiting and self.engine.admit(self.waiting[0].stream):
             job = self.waiting.popleft()
             self.active.append(job)
-            joined.append(job)
+            joined.append(job.spec)
+        idle = self.engine.decoding_count == 0  # nobody plays: the prefill may take the whole step
+        return StepPlan(joined, ended, self.prefill_budget * (IDLE_PREFILL_CHUNKS if idle else 1))
 
-        def compute():
-            idle = self.engine.decoding_count == 0  # nobody plays: the prefill may take the whole step
-            ready = self.engine.prefill(self.prefill_budget * (IDLE_PREFILL_CHUNKS if idle else 1))
-            return ready, *self.engine.decode()
-
-        t0 = time.perf_counter()
-        ready, decisions, positive, negative = await asyncio.to_thread(compute)
-        t1 = time.perf_counter()
+    async def _step_once(self) -> None:
+        plan = self._plan()
         by_stream = {id(j.stream): j for j in self.active}
-        for stream in ready:
+        out = await self.runner.step(plan, {k: j.spec.stream_id for k, j in by_stream.items()})
+        t0 = time.perf_counter()
+        for stream in out.ready:
             by_stream[id(stream)].events.put_nowait(PromptDone(len(stream.prompt_ids)))
-
-        speech = [d for d in decisions if d.speech]
-        if speech and len(speech) != len(decisions):
-            rows = torch.tensor([d.row for d in speech], device=positive.device)
-            positive, negative = positive.index_select(0, rows), negative.index_select(0, rows)
-        done = [by_stream[id(d.stream)] for d in decisions if d.finish is not None]
-        ids = [by_stream[id(d.stream)].spec.stream_id for d in speech]
-        t2 = time.perf_counter()
-        ends = ends + [j.spec.stream_id for j in done]
-        embeds = audio = None
-        if joined or ids or ends or self._orphans:
-            # Only a step that changes the acoustic side talks to it; a step in which every stream chose
-            # audio_bos or audio_eos is the llm's alone.
-            orphans, self._orphans = sorted(self._orphans), set()
-            try:
-                result = await self.link.step(
-                    RenderStep(
-                        self._step,
-                        [j.spec for j in joined],
-                        ids,
-                        positive if ids else None,
-                        negative if ids else None,
-                        orphans + ends,
-                    )
-                )
-                embeds, audio = result.embeddings, result.audio
-            except BaseException:
-                # Whatever this message carried may or may not have reached the acoustic side.
-                self._orphans.update(orphans + ends + [j.spec.stream_id for j in joined])
-                raise
-            self._step += 1
-        t3 = time.perf_counter()
-        if decisions:
-            await asyncio.to_thread(self.engine.accept, decisions, embeds)
-        t4 = time.perf_counter()
-        if speech:
-            audio = audio.float().cpu()
-            for row, d in enumerate(speech):
-                s = d.stream
-                by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, audio[row]))
+        speech = [d for d in out.decisions if d.speech]
+        for row, d in enumerate(speech):
+            s = d.stream
+            by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, out.audio[row]))
         now = time.monotonic()
-        for d in decisions:
+        for d in out.decisions:
             job = by_stream[id(d.stream)]
             if d.speech:
                 job.last_event = now
             elif d.finish is None and now - job.last_event > KEEPALIVE_S:
                 job.events.put_nowait(StillWorking(d.stream.positive_len))
                 job.last_event = now
-        finish = {id(d.stream): d.finish for d in decisions if d.finish is not None}
-        for job in done:
-            job.events.put_nowait(Finished(job.stream.frames, finish[id(job.stream)]))
+        done = [by_stream[id(d.stream)] for d in out.decisions if d.finish is not None]
+        for d in out.decisions:
+            if d.finish is not None:
+                by_stream[id(d.stream)].events.put_nowait(Finished(d.stream.frames, d.finish))
         self._retire(done)
         # where a step's time went, for the step log
-        self._rows = len(decisions)
-        self.phase_ms = {
-            "prefill+decode": (t1 - t0) * 1000,
-            "render": (t3 - t2) * 1000,
-            "accept": (t4 - t3) * 1000,
-            "deliver": (time.perf_counter() - t4) * 1000,
-        }
+        self._rows = len(out.decisions)
+        self.phase_ms = {**out.phase_ms, "deliver": (time.perf_counter() - t0) * 1000}
