@@ -47,7 +47,7 @@ from services.llm.paged_kv import PAGE_SIZE, PagedKV
 
 POSITIVE, NEGATIVE, UNCONDITIONAL = 0, 1, 2
 IDLE_PREFILL_CHUNKS = 4  # a prefill chunk is this many times --prefill-chunk while no stream is decoding
-CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU, where there is no memory budget to plan from
+CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU at least, where there is no GPU budget to plan from
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class LMEngine:
         self.page_bytes = self.kv_shape.page_bytes(page_size)
         # More than every stream at the full context could ever hold is never useful.
         ceiling = max_streams * BRANCHES * -(-max_len // page_size) + 1
-        pages = min(kv_pages or CPU_KV_BYTES // self.page_bytes, ceiling)
+        pages = min(kv_pages or memory_plan.cpu_pages(self.page_bytes, max_len, page_size, CPU_KV_BYTES), ceiling)
         if self.device.type == "cuda" and kv_pages is None:
             total = torch.cuda.get_device_properties(self.device).total_memory
             in_use = torch.cuda.memory_allocated(self.device)

@@ -6,6 +6,7 @@ answers the same question for a GPU that is not at hand (an A10G of 24 GB, say).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 BRANCHES = 3  # positive, speech-CFG negative, token-CFG unconditional (services/llm/engine.py)
@@ -55,3 +56,11 @@ def planned_pages(
 def streams_that_fit(pages: int, page_size: int, prompt_tokens: int, frames: int) -> int:
     """Streams of this size the pool holds at once (the scratch page aside)."""
     return max(0, pages - 1) // expected_pages(prompt_tokens, frames, page_size)
+
+
+def cpu_pages(page_bytes: int, max_len: int, page_size: int, floor_bytes: int) -> int:
+    """The pool on a CPU: `floor_bytes`, or room for one stream at the full context if that is more, within a
+    quarter of the machine's memory."""
+    one_stream = (BRANCHES * pages_for(max_len, page_size) + 1) * page_bytes
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(2, max(floor_bytes, min(one_stream, memory // 4)) // page_bytes)
