@@ -157,6 +157,7 @@ class Mesh:
     acoustic_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _envoy_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Copies, so a config shared between meshes is not changed under another one.
@@ -197,7 +198,7 @@ class Mesh:
                 *self.gateway_args,
             ]
         if service == "envoy":
-            path = Path(tempfile.mkdtemp(prefix="vvmesh-envoy-")) / "envoy.yaml"
+            path = Path(self._envoy_dir()) / "envoy.yaml"
             admitted = self.llm_config.max_streams + self.gateway_config.queue_size
             path.write_text(yaml.safe_dump(envoy_config(p, admitted)))
             return [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"]
@@ -273,9 +274,19 @@ class Mesh:
                 proc.wait()
         return proc.returncode
 
+    def _envoy_dir(self) -> str:
+        """One directory for this mesh's Envoy config, removed when the mesh stops."""
+        if self._envoy_tmp is None:
+            self._envoy_tmp = tempfile.TemporaryDirectory(prefix="vvmesh-envoy-")
+        return self._envoy_tmp.name
+
     def stop(self) -> dict[str, int | None]:
         """Stops every process, last started first; their exit statuses (0: a clean drain)."""
-        return {service: self.stop_service(service, timeout_s=15.0) for service in reversed(list(self.processes))}
+        statuses = {service: self.stop_service(service, timeout_s=15.0) for service in reversed(list(self.processes))}
+        if self._envoy_tmp is not None:
+            self._envoy_tmp.cleanup()
+            self._envoy_tmp = None
+        return statuses
 
     def __enter__(self) -> Mesh:
         try:

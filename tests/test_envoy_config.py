@@ -15,7 +15,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.mesh import ENVOY_CONFIG, Ports, envoy_config
+from services.mesh import ENVOY_CONFIG, Mesh, Ports, envoy_config
 
 
 def envoy_binary() -> str:
@@ -251,3 +251,11 @@ def test_fresh_keys_on_every_call_do_not_escape_the_address_bucket(envoy_address
     assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, counts
     # Before the address bucket, every one of them passed.
     assert bucket["max_tokens"] <= passed <= bucket["max_tokens"] + refilled, counts
+
+
+def test_a_mesh_removes_its_envoy_config_when_it_stops():
+    mesh = Mesh(ports=Ports.from_base(40_000))
+    config = Path(mesh.command("envoy")[2])
+    assert config.exists() and Path(mesh.command("envoy")[2]) == config  # a restarted Envoy reuses it
+    mesh.stop()
+    assert not config.parent.exists()
