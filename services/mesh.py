@@ -16,6 +16,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.memory import MALLOC_ENV
 from services.common.tiny_model import ensure_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,11 +218,9 @@ class Mesh:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (owned by the child)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if service in ("gateway", "text_parser"):
-            # Large requests (voices of up to 40 MB, scripts of hundreds of KB) pass through gRPC's threads: with
-            # one glibc arena per thread, each keeps its own high-water mark; two arenas bound what bursts of
-            # large requests leave behind.
-            env.setdefault("MALLOC_ARENA_MAX", "2")
+        if service != "envoy":
+            for name, value in MALLOC_ENV.items():
+                env.setdefault(name, value)
         proc = subprocess.Popen(
             self.command(service),
             cwd=ROOT,

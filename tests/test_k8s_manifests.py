@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from services import k8s_args
+from services.common.memory import MALLOC_ENV
 from services.mesh import ENVOY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,14 @@ def test_service_args_are_the_config_classes_rendered():
     deployment = by_kind(list(yaml.safe_load_all(changed)), "Deployment")["llm"]
     assert container(deployment)["args"] == ["--host", "0.0.0.0", "--port", "1"]
     assert "# Args rendered by" in changed  # the comments around the block stay
+
+
+def test_python_services_carry_the_meshs_glibc_settings():
+    for name, d in by_kind(render(BASE), "Deployment").items():
+        if name == "envoy":
+            continue
+        env = {e["name"]: e["value"] for e in container(d)["env"]}
+        assert {k: env.get(k) for k in MALLOC_ENV} == MALLOC_ENV, name
 
 
 def test_every_deployment_has_probes_and_resources(rendered):

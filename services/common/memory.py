@@ -41,3 +41,12 @@ class Trimmer:
             if self.due:
                 self.due = False
                 await asyncio.to_thread(release_free_memory)
+
+
+# glibc settings for every Python service (the local mesh sets them; the k8s manifests carry the same, a test
+# keeps them equal). Large requests and tensors pass through gRPC's and asyncio's worker threads: with one
+# arena per thread each keeps its own high-water mark, so two arenas bound what bursts leave behind; and with
+# a fixed mmap threshold every allocation of 1 MiB or more is mapped and unmapped on its own, instead of glibc
+# raising the threshold after the first large free and carving later large buffers out of the heap, where
+# they fragment it.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
