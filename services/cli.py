@@ -249,7 +249,7 @@ def _mesh_options(sp: argparse.ArgumentParser) -> None:
         "--prefill-chunk", type=int, help=f"llm: prompt tokens prefilled per step ({LLMConfig.prefill_chunk})"
     )
     engine.add_argument(
-        "--queue-size", type=int, help=f"gateway: requests that may wait for a slot ({GatewayConfig.queue_size})"
+        "--queue-size", type=int, help=f"gateway: requests that may wait for room ({GatewayConfig.queue_size})"
     )
     engine.add_argument(
         "--drain-grace",

@@ -295,12 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-parser", default="127.0.0.1:50062")
     p.add_argument("--acoustic", default="127.0.0.1:50063")
     p.add_argument("--llm", default="127.0.0.1:50064")
-    p.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a free stream slot")
+    p.add_argument("--queue-size", type=int, default=32, help="requests that may wait for room on the llm")
     p.add_argument(
         "--max-queue-wait",
         type=float,
         default=50.0,
-        help="seconds a request may wait for a slot (under Envoy's 60 s stream idle timeout)",
+        help="seconds a request may wait for room (under Envoy's 60 s stream idle timeout)",
     )
     p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     args = p.parse_args(argv)

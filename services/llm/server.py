@@ -168,7 +168,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
                     await abort(context, unavailable(event.message))
                     return
         finally:
-            # Client gone, deadline passed, or done: the slot is released at the next step boundary.
+            # Client gone, deadline passed, or done: its row and pages are released at the next step boundary.
             self.scheduler.cancel(job)
 
     async def Capacity(self, request, context):  # noqa: N802
