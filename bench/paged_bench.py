@@ -27,7 +27,7 @@ from services.common.checkpoint import resolve_checkpoint
 from services.common.model_args import resolve_dtype
 from services.common.reference import load_reference
 from services.llm import memory_plan, paged_kv
-from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
+from services.llm.engine import LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
 from services.llm.server import parser as llm_parser
 from services.render.local import LocalLink
@@ -127,7 +127,7 @@ def runner(lm: LMEngine, acoustic: AcousticEngine) -> StepRunner:
     return RUNNERS[id(lm)]
 
 
-def step(lm: LMEngine, acoustic: AcousticEngine, prefill_budget: int = 0) -> int:
+def step(lm: LMEngine, acoustic: AcousticEngine, prefill_budget: int | None = 0) -> int:
     """One step through the runner the llm's step loop uses (in-process render); records where it went."""
     out = LOOP.run_until_complete(runner(lm, acoustic).step(StepPlan(prefill_budget=prefill_budget), ACOUSTIC_IDS))
     PHASES["lm"].append(out.phase_ms["prefill+decode"])  # ends in the choice's device-to-host copy
@@ -221,9 +221,7 @@ def prefill_run(lm, acoustic, ids: list[int], playing: int, arrivals: int, base:
     longest = 0.0
     while first_frame is None or lm.decoding_count < playing + arrivals:
         t = time.perf_counter()
-        # the llm's budgets: one chunk a step while streams play, IDLE_PREFILL_CHUNKS of them otherwise
-        budget = lm.prefill_chunk * (1 if lm.decoding_count else IDLE_PREFILL_CHUNKS)
-        step(lm, acoustic, budget)
+        step(lm, acoustic, None)  # the llm's own budget: one chunk a step, larger while nothing plays
         sync()
         longest = max(longest, (time.perf_counter() - t) * 1000)
         if first_frame is None and any(s.frames for s in new):

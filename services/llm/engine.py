@@ -358,6 +358,11 @@ class LMEngine:
         stream.positive_len, stream.negative_len, stream.unconditional_len = lengths
         self.positions[stream.slot] = torch.tensor(lengths, device=self.device)
 
+    def _prompt_fits(self, stream: LMStream, positions: int) -> bool:
+        """Whether the pool can give the stream pages for its whole prompt now (its reservation or free pages), so
+        that a prefill started under a full pool is not undone by the next decode step's `make_room`."""
+        return self.blocks.pages_for(positions) - stream.pages.held <= stream.pages.reserved + self.blocks.available
+
     def _grow_next(self, stream: LMStream) -> bool:
         return all(self._grow(stream, branch, n + 1) for branch, n in enumerate(stream.lengths))
 
@@ -406,19 +411,22 @@ class LMEngine:
         return min(self.kv.max_len, -(-upto // KEY_BLOCK) * KEY_BLOCK)
 
     @torch.inference_mode()
-    def prefill(self, budget: int) -> list[LMStream]:
-        """Resume swapped-out streams for which pages are free, then write up to `budget` prompt tokens into the
-        KV cache; returns the streams whose prompts became ready."""
+    def prefill(self, budget: int | None = None) -> list[LMStream]:
+        """Resume swapped-out streams for which pages are free, then write up to `budget` prompt tokens (default:
+        one chunk) into the KV cache; returns the streams whose prompts became ready."""
         for stream in [s for s in self.streams if s.swapped is not None]:
             if not self._swap_in(stream):
-                break  # oldest first: a later stream does not overtake one that waits for pages
+                break  # in slot order: a later stream does not overtake one that waits for pages
         ready = []
         # With nothing playing, no step waits on the prefill: larger chunks bring the first audio sooner.
         chunk = self.prefill_chunk if self.decoding_count else IDLE_PREFILL_CHUNKS * self.prefill_chunk
+        budget = chunk if budget is None else budget
         for stream in [s for s in self.streams[self.decoding_count :] if s.prompt_embeds is not None]:
             if budget <= 0:
                 break
             target = len(stream.prompt_ids) - 1
+            if stream.prefilled == 0 and not self._prompt_fits(stream, target):
+                break  # a prompt that gave its pages back starts again only when the whole of it fits
             while stream.prefilled < target and budget > 0:
                 a = stream.prefilled
                 b = min(target, a + chunk, a + budget)

@@ -22,7 +22,7 @@ from services.render.values import RenderStep, StreamSpec
 class StepPlan:
     joined: list[StreamSpec] = field(default_factory=list)  # admitted since the last step: the acoustic side starts
     ended: list[int] = field(default_factory=list)  # acoustic stream ids released since the last step
-    prefill_budget: int = 512  # prompt tokens this step may prefill
+    prefill_budget: int | None = None  # prompt tokens this step may prefill (None: the engine's chunk)
 
 
 @dataclass

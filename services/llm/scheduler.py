@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.step_stats import StepStats
-from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
+from services.llm.engine import LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.values import StreamSpec
@@ -74,7 +74,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: LMEngine, link: RenderLink, prefill_budget: int = 512) -> None:
+    def __init__(self, engine: LMEngine, link: RenderLink, prefill_budget: int | None = None) -> None:
         self.engine = engine
         self.runner = StepRunner(engine, link)
         self.prefill_budget = prefill_budget
@@ -150,8 +150,7 @@ class Scheduler:
             job = self.waiting.popleft()
             self.active.append(job)
             joined.append(job.spec)
-        idle = self.engine.decoding_count == 0  # nobody plays: the prefill may take the whole step
-        return StepPlan(joined, ended, self.prefill_budget * (IDLE_PREFILL_CHUNKS if idle else 1))
+        return StepPlan(joined, ended, self.prefill_budget)
 
     async def _step_once(self) -> None:
         plan = self._plan()

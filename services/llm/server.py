@@ -266,7 +266,7 @@ async def serve(
     extra: dict[str, Callable[[grpc.aio.Server], None]] | None = None,
 ) -> None:
     """Serve LLM until SIGTERM, and the services in `extra` (full name -> what adds its servicer)."""
-    scheduler = Scheduler(engine, link, args.prefill_chunk)
+    scheduler = Scheduler(engine, link)  # prefills one --prefill-chunk a step (more while nothing plays)
     names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name, *(extra or {})]
     service = Service("llm", args.host, args.port, names)
     for add in (extra or {}).values():
