@@ -257,7 +257,7 @@ def capacity_plan(lm: LMEngine, gib: float) -> dict:
     defaults = user_defaults()
     weights = weights_bytes(lm)
     ps = lm.blocks.page_size
-    ceiling = defaults.max_streams * memory_plan.BRANCHES * -(-lm.kv.max_len // ps) + 1
+    ceiling = memory_plan.ceiling_pages(defaults.max_streams, lm.kv.max_len, ps)
     pages = memory_plan.planned_pages(int(gib * 2**30), defaults.gpu_memory_fraction, weights, lm.page_bytes, ceiling)
     return {
         "gpu_gib": gib,

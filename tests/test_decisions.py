@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from services.acoustic.engine import AcousticEngine
+from services.common import stream_size
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_generate
-from services.llm import memory_plan
 from services.llm import scheduler as scheduler_module
 from services.llm.engine import FINISH_CONTEXT, FINISH_EOS, FINISH_MAX_FRAMES, LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler, StillWorking
@@ -214,7 +214,7 @@ def test_a_full_kv_pool_swaps_a_stream_out_and_its_audio_does_not_change(ckpt, r
     reference's tokens and audio, and the pool ends as it began."""
     model, _ = reference
     caplog.set_level(logging.INFO, logger="services.llm.engine")
-    monkeypatch.setattr(memory_plan, "TURN_TOKENS", 0)  # reserve no room to grow: each stream outgrows its own
+    monkeypatch.setattr(stream_size, "TURN_TOKENS", 0)  # reserve no room to grow: each stream outgrows its own
     requests = [no_voice_request(reference, seed=s, expected=1) for s in (0, 2, 3)]
     prompt = len(requests[0]["prompt"])
     reserved = -(-(prompt + 1) // 4) + 2  # what admission reserves for each: the prompt and one frame

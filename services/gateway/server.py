@@ -20,6 +20,7 @@ from services.common.frames import FRAMES_PER_SECOND, SAMPLE_RATE, SAMPLES_PER_F
 from services.common.grpc_server import Service, insecure_channel
 from services.common.logs import escape, mark_random_weights, setup_logging
 from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
+from services.common.stream_size import expected_branch_positions
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.gateway.admission import Admission, Room
@@ -58,11 +59,10 @@ def estimated_frames(request: tts_pb2.SynthesizeRequest) -> int:
 
 def estimated_positions(request: tts_pb2.SynthesizeRequest) -> int:
     """The KV positions a job is expected to hold, over its three branches, for admission and shortest-job-first:
-    the prompt (about two tokens a word, the voices' frames, the system prompt), and each frame twice (the
-    positive and the unconditional branch) plus the negative branch's segment."""
-    frames = estimated_frames(request)
+    a prompt of about two tokens a word, the voices' frames and the system prompt, and the frames it makes."""
     voice_frames = sum(len(v.audio) for v in request.voices) // (2 * SAMPLES_PER_FRAME)  # as 16-bit samples
-    return 2 * _words(request) + voice_frames + PROMPT_OVERHEAD_TOKENS + 2 * frames + min(frames, 1024)
+    prompt = 2 * _words(request) + voice_frames + PROMPT_OVERHEAD_TOKENS
+    return sum(expected_branch_positions(prompt, estimated_frames(request)))
 
 
 def finish_reason(llm_reason: str, options: Options, budget: int) -> str:

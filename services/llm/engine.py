@@ -39,6 +39,7 @@ from transformers import AutoModel
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
 from services.common.frames import FRAMES_PER_SECOND
+from services.common.stream_size import expected_branch_positions
 from services.llm import memory_plan
 from services.llm.block_manager import SCRATCH_PAGE, BlockManager, StreamPages
 from services.llm.decoder import PagedDecoder
@@ -150,8 +151,7 @@ class LMEngine:
             text.num_hidden_layers, text.num_key_value_heads, head_dim, torch.empty((), dtype=dtype).element_size()
         )
         self.page_bytes = self.kv_shape.page_bytes(page_size)
-        # More than every stream at the full context could ever hold is never useful.
-        ceiling = max_streams * BRANCHES * -(-max_len // page_size) + 1
+        ceiling = memory_plan.ceiling_pages(max_streams, max_len, page_size)
         pages = min(kv_pages or memory_plan.cpu_pages(self.page_bytes, max_len, page_size, CPU_KV_BYTES), ceiling)
         if self.device.type == "cuda" and kv_pages is None:
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -216,16 +216,10 @@ class LMEngine:
 
     def expected_positions(self, stream: LMStream) -> int:
         """Positions admission reserves for a stream, over its three branches."""
-        return sum(
-            memory_plan.expected_branch_positions(
-                len(stream.prompt_ids), self.expected_frames(stream), memory_plan.TURN_TOKENS
-            )
-        )
+        return sum(expected_branch_positions(len(stream.prompt_ids), self.expected_frames(stream)))
 
     def expected_pages(self, stream: LMStream) -> int:
-        return memory_plan.expected_pages(
-            len(stream.prompt_ids), self.expected_frames(stream), self.blocks.page_size, memory_plan.TURN_TOKENS
-        )
+        return memory_plan.expected_pages(len(stream.prompt_ids), self.expected_frames(stream), self.blocks.page_size)
 
     def modules(self) -> dict[str, object]:
         return {"model.language_model": self.lm, "lm_head[special tokens]": self.head_rows}

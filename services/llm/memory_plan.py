@@ -9,24 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from services.common import stream_size
+from services.llm.block_manager import pages_for
+
 BRANCHES = 3  # positive, speech-CFG negative, token-CFG unconditional (services/llm/engine.py)
-TURN_TOKENS = 64  # positions reserved beyond the speech frames, for the turn tokens between segments
-SEGMENT_FRAMES = 1024  # the negative branch's expected longest segment, reserved at admission
 ACTIVATION_RESERVE = 0.05  # of the planned memory, kept for the captured graphs' activations and workspaces
 
 
-def pages_for(positions: int, page_size: int) -> int:
-    return -(-positions // page_size)
-
-
-def expected_branch_positions(prompt_tokens: int, frames: int, turn_tokens: int = TURN_TOKENS) -> tuple[int, int, int]:
-    """Positions a stream's branches are expected to reach: the positive one holds the prompt, every frame and
-    the turn tokens; the negative one its longest segment; the unconditional one every generated token."""
-    return prompt_tokens + frames + turn_tokens, min(frames, SEGMENT_FRAMES), frames + turn_tokens
-
-
-def expected_pages(prompt_tokens: int, frames: int, page_size: int, turn_tokens: int = TURN_TOKENS) -> int:
-    return sum(pages_for(n, page_size) for n in expected_branch_positions(prompt_tokens, frames, turn_tokens))
+def expected_pages(prompt_tokens: int, frames: int, page_size: int) -> int:
+    return sum(pages_for(n, page_size) for n in stream_size.expected_branch_positions(prompt_tokens, frames))
 
 
 @dataclass(frozen=True)
@@ -38,6 +29,11 @@ class KVShape:
 
     def page_bytes(self, page_size: int) -> int:
         return self.layers * 2 * self.kv_heads * page_size * self.head_dim * self.dtype_bytes  # K and V
+
+
+def ceiling_pages(max_streams: int, max_len: int, page_size: int) -> int:
+    """Pages every stream at the full context could hold, the scratch page included: more is never useful."""
+    return max_streams * BRANCHES * pages_for(max_len, page_size) + 1
 
 
 def planned_pages(
@@ -61,6 +57,6 @@ def streams_that_fit(pages: int, page_size: int, prompt_tokens: int, frames: int
 def cpu_pages(page_bytes: int, max_len: int, page_size: int, floor_bytes: int) -> int:
     """The pool on a CPU: `floor_bytes`, or room for one stream at the full context if that is more, within a
     quarter of the machine's memory."""
-    one_stream = (BRANCHES * pages_for(max_len, page_size) + 1) * page_bytes
+    one_stream = ceiling_pages(1, max_len, page_size) * page_bytes
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return max(2, max(floor_bytes, min(one_stream, memory // 4)) // page_bytes)
