@@ -70,6 +70,7 @@ def test_captured_decode_step_equals_the_eager_one_over_the_same_pages(ckpt):
             updates += [(3 * stream + branch, i, free.pop()) for i in range(n // 128 + 1)]
     engine.kv.set_pages(updates)
     engine.positions[:3] = torch.tensor(lengths)
+    engine.live_rows.fill_(9)  # all three streams decode: every row writes its keys and values
     with torch.inference_mode():
         hidden, logits = engine._decode_rows(3, 512)
         hidden_c, logits_c = engine._decode_rows(3, None, compiled=True)
@@ -77,3 +78,25 @@ def test_captured_decode_step_equals_the_eager_one_over_the_same_pages(ckpt):
     assert torch.equal(logits.argmax(-1), logits_c.argmax(-1))
     # The rows really differ: a row that read another row's pages would not match its own eager step.
     assert (hidden[0] - hidden[3]).abs().max() > 1e-3
+
+
+def test_padding_rows_of_a_fixed_size_batch_do_not_write_into_a_prompt_being_prefilled(ckpt):
+    """The GPU's graphs step a whole bucket: with one stream decoding in a bucket of two, the second slot's rows
+    are stepped too. That slot holds a prompt still being prefilled, whose positive row already has its pages:
+    its keys and values must stay as the prefill wrote them, while the decoding stream's are written."""
+    engine = LMEngine(ckpt, max_streams=2, max_context=1024)
+    g = torch.Generator().manual_seed(2)
+    for t in (*engine.kv.k, *engine.kv.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    engine.next_inputs.copy_(torch.randn(engine.next_inputs.shape, generator=g))
+    engine.token_inputs.copy_(torch.randn(engine.token_inputs.shape, generator=g))
+    ps = engine.blocks.page_size
+    engine.kv.set_pages([(0, 0, 1), (1, 0, 2), (2, 0, 3), (3, 0, 7)])  # slot 1's positive row: page 7
+    engine.positions[0] = torch.tensor([5, 1, 2])  # slot 1 keeps position 0, as every slot not decoding
+    prompt_before = engine.kv.k[0][0][:, 7 * ps : 8 * ps].clone()
+    own_before = engine.kv.k[0][0][:, ps + 5].clone()
+    engine.live_rows.fill_(3)
+    with torch.inference_mode():
+        engine._decode_rows(2, 512)
+    assert torch.equal(engine.kv.k[0][0][:, 7 * ps : 8 * ps], prompt_before)
+    assert not torch.equal(engine.kv.k[0][0][:, ps + 5], own_before)

@@ -18,6 +18,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from services.common.cuda_graphs import compiled
 from services.common.fused_linear import fuse_linears
+from services.llm.block_manager import SCRATCH_PAGE
 from services.llm.paged_kv import PagedKV, causal_visibility, decode_block_mask, gathered, paged_flex
 
 
@@ -48,6 +49,7 @@ class PagedDecoder:
         positions: torch.Tensor,
         keys: int | None = None,
         compiled: bool = False,
+        writes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (R, T, hidden) inputs of KV rows `rows` (R,) at `positions` (R, T).
 
@@ -55,10 +57,13 @@ class PagedDecoder:
         are gathered (plain PyTorch); without, one query per row reads only the pages its row holds
         (FlexAttention over the page table). Returns the final-norm hidden states (R, T, hidden). `compiled`
         runs the layers' other parts through `compiled_parts` (the decode step's graphs; prefill stays eager,
-        its shapes change with every chunk).
+        its shapes change with every chunk). `writes` (R,) bool: rows whose keys and values are kept; the others
+        write to the scratch page.
         """
         cos, sin = self.lm.rotary_emb(x, positions)
         write = self.kv.pool_index(rows, positions)
+        if writes is not None:
+            write = torch.where(writes[:, None], write, SCRATCH_PAGE * self.kv.page_size)
         if keys is None:
             gather = visible = None
             mask = decode_block_mask(self.kv, len(rows), positions[:, 0])

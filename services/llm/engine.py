@@ -190,6 +190,7 @@ class LMEngine:
         self.guidance = torch.ones(slots, 1, device=self.device, dtype=torch.float32)
         # The position each branch writes next; rows of no stream write position 0 of the scratch page.
         self.positions = torch.zeros((slots, BRANCHES), device=self.device, dtype=torch.long)
+        self.live_rows = torch.zeros((), device=self.device, dtype=torch.long)  # KV rows of decoding streams
         with torch.inference_mode():
             self.audio_token_embedding = self.embed_tokens(torch.tensor(self.audio_token_id, device=self.device))
         self.graphs: dict[int, CapturedStep] = {}
@@ -454,7 +455,10 @@ class LMEngine:
         x = torch.stack(branches, dim=1).reshape(BRANCHES * rows, 1, self.hidden)
         positions = self.positions[:rows].reshape(BRANCHES * rows, 1)
         kv_rows = torch.arange(BRANCHES * rows, device=self.device)
-        hidden = self.decoder.forward(x, kv_rows, positions, keys, compiled)[:, 0]
+        # A fixed-size batch also steps the rows past the decoding streams; some belong to prompts still being
+        # prefilled, whose pages hold their keys: those rows write to the scratch page instead.
+        live = kv_rows < self.live_rows
+        hidden = self.decoder.forward(x, kv_rows, positions, keys, compiled, live)[:, 0]
         positive = (hidden[POSITIVE::BRANCHES] @ self.head_rows.T).float()
         unconditional = (hidden[UNCONDITIONAL::BRANCHES] @ self.head_rows.T).float()
         g = self.guidance[:rows]
@@ -475,6 +479,7 @@ class LMEngine:
         n = self.decoding_count
         if n == 0:
             return [], torch.empty(0), torch.empty(0)
+        self.live_rows.fill_(BRANCHES * n)
         if self.graphs:
             rows = bucket_for(n, self.max_streams)
             hidden, logits = self.graphs[rows].replay()
