@@ -1,10 +1,13 @@
-"""One layer's decode attention over the paged pool, by kernel and kernel option (no model needed).
+"""One layer's decode attention over the paged pool, by kernel (no model needed).
 
     python bench/attention_bench.py
 
 The pool has the size the llm plans on an H200 for the 1.5B shape; rows are placed as in paged_bench's
 cases (positive and unconditional branches at the stream's position, the negative one at a segment's).
-Prints ms per call and the bandwidth it reaches over the keys and values the rows really hold.
+Compared on the same pool and page table: the Triton paged decode kernel the decode graphs run (with the split
+count it picks, and others), FlexAttention with a block mask made from the page table (its decoding kernel,
+compiled per batch), and gathering each row's keys for SDPA. Prints ms per call and the bandwidth each reaches
+over the keys and values the rows really hold.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 import common
 import numpy as np
 import torch
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from services.llm import paged_kv
+from services.llm import paged_attention, paged_kv
 
 POOL_PAGES, HEADS, KV_HEADS, HEAD_DIM = 33_422, 12, 2, 128
 CASES = {
@@ -22,12 +25,7 @@ CASES = {
     "b64@2K-30K": np.linspace(2_000, 30_000, 64).astype(int).tolist(),
     "b256@2K-6K": np.linspace(2_000, 6_000, 256).astype(int).tolist(),
 }
-OPTIONS = {
-    "flex": None,
-    "flex split 256": {"SPLIT_KV": 256},
-    "flex split 512": {"SPLIT_KV": 512},
-    "flex main kernel": {"FORCE_USE_FLEX_ATTENTION": True},
-}
+SPLITS = (None, 1, 8, 32)  # None: the kernel's own choice
 
 
 def place(kv: paged_kv.PagedKV, positions: list[int]) -> torch.Tensor:
@@ -38,46 +36,86 @@ def place(kv: paged_kv.PagedKV, positions: list[int]) -> torch.Tensor:
     return torch.tensor(lengths, device="cuda")
 
 
+def flex_block_mask(kv: paged_kv.PagedKV, rows: int, positions: torch.Tensor) -> BlockMask:
+    """Every page a row holds as a partial block, in logical order: all but the last visible whole, the last up
+    to the row's position. (With full blocks listed apart, FlexAttention's decoding kernel splits the work by
+    the pool's length instead of each row's.)"""
+    ps = kv.page_size
+    lengths = positions.to(torch.int32) + 1
+    held = (lengths + ps - 1) // ps
+    table = kv.page_table[:rows]
+    last = table.gather(1, (held - 1).long()[:, None])[:, 0]
+    tail = (lengths - 1) % ps
+
+    def visible(b, h, q_idx, kv_idx):
+        return (kv_idx // ps != last[b]) | (kv_idx % ps <= tail[b])
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=held.view(rows, 1, 1),
+        kv_indices=table.view(rows, 1, 1, -1),
+        BLOCK_SIZE=ps,
+        mask_mod=visible,
+        seq_lengths=(1, kv.pages * ps),
+        compute_q_blocks=False,
+    )
+
+
+def timed(name: str, kernel: str, fn, held_bytes: int, reference: torch.Tensor | None) -> dict:
+    try:
+        out = fn()
+        ms = common.gpu_ms(fn)
+        row = {"case": name, "kernel": kernel, "ms": ms, "tb_per_s": held_bytes / ms / 1e9}
+        if reference is not None:
+            row["max_diff_vs_paged_decode"] = float((out.float() - reference.float()).abs().max())
+    except Exception as e:  # an option this torch does not take
+        row = {"case": name, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print(row, flush=True)
+    return row
+
+
 @torch.inference_mode()
 def run_case(name: str, positions: list[int]) -> list[dict]:
     rows = 3 * len(positions)
     kv = paged_kv.PagedKV(1, KV_HEADS, HEAD_DIM, POOL_PAGES, rows, 65_536, "cuda", torch.bfloat16)
     kv.k[0].normal_()
     kv.v[0].normal_()
-    lengths = place(kv, positions)
+    positions_t = place(kv, positions)
+    lengths = (positions_t + 1).to(torch.int32)
     q = torch.randn(rows, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     held_bytes = int(lengths.sum()) * KV_HEADS * HEAD_DIM * 2 * 2
-    mask = paged_kv.decode_block_mask(kv, rows, lengths)
-    out_rows, reference = [], None
-    for option, kernel_options in OPTIONS.items():
-        flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    scale = HEAD_DIM**-0.5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chosen = paged_attention.splits_for(rows, KV_HEADS, kv.max_len, sms)
+    reference = paged_attention.paged_decode(q, kv.k[0], kv.v[0], kv.page_table, lengths, scale, kv.page_size)
+    out_rows = []
+    for splits in SPLITS:
+        label = f"paged_decode splits={splits or chosen}" + (" (chosen)" if splits is None else "")
 
-        def call(flex=flex, kernel_options=kernel_options):
-            return flex(q, kv.k[0], kv.v[0], block_mask=mask, enable_gqa=True, kernel_options=kernel_options)
+        def call(splits=splits):
+            k, v = kv.k[0], kv.v[0]
+            return paged_attention.paged_decode(q, k, v, kv.page_table, lengths, scale, kv.page_size, splits)
 
-        try:
-            out = call()
-            reference = out if reference is None else reference
-            ms = common.gpu_ms(call)
-            row = {"case": name, "kernel": option, "ms": ms, "tb_per_s": held_bytes / ms / 1e9}
-            row["max_diff_vs_flex"] = float((out - reference).abs().max())
-        except Exception as e:  # an option this torch does not take
-            row = {"case": name, "kernel": option, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        out_rows.append(row)
-        print(row, flush=True)
-    keys = int(lengths.max()) + 1
+        out_rows.append(timed(name, label, call, held_bytes, reference))
+    mask = flex_block_mask(kv, rows, positions_t)
+    flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    out_rows.append(
+        timed(
+            name,
+            "FlexAttention",
+            lambda: flex(q, kv.k[0], kv.v[0], block_mask=mask, scale=scale, enable_gqa=True),
+            held_bytes,
+            reference,
+        )
+    )
+    keys = int(positions_t.max()) + 1
     kv_rows = torch.arange(rows, device="cuda")
 
     def gathered():
         index = kv.gather_index(kv_rows, keys)
-        visible = paged_kv.causal_visibility(keys, lengths[:, None])
-        return paged_kv.gathered(q, kv.k[0], kv.v[0], index, visible, None)
+        visible = paged_kv.causal_visibility(keys, positions_t[:, None])
+        return paged_kv.gathered(q, kv.k[0], kv.v[0], index, visible, scale)
 
-    ms = common.gpu_ms(gathered, 5)
-    row = {"case": name, "kernel": "gather + SDPA", "ms": ms, "tb_per_s": held_bytes / ms / 1e9}
-    row["max_diff_vs_flex"] = float((gathered() - reference).abs().max())
-    out_rows.append(row)
-    print(row, flush=True)
+    out_rows.append(timed(name, "gather + SDPA", gathered, held_bytes, reference))
     return out_rows
 
 
@@ -87,3 +125,7 @@ def main() -> None:
         results["rows"] += run_case(name, positions)
         torch.cuda.empty_cache()
     common.save("attention", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from services.common.audio import FRAME_MS
 from services.common.checkpoint import resolve_checkpoint
 from services.common.model_args import resolve_dtype
 from services.common.reference import load_reference
-from services.llm import memory_plan, paged_kv
+from services.llm import memory_plan, paged_attention, paged_kv
 from services.llm.engine import LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
 from services.llm.server import parser as llm_parser
@@ -153,8 +153,8 @@ def finish(lm: LMEngine, acoustic: AcousticEngine, streams) -> None:
 
 @torch.inference_mode()
 def attention_probe(lm: LMEngine, streams: int) -> dict:
-    """One layer's attention for the rows of this case: FlexAttention over the pages (what the graphs run)
-    against gathering the rows' keys for SDPA up to the longest row."""
+    """One layer's attention for the rows of this case: the paged decode kernel (what the graphs run) against
+    gathering the rows' keys for SDPA up to the longest row."""
     rows = 3 * streams
     attn = lm.lm.layers[0].self_attn
     heads = attn.config.num_attention_heads
@@ -164,16 +164,16 @@ def attention_probe(lm: LMEngine, streams: int) -> dict:
     k, v = lm.kv.k[0], lm.kv.v[0]
     kv_rows = torch.arange(rows, device="cuda")
 
-    def flex():
-        mask = paged_kv.decode_block_mask(lm.kv, rows, positions)
-        return paged_kv.paged_flex(q, k, v, mask, attn.scaling)
+    def paged():
+        lengths = (positions + 1).to(torch.int32)
+        return paged_attention.paged_decode(q, k, v, lm.kv.page_table[:rows], lengths, attn.scaling, lm.kv.page_size)
 
     def gathered():
         index = lm.kv.gather_index(kv_rows, keys)
         visible = paged_kv.causal_visibility(keys, positions[:, None])
         return paged_kv.gathered(q, k, v, index, visible, attn.scaling)
 
-    return {"flex": common.gpu_ms(flex), "gathered_sdpa": common.gpu_ms(gathered), "keys": keys}
+    return {"paged_decode": common.gpu_ms(paged), "gathered_sdpa": common.gpu_ms(gathered), "keys": keys}
 
 
 def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], steps: int) -> dict:

@@ -6,6 +6,7 @@ region compiles as one graph and that the compiled math equals the eager math.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -15,9 +16,16 @@ from services.acoustic.engine import AcousticEngine
 from services.acoustic.streaming import convnext_step
 from services.common.checkpoint import resolve_checkpoint
 from services.common.cuda_graphs import compiled
+from services.llm import paged_attention
 from services.llm.engine import LMEngine
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler on the CPU")
+# The decode graphs' attention kernel is Triton: on these CPU tensors it runs only in Triton's interpreter (the
+# kernel itself is checked on the GPU by tests/test_paged_attention.py).
+needs_triton = pytest.mark.skipif(
+    not paged_attention.available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the paged decode kernel on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +59,11 @@ def test_compiled_acoustic_frame_equals_eager(ckpt):
         assert torch.allclose(eager, comp, atol=1e-5, rtol=1e-4), (eager - comp).abs().max()
 
 
+@needs_triton
 def test_captured_decode_step_equals_the_eager_one_over_the_same_pages(ckpt):
-    """The GPU's decode graphs run compiled layers with FlexAttention over each row's pages; CPU steps gather the
-    rows' keys and run SDPA. Over one page table with scattered pages and rows of different lengths, both give
-    the same hidden states and the same choices."""
+    """The GPU's decode graphs run compiled layers with the paged decode kernel over each row's pages; CPU steps
+    gather the rows' keys and run SDPA. Over one page table with scattered pages and rows of different lengths,
+    both give the same hidden states and the same choices."""
     engine = LMEngine(ckpt, max_streams=3, max_context=1024)
     engine.decoder.compile()
     g = torch.Generator().manual_seed(1)

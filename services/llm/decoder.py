@@ -19,7 +19,9 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from services.common.cuda_graphs import compiled
 from services.common.fused_linear import fuse_linears
 from services.llm.block_manager import SCRATCH_PAGE
-from services.llm.paged_kv import PagedKV, causal_visibility, decode_block_mask, gathered, paged_flex
+from services.llm.paged_attention import paged_decode
+from services.llm.paged_kv import PagedKV, causal_visibility, gathered
+from services.llm.paged_kv import prompt_chunk as prompt_chunk_attention
 
 
 class PagedDecoder:
@@ -38,8 +40,8 @@ class PagedDecoder:
         self.compiled_parts = (self.before_attention, self.after_attention)
 
     def compile(self) -> None:
-        # Attention stays outside these regions: FlexAttention picks its decoding kernel only for a batch size
-        # known when it compiles, and these regions become shape-generic after their second size.
+        # Attention and the KV writes stay outside these regions: the kernel is Triton already, and a compiled
+        # write into the pool (a graph input) would copy the pool.
         self.compiled_parts = (compiled(self.before_attention), compiled(self.after_attention))
 
     def forward(
@@ -50,25 +52,40 @@ class PagedDecoder:
         keys: int | None = None,
         compiled: bool = False,
         writes: torch.Tensor | None = None,
+        prompt_chunk: bool = False,
     ) -> torch.Tensor:
         """x: (R, T, hidden) inputs of KV rows `rows` (R,) at `positions` (R, T).
 
         Each query attends to its row's positions up to its own. With `keys` the rows' first `keys` positions
         are gathered (plain PyTorch); without, one query per row reads only the pages its row holds
-        (FlexAttention over the page table). Returns the final-norm hidden states (R, T, hidden). `compiled`
-        runs the layers' other parts through `compiled_parts` (the decode step's graphs; prefill stays eager,
-        its shapes change with every chunk). `writes` (R,) bool: rows whose keys and values are kept; the others
-        write to the scratch page.
+        (`paged_decode` over the page table). `prompt_chunk`: one row whose positions are the last T of its
+        first `keys` (a chunk of its prompt), which runs as causal flash attention. Returns the final-norm
+        hidden states (R, T, hidden). `compiled` runs the layers' other parts through `compiled_parts` (the
+        decode step's graphs; prefill stays eager, its shapes change with every chunk). `writes` (R,) bool: rows
+        whose keys and values are kept; the others write to the scratch page.
         """
         cos, sin = self.lm.rotary_emb(x, positions)
         write = self.kv.pool_index(rows, positions)
         if writes is not None:
             write = torch.where(writes[:, None], write, SCRATCH_PAGE * self.kv.page_size)
         if keys is None:
-            gather = visible = None
-            mask = decode_block_mask(self.kv, len(rows), positions[:, 0])
+            table, lengths = self.kv.page_table[rows], (positions[:, 0] + 1).to(torch.int32)
+
+            def attend(q, k_pool, v_pool):
+                return paged_decode(q, k_pool, v_pool, table, lengths, self.scaling, self.kv.page_size)
+
+        elif prompt_chunk:
+            gather = self.kv.gather_index(rows, keys)
+
+            def attend(q, k_pool, v_pool):
+                return prompt_chunk_attention(q, k_pool, v_pool, gather, self.scaling)
+
         else:
-            gather, visible, mask = self.kv.gather_index(rows, keys), causal_visibility(keys, positions), None
+            gather, visible = self.kv.gather_index(rows, keys), causal_visibility(keys, positions)
+
+            def attend(q, k_pool, v_pool):
+                return gathered(q, k_pool, v_pool, gather, visible, self.scaling)
+
         before, after = self.compiled_parts if compiled else (self.before_attention, self.after_attention)
         for i, layer in enumerate(self.lm.layers):
             k_pool, v_pool = self.kv.k[i], self.kv.v[i]
@@ -76,10 +93,7 @@ class PagedDecoder:
             # Written outside the compiled regions: a compiled write into the pool (a graph input) would copy it.
             k_pool[0][:, write] = k.transpose(0, 1)
             v_pool[0][:, write] = v.transpose(0, 1)
-            if gather is not None:
-                out = gathered(q, k_pool, v_pool, gather, visible, self.scaling)
-            else:
-                out = paged_flex(q, k_pool, v_pool, mask, self.scaling)
+            out = attend(q, k_pool, v_pool)
             x = after(layer, self.gate_up[i], x, out)
         return self.lm.norm(x)
 

@@ -429,7 +429,7 @@ class LMEngine:
                     return ready  # the pool is full: the running streams come first
                 positions = torch.arange(a, b, device=self.device)[None]
                 rows = torch.tensor([BRANCHES * stream.slot + POSITIVE], device=self.device)
-                self.decoder.forward(stream.prompt_embeds[None, a:b], rows, positions, self._keys(b))
+                self.decoder.forward(stream.prompt_embeds[None, a:b], rows, positions, b, prompt_chunk=True)
                 stream.prefilled, budget = b, budget - (b - a)
             if stream.prefilled == target:
                 # The prompt's last token (audio_bos) is the first step's input for every branch; the

@@ -8,22 +8,22 @@ hold point at the scratch page 0.
 
 Two attention implementations read the same pool and page table:
 
-- `gathered`: plain PyTorch. It gathers each row's first `keys` positions and runs SDPA with a causal mask
-  over logical positions. The CPU, eager GPU steps and prefill chunks use it.
-- `paged_flex`: FlexAttention with a block mask made from the page table, one KV block per page. A row
-  reads only the pages it holds, so a decode step costs what the streams' real lengths cost, not the
-  configured context. Its shapes are fixed per batch bucket, so the GPU's captured decode graphs use it.
+- `gathered` (here): plain PyTorch. It gathers each row's first `keys` positions and runs SDPA with a causal
+  mask over logical positions. The CPU, eager GPU steps and prefill chunks use it.
+- `paged_attention.paged_decode`: a Triton kernel for one query per row that reads only the pages the row
+  holds, so a decode step costs what the streams' real lengths cost, not the configured context. Its launch
+  depends only on the batch size, so the GPU's captured decode graphs use it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.bias import causal_lower_right
 
 from services.llm.block_manager import SCRATCH_PAGE, pages_for
 
-PAGE_SIZE = 128  # positions per page; also FlexAttention's KV block, so a page is one block of its mask
+PAGE_SIZE = 128  # positions per page: the unit a stream takes from the pool and gives back
 
 
 class PagedKV:
@@ -107,58 +107,19 @@ def gathered(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
 
 
+def prompt_chunk(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, index: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q (1, heads, T, head_dim): the last T of one row's positions `index` (1, keys), a chunk of its prompt.
+
+    The mask is causal aligned to the lower right, which SDPA runs as flash attention with grouped heads on a
+    GPU; a boolean mask with grouped heads would take its math kernel, which materializes every score."""
+    k = k_pool[0][:, index].transpose(0, 1)
+    v = v_pool[0][:, index].transpose(0, 1)
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def causal_visibility(keys: int, positions: torch.Tensor) -> torch.Tensor:
     """(R, 1, T, keys): logical key j is visible to a query at position p when j <= p."""
     return torch.arange(keys, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
-
-
-def decode_block_mask(kv: PagedKV, rows: int, positions: torch.Tensor) -> BlockMask:
-    """The block mask of a decode step of rows [0, rows), one query per row at `positions` (rows,).
-
-    Every page a row holds is listed as a partial block, in logical order: every page but its last is visible
-    whole, the last up to the row's own position. (With full blocks listed apart, FlexAttention's decoding
-    kernel would split the work by the pool's length instead of each row's, leaving one thread block per row
-    to read all of it.)
-    """
-    ps = kv.page_size
-    lengths = positions.to(torch.int32) + 1
-    held = (lengths + ps - 1) // ps
-    table = kv.page_table[:rows]
-    full = {}
-    if not table.is_cuda:
-        # Inductor's CPU kernel takes the block lists' width for the number of KV blocks (the GPU's reads only
-        # the listed blocks), and it needs a list of full blocks, which is empty here.
-        table = F.pad(table, (0, max(0, kv.pages - kv.max_pages)))
-        full = {
-            "full_kv_num_blocks": torch.zeros_like(held).view(rows, 1, 1),
-            "full_kv_indices": table.view(rows, 1, 1, -1),
-        }
-    last = table.gather(1, (held - 1).long()[:, None])[:, 0]
-    tail = (lengths - 1) % ps
-
-    def visible(b, h, q_idx, kv_idx):
-        return (kv_idx // ps != last[b]) | (kv_idx % ps <= tail[b])
-
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks=held.view(rows, 1, 1),
-        kv_indices=table.view(rows, 1, 1, -1),
-        **full,
-        BLOCK_SIZE=ps,
-        mask_mod=visible,
-        seq_lengths=(1, kv.pages * ps),
-        compute_q_blocks=False,
-    )
-
-
-# Compiled per batch size (dynamic=False): FlexAttention's decoding kernel, which splits each row's pages across
-# the GPU, needs the batch known at compile time; the generic kernel gives a one-query row one thread block.
-_compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one per batch bucket
-
-
-def paged_flex(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, mask: BlockMask, scale: float
-) -> torch.Tensor:
-    """q (R, heads, 1, head_dim) over the pages `mask` lists for each row. FlexAttention's eager fallback
-    reads block indices as dense columns, which a page table is not, so it always runs compiled."""
-    return _compiled_flex(q, k_pool, v_pool, block_mask=mask, scale=scale, enable_gqa=True)

@@ -1,0 +1,215 @@
+"""Decode attention over the paged KV pool: one query per KV row, reading only the positions the row holds.
+
+A Triton kernel in two passes ("flash decoding"). The first splits each row's positions into `splits` equal
+ranges of whole blocks; one program per (row, KV head, split) reads its blocks through the row's page table,
+for all the query heads that share the KV head at once (grouped-query attention), and keeps an online softmax.
+The second combines the splits. The work per row follows the row's own length, so a stream at position 100
+costs a hundredth of one at 10,000, whatever the configured context; the grid depends only on the batch, so
+the launch is captured in the decode step's CUDA graphs. Triton comes with PyTorch's CUDA builds and compiles
+for the GPU it finds, with no CUDA toolkit on the user's machine.
+
+The same semantics in plain PyTorch (each row's positions gathered, then SDPA) are `paged_kv.gathered`, which
+CPU steps and prefill use; the tests hold the two equal over one page table.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of PyTorch come without Triton; they use `paged_kv.gathered`
+    triton = None
+
+BLOCK = 128  # positions per inner step; any page size works, since each position looks up its own page
+TARGET_PROGRAMS_PER_SM = 4  # enough programs to hide memory latency, not so many that splits go empty
+
+
+def available() -> bool:
+    return triton is not None
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def splits_for(rows: int, kv_heads: int, max_len: int, sm_count: int) -> int:
+    """Splits per row, a power of two: enough programs to fill the GPU, never more than a row's blocks."""
+    programs = rows * kv_heads
+    wanted = -(-TARGET_PROGRAMS_PER_SM * sm_count // programs)
+    most = max(1, -(-max_len // BLOCK))
+    splits = 1
+    while splits < wanted and splits * 2 <= most and splits < 256:
+        splits *= 2
+    return splits
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        table_ptr,
+        lengths_ptr,
+        acc_ptr,
+        max_ptr,
+        sum_ptr,
+        out_ptr,
+        q_stride_r,
+        q_stride_h,
+        kv_stride_h,
+        kv_stride_n,
+        table_stride_r,
+        out_stride_r,
+        out_stride_h,
+        scale,
+        HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(lengths_ptr + row)
+        blocks = tl.cdiv(length, BLOCK_N)
+        per_split = tl.cdiv(blocks, SPLITS)
+        first = split * per_split
+        last = tl.minimum(first + per_split, blocks)
+
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        n = tl.arange(0, BLOCK_N)
+        heads = kv_head * GROUP + g
+        in_group = g < GROUP
+        q = tl.load(q_ptr + row * q_stride_r + heads[:, None] * q_stride_h + d[None, :], mask=in_group[:, None])
+        k_base = k_ptr + kv_head.to(tl.int64) * kv_stride_h
+        v_base = v_ptr + kv_head.to(tl.int64) * kv_stride_h
+        table = table_ptr + row.to(tl.int64) * table_stride_r
+
+        best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for b in range(first, last):
+            pos = b * BLOCK_N + n
+            valid = pos < length
+            page = tl.load(table + pos // PAGE, mask=valid, other=0)
+            at = (page.to(tl.int64) * PAGE + pos % PAGE) * kv_stride_n
+            k = tl.load(k_base + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, 1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(s - new_best[:, None])
+            total = total * rescale + tl.sum(p, 1)
+            v = tl.load(v_base + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            best = new_best
+
+        if SPLITS == 1:  # the only split: normalize and write the output directly
+            out = acc / total[:, None]
+            at = out_ptr + row * out_stride_r + heads[:, None] * out_stride_h + d[None, :]
+            tl.store(at, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+        else:
+            index = (row * HEADS + heads) * SPLITS + split
+            tl.store(acc_ptr + index[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None])
+            tl.store(max_ptr + index, best, mask=in_group)
+            tl.store(sum_ptr + index, total, mask=in_group)
+
+    @triton.jit
+    def _combine_kernel(
+        acc_ptr,
+        max_ptr,
+        sum_ptr,
+        out_ptr,
+        out_stride_r,
+        out_stride_h,
+        HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, HEAD_DIM)
+        index = (row * HEADS + head) * SPLITS + s
+        best = tl.load(max_ptr + index)
+        total = tl.load(sum_ptr + index)
+        overall = tl.max(best, 0)
+        weight = tl.where(best == float("-inf"), 0.0, tl.exp(best - overall))  # splits with no positions: 0
+        acc = tl.load(acc_ptr + index[:, None] * HEAD_DIM + d[None, :])
+        out = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
+        tl.store(out_ptr + row * out_stride_r + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    page_size: int,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """q (R, heads, 1, head_dim): row r attends to its positions [0, lengths[r]) (lengths >= 1), which live in
+    the pool (1, kv_heads, N, head_dim) at `page_table[r, position // page_size]`. Returns (R, heads, 1, head_dim)."""
+    if triton is None:
+        raise RuntimeError("paged decode attention needs Triton (it comes with PyTorch's CUDA builds)")
+    rows, heads, _, head_dim = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    if splits is None:
+        sms = _sm_count(q.device.index or 0) if q.is_cuda else 1
+        splits = splits_for(rows, kv_heads, page_table.shape[1] * page_size, sms)
+    out = torch.empty((rows, heads, 1, head_dim), device=q.device, dtype=q.dtype)
+    if splits > 1:
+        acc = torch.empty((rows, heads, splits, head_dim), device=q.device, dtype=torch.float32)
+        best = torch.empty((rows, heads, splits), device=q.device, dtype=torch.float32)
+        total = torch.empty_like(best)
+    else:
+        acc = best = total = out  # not read: the kernel writes the output itself
+    _split_kernel[(rows, kv_heads, splits)](
+        q,
+        k_pool,
+        v_pool,
+        page_table,
+        lengths,
+        acc,
+        best,
+        total,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        page_table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        HEADS=heads,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),  # the smallest tile a matrix instruction takes
+        HEAD_DIM=head_dim,
+        PAGE=page_size,
+        BLOCK_N=BLOCK,
+        SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if splits > 1:
+        _combine_kernel[(rows, heads)](
+            acc, best, total, out, out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=head_dim, SPLITS=splits
+        )
+    return out
