@@ -5,12 +5,14 @@ vvmesh serve SERVICE [service options]                   one service: text_parse
 vvmesh synth SCRIPT --voice 1=a.wav -o out.wav           synthesize through Envoy with a progress bar
 vvmesh demo                                              start the mesh, synthesize a sample, stop
 vvmesh load --clients 16 --duration 30                   a load report
+vvmesh plan SCRIPT [--model tiny|PATH] [--max-context N]  the segments a long script is generated in
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import socket
 import sys
@@ -99,6 +101,26 @@ def _synth(args: argparse.Namespace) -> int:
         f"time to first audio {s.time_to_first_audio_seconds * 1000:.0f} ms, "
         f"real-time factor {s.real_time_factor:.3f} (seed {h.seed})"
     )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    # Imported here: the tokenizer and checkpoint code would slow every other command's start.
+    from services.common.audio import AudioError
+    from services.plan import plan_report
+    from services.text_parser.script import ScriptError
+
+    # The plan reads the tokenizer and the context only: the random-weights warning is about audio it never makes.
+    logging.getLogger("services.common.checkpoint").setLevel(logging.ERROR)
+    if args.max_context is not None and args.max_context < 1:
+        raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
+    text = Path(args.script).read_text()
+    try:
+        print(plan_report(text, args.script, args.model, args.max_context, _voices(args.voice)))
+    except ScriptError as e:
+        raise CliError(f"{e.field}: {e.reason}") from e
+    except AudioError as e:
+        raise CliError(f"voices: {e}") from e
     return 0
 
 
@@ -293,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="N, or 'auto' to estimate from the script's length (servers started with --allow-fixed-frames)",
     )
     synth.add_argument("--api-key", default=None)
+
+    plan = sub.add_parser("plan", help="print the segments a script is generated in, without generating")
+    plan.add_argument("script")
+    plan.add_argument("--model", default="tiny", help="checkpoint directory (transformers format), or 'tiny'")
+    plan.add_argument("--max-context", type=int, default=None, help="positions per stream (the model's)")
+    plan.add_argument("--voice", action="append", default=[], metavar="SPEAKER=FILE")
     return p
 
 
@@ -313,7 +341,7 @@ def _run(argv: list[str]) -> int:
         importlib.import_module(module).main(rest)
         return 0
     args = build_parser().parse_args(argv)
-    return {"up": _up, "demo": _demo, "synth": _synth}[args.command](args)
+    return {"up": _up, "demo": _demo, "synth": _synth, "plan": _plan}[args.command](args)
 
 
 def _one_line(text: str) -> str:

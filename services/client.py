@@ -11,8 +11,8 @@ from tqdm import tqdm
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
 from services.common.audio_files import finalize
-from services.common.frames import FRAMES_PER_SECOND
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.stream_size import expected_frames
 
 FORMAT_BY_SUFFIX = {
     ".wav": tts_pb2.AUDIO_FORMAT_WAV,
@@ -30,17 +30,16 @@ FORMAT_NAMES = {
     tts_pb2.AUDIO_FORMAT_PCM16: "pcm16",
     tts_pb2.AUDIO_FORMAT_PCM_F32: "pcm_f32",
 }
-SPOKEN_WORDS_PER_SECOND = 2.5
 
 
 def estimate_frames(script: str) -> int:
-    """Speech frames a script needs at about 2.5 spoken words per second (for random-weight models)."""
+    """Speech frames a script needs at the spoken rate (for random-weight models)."""
     words = sum(
         len(m.group(2).split())
         for line in script.splitlines()
         if (m := re.match(r"^\s*Speaker\s+(\d+)\s*:\s*(.*)$", line, re.IGNORECASE))
     )
-    return max(1, round(words / SPOKEN_WORDS_PER_SECOND * FRAMES_PER_SECOND))
+    return max(1, expected_frames(words))
 
 
 @dataclass

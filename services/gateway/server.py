@@ -20,7 +20,7 @@ from services.common.frames import FRAMES_PER_SECOND, SAMPLE_RATE, SAMPLES_PER_F
 from services.common.grpc_server import Service, insecure_channel
 from services.common.logs import escape, mark_random_weights, setup_logging
 from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
-from services.common.stream_size import expected_branch_positions
+from services.common.stream_size import expected_branch_positions, expected_frames
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.gateway.admission import Admission, Room
@@ -51,10 +51,10 @@ def _words(request: tts_pb2.SynthesizeRequest) -> int:
 
 
 def estimated_frames(request: tts_pb2.SynthesizeRequest) -> int:
-    """A job's audio: fixed frames, or the script's words at 2.5 words per second."""
+    """A job's audio: fixed frames, or the script's words at the spoken rate (stream_size.expected_frames)."""
     if request.options.HasField("fixed_frames"):
         return request.options.fixed_frames
-    return int(_words(request) / 2.5 * FRAMES_PER_SECOND)
+    return expected_frames(_words(request))
 
 
 def estimated_positions(request: tts_pb2.SynthesizeRequest) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from services.text_parser.script import ParsedScript
+from services.text_parser.script import ParsedScript, Turn
 
 SYSTEM_PROMPT = (
     " Transform the text provided by various speakers into speech output, utilizing the distinct voice of each"
@@ -17,6 +18,11 @@ SYSTEM_PROMPT = (
 # scripts repeat (speaker prefixes, common lines) without growing with every distinct script it sees. 16 MiB
 # is about 400,000 tokens of pieces, a few hundred scripts' worth, and a small share of the parser's memory.
 TOKEN_CACHE_BYTES = 16 * 1024 * 1024
+
+
+def turn_piece(script: ParsedScript, turn: Turn) -> str:
+    """One turn as the prompt writes it: a piece of its own, so a prompt's length is the sum of its pieces'."""
+    return f" Speaker {script.model_speaker(turn.speaker)}: {turn.text}\n"
 
 
 @dataclass(frozen=True)
@@ -80,10 +86,26 @@ class PromptBuilder:
         # Scripts repeat their speaker prefixes and often whole lines; each piece is tokenized once.
         self.cache = TokenCache(cache_bytes)
 
+    @classmethod
+    def from_pretrained(cls, tokenizer_dir: str | os.PathLike, config) -> PromptBuilder:
+        """The builder for a checkpoint: its tokenizer files and the special token ids of its VibeVoiceConfig."""
+        from transformers import AutoTokenizer
+
+        special = SpecialTokens(config.audio_bos_token_id, config.audio_eos_token_id, config.audio_token_id)
+        return cls(AutoTokenizer.from_pretrained(tokenizer_dir), special)
+
     def _tokenize(self, text: str) -> tuple[int, ...]:
         # Control tokens a script contains ("<|endoftext|>", "<|vision_pad|>", ...) are text to speak, never
         # special tokens: the layout's own special ids are added by id, not through the tokenizer.
         return tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+    def count(self, text: str) -> int:
+        """The ids one piece of the layout takes in a prompt."""
+        ids = self.cache.get(text)
+        if ids is None:
+            ids = self._tokenize(text)
+            self.cache.put(text, ids)
+        return len(ids)
 
     def build(
         self, script: ParsedScript, voice_frames: dict[int, int], limit: int | None = None
@@ -114,7 +136,7 @@ class PromptBuilder:
                 ids += encode("\n")
         ids += encode(" Text input:\n")
         for turn in script.turns:
-            ids += encode(f" Speaker {script.model_speaker(turn.speaker)}: {turn.text}\n")
+            ids += encode(turn_piece(script, turn))
         ids += encode(" Speech output:\n")
         ids.append(self.special.audio_bos)
         if limit is None or len(ids) <= limit:

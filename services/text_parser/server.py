@@ -7,7 +7,6 @@ import asyncio
 import logging
 
 import grpc
-from transformers import AutoTokenizer
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.common.checkpoint import Checkpoint, resolve_checkpoint
@@ -17,7 +16,7 @@ from services.common.limits import MAX_VOICE_FRAMES
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
 from services.common.telemetry import setup_tracing
-from services.text_parser.prompt import PromptBuilder, SpecialTokens
+from services.text_parser.prompt import PromptBuilder
 from services.text_parser.script import ParsedScript, ScriptError, check_turn_count, parse_text, parse_turns
 
 log = logging.getLogger(__name__)
@@ -25,12 +24,8 @@ log = logging.getLogger(__name__)
 
 class TextParser(mesh_pb2_grpc.TextParserServicer):
     def __init__(self, ckpt: Checkpoint) -> None:
-        cfg = ckpt.config
-        self.builder = PromptBuilder(
-            AutoTokenizer.from_pretrained(ckpt.path),
-            SpecialTokens(cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id),
-        )
-        self.context = cfg.text_config.max_position_embeddings
+        self.builder = PromptBuilder.from_pretrained(ckpt.path, ckpt.config)
+        self.context = ckpt.config.text_config.max_position_embeddings
         self.trimmer = Trimmer()
 
     def parse(self, request: mesh_pb2.ParseRequest) -> mesh_pb2.ParseResponse:
