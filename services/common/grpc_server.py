@@ -123,7 +123,11 @@ class SafeRequests(grpc.aio.ServerInterceptor):
 class Service:
     """A grpc.aio server for one service's servicers, with the standard health and reflection services."""
 
-    def __init__(self, name: str, host: str, port: int, service_names: list[str]) -> None:
+    def __init__(
+        self, name: str, host: str, port: int, service_names: list[str], also_reflected: list[str] | None = None
+    ) -> None:
+        """`also_reflected`: services served elsewhere behind the same public address, described here so that
+        reflection through that address (grpcurl) knows them too."""
         self.name = name
         # SafeRequests comes last, nearest the handlers, so tracing still sees (and records) refused requests.
         # No SO_REUSEPORT (gRPC's default): a second server on a taken port must fail, not share its traffic.
@@ -135,7 +139,12 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = service_names
         reflection.enable_server_reflection(
-            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *service_names,
+                *(also_reflected or []),
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         self.port = self.server.add_insecure_port(f"{host}:{port}")

@@ -1,0 +1,186 @@
+"""The mesh a synthesis runs on: text_parser's Parse, acoustic's EncodeVoice and llm's Generate, with errors
+carried back in the caller's terms (the failing hop named, its status kept)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from vibevoice.tts.v1 import tts_pb2
+
+from services.common.audio import MEDIA_TYPES, AudioError, decode_voice, normalize_voice
+from services.common.errors import from_rpc_error, invalid_argument, unavailable
+from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
+from services.common.grpc_server import insecure_channel
+from services.common.logs import mark_random_weights
+from services.common.tensors import to_proto
+from services.synthesis.estimates import estimated_frames
+from services.synthesis.options import Options
+
+VOICE_TIMEOUT_S = 10.0
+CAPACITY_TIMEOUT_S = 2.0
+
+
+def api_key(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling: the x-api-key metadata ("anonymous" without one). Not authenticated yet."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-api-key":
+            return value
+    return "anonymous"
+
+
+def decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
+    voices = []
+    for i, v in enumerate(request.voices):
+        try:
+            voices.append(normalize_voice(decode_voice(v.audio)))
+        except AudioError as e:
+            raise invalid_argument(f"voices[{i}].audio", str(e)) from e
+    return voices
+
+
+def finish_reason(llm_reason: str, options: Options, budget: int) -> str:
+    """The llm's reason in the public API's words: its frame budget was the request's max_audio_seconds, or the
+    room the context leaves after the prompt."""
+    if llm_reason == "max_frames":
+        return "max_audio_seconds" if 0 < options.max_frames <= budget else "context"
+    return llm_reason
+
+
+@dataclass
+class Prepared:
+    """A request made ready for the llm: what Generate gets, and the header its stream starts with."""
+
+    generate: mesh_pb2.GenerateRequest
+    header: tts_pb2.StreamHeader
+    voice_order: list[int]  # the voices' order in the prompt, as indices into the request's voices
+
+
+class Backends:
+    def __init__(self, text_parser: str, acoustic: str, llm: str) -> None:
+        self.addresses = {"text_parser": text_parser, "acoustic": acoustic, "llm": llm}
+        self.parser = mesh_pb2_grpc.TextParserStub(insecure_channel(text_parser))
+        self.acoustic = mesh_pb2_grpc.AcousticStub(insecure_channel(acoustic))
+        self.llm = mesh_pb2_grpc.LLMStub(insecure_channel(llm))
+        self._model: mesh_pb2.ModelInfo | None = None
+
+    async def call(self, hop: str, coro):
+        try:
+            return await coro
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, f"{hop} service at {self.addresses[hop]}") from e
+
+    async def capacity(self) -> mesh_pb2.CapacityResponse:
+        """The llm's room now; UNAVAILABLE while it cannot take new work (stopping, restarting, draining)."""
+        try:
+            capacity = await self.llm.Capacity(
+                mesh_pb2.CapacityRequest(), timeout=CAPACITY_TIMEOUT_S, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as e:
+            raise unavailable(f"llm service at {self.addresses['llm']} is not accepting work ({e.code().name})") from e
+        if capacity.draining:
+            raise unavailable(f"llm service at {self.addresses['llm']} is draining; retry shortly")
+        return capacity
+
+    async def model(self, timeout: float | None) -> mesh_pb2.ModelInfo:
+        if self._model is None:
+            self._model = (await self.llm.DescribeModel(mesh_pb2.LLMDescribeModelRequest(), timeout=timeout)).info
+            mark_random_weights(self._model.random_weights)
+        return self._model
+
+    async def prepare(
+        self,
+        request: tts_pb2.SynthesizeRequest,
+        options: Options,
+        request_id: str,
+        voices: list[np.ndarray],
+        timeout: float | None,
+    ) -> Prepared:
+        """The prompt (text_parser) and the header; the voices' embeddings come later (`encode_voices`)."""
+        script = (
+            mesh_pb2.ParseRequest(
+                turns=mesh_pb2.ScriptTurns(
+                    turns=[mesh_pb2.ScriptTurn(speaker=t.speaker, text=t.text) for t in request.turns.turns]
+                )
+            )
+            if request.WhichOneof("script") == "turns"
+            else mesh_pb2.ParseRequest(text=request.text)
+        )
+        script.voices.extend(
+            mesh_pb2.VoiceSlot(speaker=v.speaker, frames=-(-len(s) // SAMPLES_PER_FRAME))
+            for v, s in zip(request.voices, voices, strict=True)
+        )
+        parsed = await self.call("text_parser", self.parser.Parse(script, timeout=timeout))
+        model = await self.call("llm", self.model(timeout))
+        max_frames = parsed.max_new_frames
+        if options.max_frames:
+            max_frames = min(max_frames, options.max_frames)
+        if options.fixed_frames > parsed.max_new_frames:
+            raise invalid_argument(
+                "options.fixed_frames",
+                f"{options.fixed_frames} frames do not fit: the prompt leaves room for {parsed.max_new_frames}",
+            )
+        generate = mesh_pb2.GenerateRequest(
+            request_id=request_id,
+            prompt_ids=parsed.prompt_ids,
+            cfg_scale=options.cfg_scale,
+            diffusion_steps=options.diffusion_steps,
+            seed=options.seed,
+            max_frames=max_frames,
+            fixed_frames=options.fixed_frames,
+            expected_frames=min(estimated_frames(request), max_frames),
+        )
+        header = tts_pb2.StreamHeader(
+            request_id=request_id,
+            sample_rate=SAMPLE_RATE,
+            format=options.format,
+            media_type=MEDIA_TYPES[options.encoder],
+            speakers=[
+                tts_pb2.Speaker(speaker=s.speaker, model_speaker=s.model_speaker, has_voice=s.has_voice, turns=s.turns)
+                for s in parsed.speakers
+            ],
+            warnings=parsed.warnings,
+            model=model.model,
+            random_weights=model.random_weights,
+            seed=options.seed,
+            prompt_tokens=len(parsed.prompt_ids),
+            max_frames=options.fixed_frames or max_frames,
+        )
+        return Prepared(generate, header, list(parsed.voice_order))
+
+    async def encode_voices(
+        self, prepared: Prepared, voices: list[np.ndarray], seed: int, time_remaining: float | None
+    ) -> None:
+        """The voices' prompt embeddings (acoustic, sampled with the request's seed), into `prepared.generate`."""
+        if not voices:
+            return
+        ordered = [voices[i] for i in prepared.voice_order]
+        encoded = await self.call(
+            "acoustic",
+            self.acoustic.EncodeVoice(
+                mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.from_numpy(v)) for v in ordered], seed=seed),
+                # a restarting acoustic service gets a few seconds to come back
+                timeout=min(time_remaining or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S),
+                wait_for_ready=True,
+            ),
+        )
+        prepared.generate.voice_embeddings.CopyFrom(encoded.embeddings)
+        prepared.generate.voice_count = len(ordered)
+        prepared.generate.voice_max_frames = max(encoded.frames)
+
+    async def generate(
+        self, generate: mesh_pb2.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[mesh_pb2.GenerateResponse]:
+        """The llm's events for one stream; leaving the loop early ends the stream there (its row is freed)."""
+        call = self.llm.Generate(generate, timeout=timeout)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, f"llm service at {self.addresses['llm']}") from e
+        finally:
+            call.cancel()
