@@ -20,6 +20,7 @@ HEADER = """\
 # they agree. Edit envoy/envoy.yaml, then run the script. The differences:
 #   - the `public` listener binds 0.0.0.0 (loopback in envoy/envoy.yaml);
 #   - the `gateway` cluster is STRICT_DNS on gateway:50061 (STATIC 127.0.0.1:50061 there);
+#   - the `jobs` cluster is STRICT_DNS on jobs:50065 (STATIC 127.0.0.1:50065 there);
 #   - comments.
 # Kept as a manifest, not a configMapGenerator: kustomize refuses files outside the kustomization root
 # (../../envoy/envoy.yaml) without --load-restrictor LoadRestrictionsNone.
@@ -51,6 +52,15 @@ REPLACEMENTS = [
     (
         "                    socket_address: {address: 127.0.0.1, port_value: 50061}\n",
         "                    socket_address: {address: gateway, port_value: 50061}\n",
+    ),
+    (
+        "      type: STATIC  # STRICT_DNS on the headless `jobs` Service in Kubernetes\n",
+        "      # The jobs Service is headless: DNS returns the jobs pod, wherever it restarts.\n"
+        "      type: STRICT_DNS\n",
+    ),
+    (
+        "                    socket_address: {address: 127.0.0.1, port_value: 50065}\n",
+        "                    socket_address: {address: jobs, port_value: 50065}\n",
     ),
     (
         "                # a fresh x-forwarded-for (tested: tests/test_envoy_config.py).\n",

@@ -1,7 +1,7 @@
 """`vvmesh`: run the mesh, one service, or a client.
 
 vvmesh up [--model PATH|tiny] [--port-base N] [engine options]   the whole mesh in the foreground (Ctrl-C stops it)
-vvmesh serve SERVICE [service options]                   one service: text_parser, acoustic, llm, gateway
+vvmesh serve SERVICE [service options]                   one service: text_parser, acoustic, llm, gateway, jobs
 vvmesh synth SCRIPT --voice 1=a.wav -o out.wav           synthesize through Envoy with a progress bar
 vvmesh demo                                              start the mesh, synthesize a sample, stop
 vvmesh load --clients 16 --duration 30                   a load report
@@ -25,7 +25,7 @@ from services.client import FORMAT_BY_SUFFIX, build_request, estimate_frames, sy
 from services.common.audio_files import ContainerError
 from services.mesh import BASE_PORT, AcousticConfig, GatewayConfig, LLMConfig, Mesh, Ports
 
-SERVICES = ("text_parser", "acoustic", "llm", "gateway")
+SERVICES = ("text_parser", "acoustic", "llm", "gateway", "jobs")
 DEMO_SCRIPT = Path(__file__).resolve().parent.parent.parent / "shared/testdata/vibevoice-demo/scripts/2p_short.txt"
 
 

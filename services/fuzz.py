@@ -1409,11 +1409,11 @@ def main(argv: list[str] | None = None) -> int:
         processes: dict[str, subprocess.Popen] = {}
         address = args.address
         if address is None:
-            from services.mesh import Mesh, Ports, free_ports
+            from services.mesh import Mesh, Ports
 
             log_dir = ROOT / "out" / "fuzz" / "logs"
             mesh = Mesh(
-                ports=Ports(*free_ports(6)), model="tiny", device="cpu", dtype="float32",
+                ports=Ports.free(), model="tiny", device="cpu", dtype="float32",
                 allow_fixed_frames=True, log_dir=log_dir,
             )  # fmt: skip
             print(f"starting the mesh (logs in {log_dir})", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from services.mesh import AcousticConfig, GatewayConfig, LLMConfig, Ports
+from services.mesh import AcousticConfig, GatewayConfig, JobsConfig, LLMConfig, Ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "k8s" / "base"
@@ -23,8 +23,15 @@ MODEL = "/models/vibevoice"  # where the model volume is mounted (k8s/base/model
 # (`bench/paged_bench.py` prints the plan), so 64 batch rows leave the pool, not the batch, as the limit.
 A10G_MAX_STREAMS = 64
 DRAIN_GRACE_S = 110.0  # inside the pods' terminationGracePeriodSeconds of 120
+JOBS_DATA = "/var/lib/vvmesh/jobs"  # where the jobs StatefulSet mounts its volume (k8s/base/jobs.yaml)
 
-FILES = {"text-parser": "text-parser.yaml", "acoustic": "acoustic.yaml", "llm": "llm.yaml", "gateway": "gateway.yaml"}
+FILES = {
+    "text-parser": "text-parser.yaml",
+    "acoustic": "acoustic.yaml",
+    "llm": "llm.yaml",
+    "gateway": "gateway.yaml",
+    "jobs": "jobs.yaml",
+}
 
 
 def configs() -> tuple[LLMConfig, AcousticConfig, GatewayConfig]:
@@ -45,20 +52,13 @@ def rendered() -> dict[str, list[str]]:
         return ["--host", "0.0.0.0", "--port", str(port)]
 
     peers = {"text-parser": f"text-parser:{p.text_parser}", "acoustic": f"acoustic:{p.acoustic}", "llm": f"llm:{p.llm}"}
+    peers_args = ["--text-parser", peers["text-parser"], "--acoustic", peers["acoustic"], "--llm", peers["llm"]]
     return {
         "text-parser": [*serving(p.text_parser), "--model", MODEL],
         "acoustic": [*serving(p.acoustic), "--model", MODEL, *acoustic.argv()],
         "llm": [*serving(p.llm), "--model", MODEL, "--acoustic", peers["acoustic"], *llm.argv()],
-        "gateway": [
-            *serving(p.gateway),
-            "--text-parser",
-            peers["text-parser"],
-            "--acoustic",
-            peers["acoustic"],
-            "--llm",
-            peers["llm"],
-            *gateway.argv(),
-        ],
+        "gateway": [*serving(p.gateway), *peers_args, *gateway.argv()],
+        "jobs": [*serving(p.jobs), *peers_args, *JobsConfig(data_dir=JOBS_DATA).argv()],
     }
 
 

@@ -1,4 +1,4 @@
-"""Starting and stopping the whole mesh on one machine: the four services and Envoy, each its own process."""
+"""Starting and stopping the whole mesh on one machine: the five services and Envoy, each its own process."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ class Ports:
     text_parser: int = BASE_PORT + 11
     acoustic: int = BASE_PORT + 12
     llm: int = BASE_PORT + 13
+    jobs: int = BASE_PORT + 14
 
     @classmethod
     def from_base(cls, base: int) -> Ports:
@@ -45,6 +46,11 @@ class Ports:
         if min(ports.as_dict().values()) < 1 or max(ports.as_dict().values()) > 65535:
             raise ValueError(f"base port {base} puts ports outside 1..65535 ({ports})")
         return ports
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Every process on a port that is free on loopback now (meshes started beside others, in tests)."""
+        return cls(*free_ports(len(fields(cls))))
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -119,6 +125,23 @@ class GatewayConfig:
         return _argv(self)
 
 
+@dataclass
+class JobsConfig:
+    """`vvmesh serve jobs` options, with its defaults (the service's own defaults are these)."""
+
+    data_dir: str | None = None  # None: the mesh's run directory (the service alone: DEFAULT_JOBS_DATA_DIR)
+    max_data_bytes: int = 0  # 0: no quota but the disk's
+    max_running: int = 4
+    reserve_fraction: float = 0.25
+    drain_grace: float = 10.0
+
+    def argv(self) -> list[str]:
+        return _argv(self)
+
+
+DEFAULT_JOBS_DATA_DIR = "out/jobs"
+
+
 def envoy_config(ports: Ports, admitted: int | None = None) -> dict:
     """envoy/envoy.yaml with this mesh's ports; `admitted` (llm streams + gateway queue) sizes the breaker."""
     config = yaml.safe_load(ENVOY_CONFIG.read_text())
@@ -131,6 +154,10 @@ def envoy_config(ports: Ports, admitted: int | None = None) -> dict:
             for group in cluster["load_assignment"]["endpoints"]:
                 for endpoint in group["lb_endpoints"]:
                     endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports.gateway
+        if cluster["name"] == "jobs":
+            for group in cluster["load_assignment"]["endpoints"]:
+                for endpoint in group["lb_endpoints"]:
+                    endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports.jobs
     return config
 
 
@@ -149,6 +176,7 @@ class Mesh:
     llm_config: LLMConfig = field(default_factory=LLMConfig)
     acoustic_config: AcousticConfig = field(default_factory=AcousticConfig)
     gateway_config: GatewayConfig = field(default_factory=GatewayConfig)
+    jobs_config: JobsConfig = field(default_factory=JobsConfig)
     # Shorthands: when set they override the configs (max_streams for llm and acoustic alike).
     allow_fixed_frames: bool = False
     max_streams: int | None = None
@@ -156,9 +184,11 @@ class Mesh:
     llm_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     acoustic_args: list[str] = field(default_factory=list)
+    jobs_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _envoy_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+    _jobs_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Copies, so a config shared between meshes is not changed under another one.
@@ -184,20 +214,20 @@ class Mesh:
             acoustic = "local" if self.acoustic == "local" else f"127.0.0.1:{p.acoustic}"
             port = ["--port", str(p.llm), "--acoustic", acoustic]
             return [*serve, *self._model_args(), *port, *self.llm_config.argv(), *self.llm_args]
+        # The gateway and the jobs service call the other three.
+        peers = [
+            "--text-parser",
+            f"127.0.0.1:{p.text_parser}",
+            "--acoustic",
+            f"127.0.0.1:{p.llm if self.acoustic == 'local' else p.acoustic}",
+            "--llm",
+            f"127.0.0.1:{p.llm}",
+        ]
         if service == "gateway":
-            return [
-                *serve,
-                "--port",
-                str(p.gateway),
-                "--text-parser",
-                f"127.0.0.1:{p.text_parser}",
-                "--acoustic",
-                f"127.0.0.1:{p.llm if self.acoustic == 'local' else p.acoustic}",
-                "--llm",
-                f"127.0.0.1:{p.llm}",
-                *self.gateway_config.argv(),
-                *self.gateway_args,
-            ]
+            return [*serve, "--port", str(p.gateway), *peers, *self.gateway_config.argv(), *self.gateway_args]
+        if service == "jobs":
+            data_dir = [] if self.jobs_config.data_dir else ["--data-dir", self._jobs_dir()]
+            return [*serve, "--port", str(p.jobs), *peers, *data_dir, *self.jobs_config.argv(), *self.jobs_args]
         if service == "envoy":
             path = Path(self._envoy_dir()) / "envoy.yaml"
             admitted = self.llm_config.max_streams + self.gateway_config.queue_size
@@ -206,7 +236,7 @@ class Mesh:
         raise ValueError(f"unknown service {service!r}")
 
     def services(self) -> list[str]:
-        names = ["text_parser", "llm", "gateway", "envoy"]
+        names = ["text_parser", "llm", "gateway", "jobs", "envoy"]
         return names if self.acoustic == "local" else ["text_parser", "acoustic", *names[1:]]
 
     def port(self, service: str) -> int:
@@ -279,12 +309,22 @@ class Mesh:
             self._envoy_tmp = tempfile.TemporaryDirectory(prefix="vvmesh-envoy-")
         return self._envoy_tmp.name
 
+    def _jobs_dir(self) -> str:
+        """The job store of a mesh given no data directory: kept while the mesh runs (a restarted jobs service
+        finds its jobs), removed when it stops."""
+        if self._jobs_tmp is None:
+            self._jobs_tmp = tempfile.TemporaryDirectory(prefix="vvmesh-jobs-")
+        return self._jobs_tmp.name
+
     def stop(self) -> dict[str, int | None]:
         """Stops every process, last started first; their exit statuses (0: a clean drain)."""
         statuses = {service: self.stop_service(service, timeout_s=15.0) for service in reversed(list(self.processes))}
         if self._envoy_tmp is not None:
             self._envoy_tmp.cleanup()
             self._envoy_tmp = None
+        if self._jobs_tmp is not None:
+            self._jobs_tmp.cleanup()
+            self._jobs_tmp = None
         return statuses
 
     def __enter__(self) -> Mesh:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.common.tiny_model import build_tiny_checkpoint
-from services.mesh import Mesh, Ports, free_ports
+from services.mesh import Mesh, Ports
 
 TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "vibevoice-demo"
 SCRIPTS = TESTDATA / "scripts"
@@ -15,7 +15,7 @@ VOICES = TESTDATA / "voices"
 
 
 def new_ports() -> Ports:
-    return Ports(*free_ports(6))
+    return Ports.free()
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mesh(tiny_checkpoint, tmp_path_factory):
-    """The four services and Envoy as separate processes on loopback, CPU float32, fixed_frames allowed."""
+    """Every service and Envoy as separate processes on loopback, CPU float32, fixed_frames allowed."""
     m = Mesh(
         ports=new_ports(),
         model=str(tiny_checkpoint),

@@ -202,7 +202,7 @@ UP = [
 def test_up_options_reach_each_service(monkeypatch):
     mesh = mesh_from_args(build_parser().parse_args(UP))
     assert mesh.ports == Ports(
-        envoy=20000, envoy_admin=20001, gateway=20010, text_parser=20011, acoustic=20012, llm=20013
+        envoy=20000, envoy_admin=20001, gateway=20010, text_parser=20011, acoustic=20012, llm=20013, jobs=20014
     )
     llm = server_args(monkeypatch, "llm", mesh.command("llm")[5:])
     assert (llm["port"], llm["acoustic"]) == (20013, "127.0.0.1:20012")

@@ -37,8 +37,14 @@ def hcm(config: dict) -> dict:
     return listener["filter_chains"][0]["filters"][0]["typed_config"]
 
 
+def routes_to(config: dict, cluster: str) -> list[dict]:
+    routes = hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+    return [r for r in routes if r.get("route", {}).get("cluster") == cluster]
+
+
 def route(config: dict) -> dict:
-    return hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    [to_gateway] = routes_to(config, "gateway")
+    return to_gateway["route"]
 
 
 def http_filter(config: dict, name: str) -> dict:
@@ -95,14 +101,20 @@ def test_rate_limit_and_filter_order():
     assert address["max_tokens"] >= burst_size()
 
 
-def test_only_grpc_calls_reach_the_gateway():
-    routes = hcm(load())["route_config"]["virtual_hosts"][0]["routes"]
-    to_gateway = [r for r in routes if r.get("route", {}).get("cluster") == "gateway"]
-    assert to_gateway == [routes[0]]
-    match = routes[0]["match"]
-    assert "grpc" in match
-    assert {h["name"]: h["string_match"]["exact"] for h in match["headers"]} == {":method": "POST", "te": "trailers"}
-    assert all(400 <= r["direct_response"]["status"] < 500 for r in routes[1:])
+def test_only_grpc_calls_reach_the_gateway_and_jobs():
+    config = load()
+    routes = hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+    # The Jobs API first (a prefix of its own), then everything else gRPC to the gateway.
+    assert routes_to(config, "jobs") == [routes[0]] and routes_to(config, "gateway") == [routes[1]]
+    assert routes[0]["match"]["prefix"] == "/vibevoice.tts.v1.Jobs/" and routes[1]["match"]["prefix"] == "/"
+    for r in routes[:2]:
+        assert "grpc" in r["match"]
+        headers = {h["name"]: h["string_match"]["exact"] for h in r["match"]["headers"]}
+        assert headers == {":method": "POST", "te": "trailers"}
+    assert all(400 <= r["direct_response"]["status"] < 500 for r in routes[2:])
+    # Jobs streams (WatchJob) are as long as Synthesize streams, and retried as safely.
+    for key in ("timeout", "max_stream_duration", "retry_policy"):
+        assert routes[0]["route"][key] == routes[1]["route"][key], key
 
 
 def test_gateway_cluster_is_guarded():
@@ -122,12 +134,13 @@ def test_gateway_cluster_is_guarded():
 
 
 def test_ports_are_rewritten_for_other_meshes(tmp_path):
-    ports = Ports(envoy=41001, envoy_admin=41002, gateway=41003)
+    ports = Ports(envoy=41001, envoy_admin=41002, gateway=41003, jobs=41004)
     config = envoy_config(ports)
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
     text = path.read_text()
-    assert "41001" in text and "41002" in text and "41003" in text and "50061" not in text
+    assert "41001" in text and "41002" in text and "41003" in text and "41004" in text
+    assert "50061" not in text and "50065" not in text
     assert validate(path).returncode == 0
 
 

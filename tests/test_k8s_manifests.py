@@ -29,7 +29,7 @@ BASE = ROOT / "k8s" / "base"
 OVERLAY = ROOT / "k8s" / "overlays" / "a10g"
 K8S_VERSION = kubernetes_validate.latest_version()  # the newest schema set the package ships
 
-PORTS = {"gateway": 50061, "text-parser": 50062, "acoustic": 50063, "llm": 50064, "envoy": 50051}
+PORTS = {"gateway": 50061, "text-parser": 50062, "acoustic": 50063, "llm": 50064, "jobs": 50065, "envoy": 50051}
 GPU = {"llm", "acoustic"}
 A10G_TYPES = [f"g5.{size}" for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge")]
 A10G_TYPES += ["g5.24xlarge", "g5.48xlarge"]
@@ -101,6 +101,11 @@ def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
+def workloads(objects: list[dict]) -> dict[str, dict]:
+    """Deployments and StatefulSets (jobs keeps its store on a volume) by name: one pod template each."""
+    return {**by_kind(objects, "Deployment"), **by_kind(objects, "StatefulSet")}
+
+
 def container(deployment: dict) -> dict:
     containers = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
@@ -153,7 +158,7 @@ def test_patch_applier_handles_pointer_escapes_and_append():
 
 
 def test_one_deployment_and_service_per_service(rendered):
-    deployments, services = by_kind(rendered, "Deployment"), by_kind(rendered, "Service")
+    deployments, services = workloads(rendered), by_kind(rendered, "Service")
     assert set(deployments) == set(services) == set(PORTS)
     for name, port in PORTS.items():
         c = container(deployments[name])
@@ -166,7 +171,7 @@ def test_one_deployment_and_service_per_service(rendered):
 
 
 def test_services_run_vvmesh_serve_on_their_port(rendered):
-    for name, d in by_kind(rendered, "Deployment").items():
+    for name, d in workloads(rendered).items():
         c = container(d)
         assert c["image"] == "vvmesh:latest"
         if name == "envoy":
@@ -190,7 +195,7 @@ def test_service_args_are_accepted_by_the_services(monkeypatch):
         raise _Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    for d in by_kind(render(OVERLAY), "Deployment").values():
+    for d in workloads(render(OVERLAY)).values():
         c = container(d)
         if c["command"][:2] == ["vvmesh", "serve"]:
             with pytest.raises(_Parsed):
@@ -200,7 +205,7 @@ def test_service_args_are_accepted_by_the_services(monkeypatch):
 def test_service_args_are_the_config_classes_rendered():
     """The base manifests' args are what `python -m services.k8s_args --write` renders from the config classes
     that `Mesh` uses, so a new option or a changed default reaches Kubernetes too."""
-    deployments = by_kind(render(BASE), "Deployment")
+    deployments = workloads(render(BASE))
     for name, args in k8s_args.rendered().items():
         assert container(deployments[name])["args"] == args, name
     changed = k8s_args.rewrite((BASE / "llm.yaml").read_text(), ["--host", "0.0.0.0", "--port", "1"])
@@ -210,7 +215,7 @@ def test_service_args_are_the_config_classes_rendered():
 
 
 def test_python_services_carry_the_meshs_glibc_settings():
-    for name, d in by_kind(render(BASE), "Deployment").items():
+    for name, d in workloads(render(BASE)).items():
         if name == "envoy":
             continue
         env = {e["name"]: e["value"] for e in container(d)["env"]}
@@ -218,7 +223,7 @@ def test_python_services_carry_the_meshs_glibc_settings():
 
 
 def test_every_deployment_has_probes_and_resources(rendered):
-    for name, d in by_kind(rendered, "Deployment").items():
+    for name, d in workloads(rendered).items():
         c = container(d)
         assert c["readinessProbe"]["grpc"]["port"] == PORTS[name], name
         assert "livenessProbe" in c, name
@@ -227,7 +232,7 @@ def test_every_deployment_has_probes_and_resources(rendered):
 
 
 def test_gpu_services_request_a_gpu_and_cpu_services_do_not(rendered):
-    for name, d in by_kind(rendered, "Deployment").items():
+    for name, d in workloads(rendered).items():
         resources = container(d)["resources"]
         if name in GPU:
             assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
@@ -271,9 +276,9 @@ def test_overlay_pins_gpu_services_to_a10g():
         assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
         assert container(deployments[name])["args"][-4:] == ["--dtype", "bfloat16", "--device", "cuda"]
-    base = by_kind(render(BASE), "Deployment")
+    base, overlay = workloads(render(BASE)), workloads(render(OVERLAY))
     for name in set(PORTS) - GPU:
-        assert deployments[name] == base[name], f"the overlay should leave {name} alone"
+        assert overlay[name] == base[name], f"the overlay should leave {name} alone"
 
 
 # --- envoy's config in the cluster is envoy/envoy.yaml, re-addressed ---
@@ -291,11 +296,16 @@ def test_envoy_configmap_matches_envoy_yaml_but_for_addresses():
     assert cluster["type"] == "STRICT_DNS"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert endpoint["address"]["socket_address"] == {"address": "gateway", "port_value": 50061}
+    jobs = next(c for c in k8s["static_resources"]["clusters"] if c["name"] == "jobs")
+    assert jobs["type"] == "STRICT_DNS"
+    jobs_endpoint = jobs["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert jobs_endpoint["address"]["socket_address"] == {"address": "jobs", "port_value": 50065}
     assert k8s["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     # Put the loopback values back: everything else must be identical.
     listener["address"]["socket_address"]["address"] = "127.0.0.1"
-    cluster["type"] = "STATIC"
+    cluster["type"] = jobs["type"] = "STATIC"
     endpoint["address"]["socket_address"]["address"] = "127.0.0.1"
+    jobs_endpoint["address"]["socket_address"]["address"] = "127.0.0.1"
     assert k8s == local
 
 
@@ -323,3 +333,16 @@ def test_envoy_deployment_mounts_its_config():
     volume = next(v for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == "envoy-config"
     assert c["args"][c["args"].index("-c") + 1] == "/etc/envoy/envoy.yaml"
+
+
+# --- the jobs store on a volume ---
+
+
+def test_jobs_keep_their_store_on_a_volume_of_their_own(rendered):
+    jobs = by_kind(rendered, "StatefulSet")["jobs"]
+    assert jobs["spec"]["replicas"] == 1  # one process owns a store (README, "Jobs")
+    assert by_kind(rendered, "Service")[jobs["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+    [claim] = jobs["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    mount = next(m for m in container(jobs)["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    assert arg(jobs, "--data-dir") == mount["mountPath"] and not mount.get("readOnly")

@@ -47,6 +47,11 @@ def unavailable(reason: str) -> RequestError:
     return RequestError(status_pb2.Status(code=code_pb2.UNAVAILABLE, message=reason))
 
 
+def status_error(code: int, reason: str) -> RequestError:
+    """Any other status (a google.rpc.Code), with its reason: NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, ..."""
+    return RequestError(status_pb2.Status(code=code, message=reason))
+
+
 async def abort(context: grpc.aio.ServicerContext, error: RequestError) -> None:
     await context.abort_with_status(rpc_status.to_status(error.status))
 

@@ -68,9 +68,20 @@ class FrameLog:
     def sync(self) -> int:
         """Makes every appended frame durable; returns how many that is."""
         frames = self.frames
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as e:  # a file system that allocates late reports a full disk here
+            if is_disk_full(e):
+                raise StoreFull(f"the disk under the job store is full ({e.strerror})") from e
+            raise
         self.synced = frames
         return frames
+
+    def discard(self) -> None:
+        """Drops every frame (the file is kept, empty) and gives their bytes back to the store."""
+        os.ftruncate(self.fd, 0)
+        self.store.release(self.frames * RECORD_BYTES)
+        self.frames = self.synced = 0
 
     def close(self) -> None:
         os.close(self.fd)
@@ -90,3 +101,9 @@ def read_frames(path: Path, start: int, stop: int) -> Iterator[tuple[int, int, n
             if index != expected:
                 raise ValueError(f"{path}: record {expected} holds frame {index}")
             yield index, segment, np.frombuffer(record, dtype="<f4", offset=_HEAD.size)
+
+
+def read_samples(path: Path, frames: int, batch_frames: int = 256) -> Iterator[np.ndarray]:
+    """The samples of frames [0, frames), a batch of frames at a time."""
+    for start in range(0, frames, batch_frames):
+        yield np.concatenate([s for _, _, s in read_frames(path, start, min(frames, start + batch_frames))])

@@ -89,16 +89,20 @@ class JobSegment(_message.Message):
     def __init__(self, index: _Optional[int] = ..., first_turn: _Optional[int] = ..., turns: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., first_frame: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class AudioChecks(_message.Message):
-    __slots__ = ("longest_silence_seconds", "clipped_samples", "integrated_loudness_lufs", "long_gap")
+    __slots__ = ("longest_silence_seconds", "clipped_samples", "integrated_loudness_lufs", "gap_over_one_second", "longest_gap_seconds", "gap_at_seconds")
     LONGEST_SILENCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIPPED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     INTEGRATED_LOUDNESS_LUFS_FIELD_NUMBER: _ClassVar[int]
-    LONG_GAP_FIELD_NUMBER: _ClassVar[int]
+    GAP_OVER_ONE_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LONGEST_GAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GAP_AT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     longest_silence_seconds: float
     clipped_samples: int
     integrated_loudness_lufs: float
-    long_gap: bool
-    def __init__(self, longest_silence_seconds: _Optional[float] = ..., clipped_samples: _Optional[int] = ..., integrated_loudness_lufs: _Optional[float] = ..., long_gap: _Optional[bool] = ...) -> None: ...
+    gap_over_one_second: bool
+    longest_gap_seconds: float
+    gap_at_seconds: float
+    def __init__(self, longest_silence_seconds: _Optional[float] = ..., clipped_samples: _Optional[int] = ..., integrated_loudness_lufs: _Optional[float] = ..., gap_over_one_second: _Optional[bool] = ..., longest_gap_seconds: _Optional[float] = ..., gap_at_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("job_id", "request")

@@ -1,0 +1,278 @@
+"""Running jobs: start them on spare capacity, drive each through text_parser, acoustic and llm as the gateway
+drives a Synthesize call, store every frame as it comes, and checkpoint.
+
+Checkpoints: the frames file is fsynced, then the record's `frames_done` set to the frames it holds, every
+CHECKPOINT_FRAMES frames (2 s of audio), at the end, and when a run stops for any reason. A kill -9 of the jobs
+service loses at most the frames after the last checkpoint.
+
+A job whose frames do not fit the store (its quota, or a full disk) fails with RESOURCE_EXHAUSTED and its
+frames are dropped, so the space it took goes back to the jobs still running; no other job's files change.
+
+Resume, as it is today: a job that was interrupted (the jobs service restarted, or the llm or the acoustic
+service went away: UNAVAILABLE) goes back to the queue and runs again from frame 0, with its stored request
+and seed. Frames the store already holds are skipped as they come, unchecked, and the new ones are appended
+after the last checkpoint. This is correct because a job's audio is deterministic given its script, voices
+and seed (README, "Seeds"), but it makes again every frame up to the checkpoint; rebuilding the llm's and the
+acoustic service's state from stored frames would avoid that and is not done yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from google.rpc import code_pb2, status_pb2
+from vibevoice.tts.v1 import tts_pb2
+
+from services.common.errors import RequestError
+from services.common.frames import FRAMES_PER_SECOND
+from services.common.logs import escape
+from services.common.tensors import from_proto
+from services.jobs import store as states
+from services.jobs.checks import check_job_audio
+from services.jobs.frame_log import FrameLog
+from services.jobs.spare import has_room
+from services.jobs.store import JobRecord, Store, StoreFull
+from services.synthesis.backends import Backends, decode_voices, finish_reason
+from services.synthesis.estimates import estimated_positions
+from services.synthesis.options import check_options
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_AUDIO_SECONDS = 2.0
+CHECKPOINT_FRAMES = int(CHECKPOINT_AUDIO_SECONDS * FRAMES_PER_SECOND)  # 15 frames of 133 ms
+SCHEDULE_EVERY_S = 0.5
+PREPARE_TIMEOUT_S = 60.0
+MAX_RESUMES = 20  # a job interrupted more often than this fails with the last interruption's status
+
+
+class Signal:
+    """Wakes everyone waiting; a waiter takes `current()` before reading state, so no change is missed."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def current(self) -> asyncio.Event:
+        return self._event
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+
+@dataclass
+class Run:
+    """A job running in this process."""
+
+    task: asyncio.Task | None = None
+    frames: int = 0  # frames in its log (durable or not)
+    started: float = field(default_factory=time.monotonic)
+    frames_at_start: int = 0
+    streaming: bool = False  # the llm has read its prompt (it counts in the llm's Capacity from then on)
+    cancelled: bool = False
+
+    def seconds_left(self, total: int) -> float | None:
+        made = self.frames - self.frames_at_start
+        if made <= 0:
+            return None
+        return max(0, total - self.frames) * (time.monotonic() - self.started) / made
+
+
+def failure(code: int, message: str) -> bytes:
+    return status_pb2.Status(code=code, message=message).SerializeToString()
+
+
+async def _sync(frame_log: FrameLog) -> int:
+    """fsync in a thread; if the caller is cancelled meanwhile, the fsync still ends before the fd may close."""
+    done = asyncio.get_running_loop().run_in_executor(None, frame_log.sync)
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait([done])
+        raise
+
+
+class Runner:
+    def __init__(self, store: Store, backends: Backends, max_running: int, reserve: float) -> None:
+        self.store = store
+        self.backends = backends
+        self.max_running = max_running
+        self.reserve = reserve
+        self.runs: dict[str, Run] = {}
+        self.signals: dict[str, Signal] = {}
+        self.wake = asyncio.Event()
+
+    def signal(self, job_id: str) -> Signal:
+        return self.signals.setdefault(job_id, Signal())
+
+    def changed(self, job_id: str) -> None:
+        if job_id in self.signals:
+            self.signals[job_id].notify()
+
+    def frames(self, record: JobRecord) -> int:
+        """Frames of the job a reader can have now: its log's while it runs here, else the checkpoint's."""
+        run = self.runs.get(record.job_id)
+        return run.frames if run is not None else record.frames_done
+
+    # ---- starting
+
+    def recover(self) -> None:
+        """At start-up: jobs that were running when the service stopped go back to the queue, to resume."""
+        for record in self.store.in_state(states.RUNNING):
+            self.store.transition(record.job_id, states.QUEUED, resumes=record.resumes + 1)
+            log.info("job %s: resumes from frame %d", record.job_id, record.frames_done)
+        for job_id in self.store.remove_orphans():
+            log.info("removed %s: files without a job record", escape(job_id))
+
+    async def schedule(self) -> None:
+        """Starts queued jobs, oldest first, one at a time, while the llm has spare room."""
+        while True:
+            try:
+                await self._start_next()
+            except RequestError as e:  # the llm is away or draining: try again later
+                log.debug("no job started: %s", e.status.message)
+            except Exception:
+                log.exception("scheduling jobs failed")
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), SCHEDULE_EVERY_S)
+
+    async def _start_next(self) -> None:
+        if len(self.runs) >= self.max_running:
+            return
+        queued = self.store.in_state(states.QUEUED)
+        if not queued:
+            return
+        record = queued[0]
+        request = tts_pb2.SynthesizeRequest.FromString(self.store.read_request(record.job_id))
+        capacity = await self.backends.capacity()
+        starting = sum(1 for r in self.runs.values() if not r.streaming)
+        if not has_room(capacity, estimated_positions(request), self.reserve, starting):
+            return
+        record = self.store.get(record.job_id)
+        if record is None or record.state != states.QUEUED:  # cancelled or deleted meanwhile
+            return
+        self.store.transition(record.job_id, states.RUNNING)
+        run = Run(frames=record.frames_done, frames_at_start=record.frames_done)
+        self.runs[record.job_id] = run
+        run.task = asyncio.create_task(self._run(record, request, run))
+        self.changed(record.job_id)
+
+    # ---- running
+
+    async def _run(self, record: JobRecord, request: tts_pb2.SynthesizeRequest, run: Run) -> None:
+        job_id = record.job_id
+        frame_log: FrameLog | None = None
+        try:
+            header = tts_pb2.StreamHeader.FromString(record.header)
+            options = replace(check_options(request), seed=record.seed)
+            voices = await asyncio.to_thread(decode_voices, request)
+            prepared = await self.backends.prepare(request, options, header.request_id, voices, PREPARE_TIMEOUT_S)
+            await self.backends.encode_voices(prepared, voices, options.seed, None)
+            frame_log = FrameLog(self.store, job_id, record.frames_done)
+            log.info("job %s: running from frame %d", job_id, frame_log.frames)
+            async for event in self.backends.generate(prepared.generate, None):
+                kind = event.WhichOneof("event")
+                if kind == "progress":
+                    run.streaming = True
+                elif kind == "frame" and event.frame.index >= frame_log.frames:  # earlier ones are stored
+                    samples = from_proto(event.frame.audio).float().numpy()
+                    frame_log.append(event.frame.index, event.frame.segment_index, samples)
+                    run.frames = frame_log.frames
+                    if frame_log.frames - frame_log.synced >= CHECKPOINT_FRAMES:
+                        self.store.checkpoint(job_id, await _sync(frame_log))
+                    self.changed(job_id)
+                elif kind == "done":
+                    self.store.checkpoint(job_id, await _sync(frame_log))
+                    await self._check(job_id, frame_log.frames)
+                    reason = finish_reason(event.done.finish_reason, options, prepared.generate.max_frames)
+                    self.store.transition(
+                        job_id, states.SUCCEEDED, finish_reason=reason, estimated_frames=frame_log.frames
+                    )
+                    log.info("job %s: succeeded, %d frames (%s)", job_id, frame_log.frames, reason)
+                    return
+            raise RequestError(status_pb2.Status(code=code_pb2.UNAVAILABLE, message="the llm's stream ended early"))
+        except StoreFull as e:
+            # Its frames go too: a failed job has no file to give, and the space lets the other jobs go on.
+            log.warning("job %s: failed: %s; its %d frames are dropped", job_id, e, run.frames)
+            if frame_log is not None:
+                frame_log.discard()
+            self.store.checkpoint(job_id, 0)
+            self._end(job_id, None, states.FAILED, error=failure(code_pb2.RESOURCE_EXHAUSTED, str(e)))
+        except RequestError as e:
+            self._interrupted(job_id, frame_log, e.status)
+        except asyncio.CancelledError:
+            # CancelJob, DeleteJob or the service stopping: keep what was made.
+            self._last_checkpoint(job_id, frame_log)
+            if run.cancelled:
+                self._end(job_id, None, states.CANCELLED)
+            raise
+        except Exception as e:
+            log.exception("job %s failed", job_id)
+            self._end(job_id, frame_log, states.FAILED, error=failure(code_pb2.ABORTED, f"the job stopped: {e}"))
+        finally:
+            if frame_log is not None:
+                frame_log.close()
+            self.runs.pop(job_id, None)
+            self.changed(job_id)
+            self.wake.set()
+
+    async def _check(self, job_id: str, frames: int) -> None:
+        checks = await asyncio.to_thread(check_job_audio, self.store.frames_path(job_id), frames)
+        self.store.set_checks(job_id, checks.SerializeToString())
+        if checks.gap_over_one_second:
+            log.warning(
+                "job %s: a gap of %.2f s inside a segment, at %.2f s",
+                job_id,
+                checks.longest_gap_seconds,
+                checks.gap_at_seconds,
+            )
+
+    def _last_checkpoint(self, job_id: str, frame_log: FrameLog | None) -> None:
+        if frame_log is None:
+            return
+        try:
+            self.store.checkpoint(job_id, frame_log.sync())
+        except (OSError, StoreFull) as e:  # the record keeps the previous checkpoint
+            log.warning("job %s: last checkpoint failed: %s", job_id, e)
+
+    def _end(self, job_id: str, frame_log: FrameLog | None, state: str, **values) -> None:
+        self._last_checkpoint(job_id, frame_log)
+        self.store.transition(job_id, state, **values)
+
+    def _interrupted(self, job_id: str, frame_log: FrameLog | None, status: status_pb2.Status) -> None:
+        """A hop that went away (UNAVAILABLE) sends the job back to the queue; any other status ends it."""
+        record = self.store.get(job_id)
+        if status.code == code_pb2.UNAVAILABLE and record.resumes < MAX_RESUMES:
+            log.info("job %s: interrupted (%s); queued to resume", job_id, status.message)
+            self._end(job_id, frame_log, states.QUEUED, resumes=record.resumes + 1)
+        else:
+            log.info("job %s: failed: %s", job_id, status.message)
+            self._end(job_id, frame_log, states.FAILED, error=status.SerializeToString())
+
+    # ---- stopping
+
+    async def cancel(self, job_id: str) -> None:
+        """Stops the job's run, if it has one here (its llm stream ends), and marks it CANCELLED."""
+        run = self.runs.get(job_id)
+        if run is not None and run.task is not None:
+            run.cancelled = True
+            run.task.cancel()
+            await asyncio.wait([run.task])
+            self.runs.pop(job_id, None)  # a task cancelled before it ran never reached its own clean-up
+        record = self.store.get(job_id)
+        if record is not None and record.state in states.ACTIVE:
+            self.store.transition(job_id, states.CANCELLED)
+        self.changed(job_id)
+
+    async def stop(self) -> None:
+        """The service is stopping: runs checkpoint and stay RUNNING, to resume at the next start."""
+        tasks = [r.task for r in self.runs.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self.runs.clear()

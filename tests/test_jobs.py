@@ -1,0 +1,332 @@
+"""The Jobs API through Envoy: real processes, the tiny model on the CPU, one mesh for the module.
+
+Jobs are made long enough to interrupt with `fixed_frames`; waits are bounded by deadlines that guard against
+hangs and measure nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+from google.rpc import code_pb2
+from grpc_status import rpc_status
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from vibevoice.tts.v1 import jobs_pb2, jobs_pb2_grpc, tts_pb2
+
+from services.client import build_request, synthesize
+from services.common.errors import bad_request_fields
+from services.common.frames import SAMPLES_PER_FRAME
+from services.jobs.frame_log import RECORD_BYTES
+from services.mesh import Mesh, Ports
+from tests.conftest import SCRIPTS, VOICES
+from tests.test_api import grpcurl
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
+DEADLINE_S = 300.0
+
+
+@pytest.fixture(scope="module")
+def jobs_mesh(tiny_checkpoint, tmp_path_factory):
+    mesh = Mesh(
+        ports=Ports.free(),
+        model=str(tiny_checkpoint),
+        device="cpu",
+        dtype="float32",
+        allow_fixed_frames=True,
+        log_dir=tmp_path_factory.mktemp("jobs-mesh-logs"),
+    )
+    mesh.jobs_config = replace(mesh.jobs_config, data_dir=str(tmp_path_factory.mktemp("jobs-data")))
+    with mesh:
+        yield mesh
+
+
+def jobs(mesh: Mesh) -> jobs_pb2_grpc.JobsStub:
+    return jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"127.0.0.1:{mesh.ports.envoy}"))
+
+
+def key(name: str) -> list[tuple[str, str]]:
+    return [("x-api-key", name)]
+
+
+def request(frames: int | None = 40, fmt: int = tts_pb2.AUDIO_FORMAT_PCM_F32, seed: int = 7, **options):
+    return build_request(SCRIPT, {}, fmt, seed=seed, fixed_frames=frames, **options)
+
+
+def create(mesh: Mesh, job_id: str, req: tts_pb2.SynthesizeRequest, owner: str = "tests") -> jobs_pb2.Job:
+    created = jobs(mesh).CreateJob(jobs_pb2.CreateJobRequest(job_id=job_id, request=req), metadata=key(owner))
+    return created.job
+
+
+def get(mesh: Mesh, name: str, owner: str = "tests") -> jobs_pb2.Job:
+    return jobs(mesh).GetJob(jobs_pb2.GetJobRequest(name=name), metadata=key(owner), timeout=30).job
+
+
+def wait_for(mesh: Mesh, name: str, done, owner: str = "tests") -> jobs_pb2.Job:
+    deadline = time.monotonic() + DEADLINE_S
+    while not done(job := get(mesh, name, owner)):
+        assert time.monotonic() < deadline, f"{name} never got there: {job}"
+        time.sleep(0.1)
+    return job
+
+
+def succeeded(job: jobs_pb2.Job) -> bool:
+    assert job.state not in (jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED), job
+    return job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+
+def watch(mesh: Mesh, name: str, from_frame: int = 0, owner: str = "tests") -> list[tts_pb2.SynthesizeResponse]:
+    call = jobs(mesh).WatchJob(jobs_pb2.WatchJobRequest(name=name, from_frame=from_frame), metadata=key(owner))
+    return list(call)
+
+
+def audio_bytes(responses: list[tts_pb2.SynthesizeResponse]) -> bytes:
+    return b"".join(r.audio.data for r in responses if r.WhichOneof("event") == "audio")
+
+
+def download(mesh: Mesh, name: str, fmt: int = tts_pb2.AUDIO_FORMAT_UNSPECIFIED) -> tuple[bytes, str, int]:
+    parts = list(jobs(mesh).GetJobAudio(jobs_pb2.GetJobAudioRequest(name=name, format=fmt), metadata=key("tests")))
+    return b"".join(p.data for p in parts), parts[0].media_type, parts[0].total_bytes
+
+
+def samples(mesh: Mesh, name: str) -> np.ndarray:
+    return np.frombuffer(download(mesh, name, tts_pb2.AUDIO_FORMAT_PCM_F32)[0], dtype="<f4")
+
+
+def status_of(call) -> tuple[grpc.StatusCode, list[tuple[str, str]]]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    status = rpc_status.from_call(err.value)
+    return err.value.code(), bad_request_fields(status) if status else []
+
+
+def capacity(mesh: Mesh) -> mesh_pb2.CapacityResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.llm}") as ch:
+        return mesh_pb2_grpc.LLMStub(ch).Capacity(mesh_pb2.CapacityRequest(), timeout=10)
+
+
+def assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape and a.size
+    assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)), np.max(np.abs(a - b))
+
+
+# --- every call, every state ---
+
+
+def test_a_job_runs_is_watched_listed_and_downloaded(jobs_mesh):
+    created = create(jobs_mesh, "every-call", request(40))
+    assert created.name == "jobs/every-call" and created.state == jobs_pb2.JOB_STATE_QUEUED
+    assert (created.owner, created.request_id, created.seed, created.estimated_frames) == ("tests", "every-call", 7, 40)
+    stream = watch(jobs_mesh, created.name)
+    kinds = [r.WhichOneof("event") for r in stream]
+    assert kinds[0] == "header" and kinds[-1] == "summary" and "progress" in kinds
+    chunks = [r.audio for r in stream if r.WhichOneof("event") == "audio"]
+    assert [c.frame_index for c in chunks] == list(range(40))
+    assert stream[0].header.max_frames == 40 and stream[-1].summary.finish_reason == "fixed_frames"
+
+    job = get(jobs_mesh, created.name)
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.progress_percent == 100
+    assert job.frames_done == job.frames_checkpointed == 40 and job.finish_reason == "fixed_frames"
+    assert job.create_time.ToNanoseconds() <= job.start_time.ToNanoseconds() <= job.end_time.ToNanoseconds()
+    assert [(s.first_frame, s.frames, s.turns) for s in job.segments] == [(0, 40, 2)]
+    assert job.audio_checks.HasField("integrated_loudness_lufs") and job.audio_checks.clipped_samples >= 0
+
+    # The file, in every format, holds the watched audio; PCM float is the very samples.
+    f32 = samples(jobs_mesh, created.name)
+    assert f32.tobytes() == audio_bytes(stream)
+    for fmt, media in ((tts_pb2.AUDIO_FORMAT_WAV, "audio/wav"), (tts_pb2.AUDIO_FORMAT_FLAC, "audio/flac")):
+        data, media_type, total = download(jobs_mesh, created.name, fmt)
+        assert media_type == media and total == len(data)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            assert f.frames == 40 * SAMPLES_PER_FRAME  # the header says the real length
+            assert np.allclose(f.read(dtype="float32"), f32, atol=2 / 32767)
+
+    # Listing: the caller's jobs only, newest first, in pages.
+    second = create(jobs_mesh, "every-call-2", request(2))
+    wait_for(jobs_mesh, second.name, succeeded)
+    first_page = jobs(jobs_mesh).ListJobs(jobs_pb2.ListJobsRequest(page_size=1), metadata=key("tests"))
+    assert [j.name for j in first_page.jobs] == ["jobs/every-call-2"] and first_page.next_page_token
+    rest = jobs(jobs_mesh).ListJobs(
+        jobs_pb2.ListJobsRequest(page_size=1000, page_token=first_page.next_page_token), metadata=key("tests")
+    )
+    assert "jobs/every-call" in [j.name for j in rest.jobs] and "jobs/every-call-2" not in [j.name for j in rest.jobs]
+    assert not jobs(jobs_mesh).ListJobs(jobs_pb2.ListJobsRequest(), metadata=key("someone-else")).jobs
+    code, _ = status_of(lambda: get(jobs_mesh, created.name, owner="someone-else"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = status_of(
+        lambda: jobs(jobs_mesh).CancelJob(jobs_pb2.CancelJobRequest(name=created.name), metadata=key("tests"))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s: s.CreateJob(jobs_pb2.CreateJobRequest()), "request"),
+        (lambda s: s.CreateJob(jobs_pb2.CreateJobRequest(job_id="Bad_Id", request=request())), "job_id"),
+        (lambda s: s.CreateJob(jobs_pb2.CreateJobRequest(request=request(cfg_scale=0.0))), "request.options.cfg_scale"),
+        (
+            lambda s: s.CreateJob(jobs_pb2.CreateJobRequest(request=tts_pb2.SynthesizeRequest(text="no speakers"))),
+            "request.text",
+        ),
+        (lambda s: s.GetJob(jobs_pb2.GetJobRequest(name="every-call")), "name"),
+        (lambda s: s.ListJobs(jobs_pb2.ListJobsRequest(page_size=-1)), "page_size"),
+        (lambda s: s.ListJobs(jobs_pb2.ListJobsRequest(page_token="nonsense")), "page_token"),
+        (lambda s: list(s.GetJobAudio(jobs_pb2.GetJobAudioRequest(name="jobs/every-call", format=99))), "format"),
+    ],
+)
+def test_bad_requests_name_the_field(jobs_mesh, call, field):
+    code, fields = status_of(lambda: call(jobs(jobs_mesh)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fields and fields[0][0] == field, fields
+
+
+def test_create_with_an_id_is_idempotent(jobs_mesh):
+    first = create(jobs_mesh, "same-id", request(3))
+    again = create(jobs_mesh, "same-id", request(3))
+    assert again.name == first.name and again.create_time == first.create_time
+    code, _ = status_of(lambda: create(jobs_mesh, "same-id", request(4)))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    # Without an id every call is a new job.
+    others = [create(jobs_mesh, "", request(3)), create(jobs_mesh, "", request(3))]
+    assert others[0].name != others[1].name
+    for job in [first, *others]:
+        wait_for(jobs_mesh, job.name, succeeded)
+
+
+def test_a_watch_from_frame_k_is_the_tail_of_a_full_watch(jobs_mesh):
+    """FLAC carries the codec's state from frame to frame: the hardest case for starting in the middle."""
+    job = create(jobs_mesh, "tail", request(90, fmt=tts_pb2.AUDIO_FORMAT_FLAC))
+    live = watch(jobs_mesh, job.name)  # follows the job while it runs
+    k = 37
+    tail = watch(jobs_mesh, job.name, from_frame=k)  # replays the stored frames
+    full_chunks = [r.audio for r in live if r.WhichOneof("event") == "audio"]
+    tail_chunks = [r.audio for r in tail if r.WhichOneof("event") == "audio"]
+    assert tail_chunks[0].frame_index == k
+    assert tail_chunks == [c for c in full_chunks if c.frame_index >= k][-len(tail_chunks) :]
+    assert b"".join(c.data for c in full_chunks).endswith(audio_bytes(tail))
+    assert tail[-1].summary.frames == live[-1].summary.frames == 90
+    code, fields = status_of(lambda: watch(jobs_mesh, job.name, from_frame=91))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fields[0][0] == "from_frame"
+
+
+def test_cancel_frees_the_llm_row_and_delete_removes_the_files(jobs_mesh):
+    job = create(jobs_mesh, "to-cancel", request(5000))
+    running = wait_for(jobs_mesh, job.name, lambda j: j.frames_done >= 20)
+    assert running.state == jobs_pb2.JOB_STATE_RUNNING and running.HasField("estimated_time_left")
+    assert capacity(jobs_mesh).active == 1
+    code, _ = status_of(
+        lambda: list(jobs(jobs_mesh).GetJobAudio(jobs_pb2.GetJobAudioRequest(name=job.name), metadata=key("tests")))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    cancelled = jobs(jobs_mesh).CancelJob(jobs_pb2.CancelJobRequest(name=job.name), metadata=key("tests")).job
+    assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED and cancelled.frames_checkpointed >= 20
+    # The llm lets the stream go at its next step.
+    deadline = time.monotonic() + 60
+    while capacity(jobs_mesh).active:
+        assert time.monotonic() < deadline, capacity(jobs_mesh)
+        time.sleep(0.05)
+    # A watch replays what was made, then says the job was cancelled.
+    call = jobs(jobs_mesh).WatchJob(jobs_pb2.WatchJobRequest(name=job.name), metadata=key("tests"))
+    replayed = []
+    with pytest.raises(grpc.RpcError) as err:
+        replayed.extend(r for r in call if r.WhichOneof("event") == "audio")
+    assert err.value.code() == grpc.StatusCode.CANCELLED and len(replayed) == cancelled.frames_checkpointed
+
+    directory = Path(jobs_mesh.jobs_config.data_dir) / "jobs" / "to-cancel"
+    assert (directory / "frames").stat().st_size >= cancelled.frames_checkpointed * RECORD_BYTES
+    jobs(jobs_mesh).DeleteJob(jobs_pb2.DeleteJobRequest(name=job.name), metadata=key("tests"))
+    assert not directory.exists()
+    code, _ = status_of(lambda: get(jobs_mesh, job.name))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_job_the_model_decides_equals_synthesize(jobs_mesh):
+    voice = (VOICES / "en-Alice_woman.wav").read_bytes()
+    req = build_request(SCRIPT, {1: voice}, tts_pb2.AUDIO_FORMAT_PCM_F32, seed=11)
+    job = wait_for(jobs_mesh, create(jobs_mesh, "model-decides", req).name, succeeded)
+    live = synthesize(f"127.0.0.1:{jobs_mesh.ports.envoy}", req, timeout=DEADLINE_S)
+    assert job.finish_reason == live.summary.finish_reason and job.frames_done == live.summary.frames > 0
+    assert_close(samples(jobs_mesh, job.name), np.frombuffer(live.data, dtype="<f4"))
+
+
+def restart(mesh: Mesh, service: str) -> None:
+    mesh.stop_service(service, sig=signal.SIGKILL)
+    mesh.start_service(service)
+    mesh.wait_ready(120, [service])
+
+
+def test_a_killed_jobs_service_resumes_its_job_to_the_same_audio(jobs_mesh):
+    job = create(jobs_mesh, "killed", request(300, seed=21))
+    wait_for(jobs_mesh, job.name, lambda j: j.frames_checkpointed >= 30)
+    restart(jobs_mesh, "jobs")
+    resumed = wait_for(jobs_mesh, job.name, succeeded)
+    assert resumed.resumes == 1 and resumed.frames_done == 300
+    uninterrupted = wait_for(jobs_mesh, create(jobs_mesh, "not-killed", request(300, seed=21)).name, succeeded)
+    assert uninterrupted.resumes == 0
+    assert_close(samples(jobs_mesh, job.name), samples(jobs_mesh, uninterrupted.name))
+
+
+def test_a_gateway_restart_does_not_disturb_a_job(jobs_mesh):
+    job = create(jobs_mesh, "gateway-dies", request(200, seed=5))
+    watched: list = []
+    watcher = threading.Thread(target=lambda: watched.extend(watch(jobs_mesh, job.name)))
+    watcher.start()
+    wait_for(jobs_mesh, job.name, lambda j: j.frames_done >= 10)
+    restart(jobs_mesh, "gateway")
+    done = wait_for(jobs_mesh, job.name, succeeded)
+    watcher.join(DEADLINE_S)
+    assert done.resumes == 0 and done.frames_done == 200
+    assert watched[-1].summary.frames == 200  # the watch through Envoy never saw the gateway go
+    assert audio_bytes(watched) == samples(jobs_mesh, job.name).tobytes()
+
+
+def test_a_job_that_fills_the_store_fails_alone(jobs_mesh):
+    before = create(jobs_mesh, "stored-before", request(8, seed=3))
+    wait_for(jobs_mesh, before.name, succeeded)
+    stored = samples(jobs_mesh, before.name)
+    data = Path(jobs_mesh.jobs_config.data_dir) / "jobs"
+    used = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    room = 2 * len(request(8).SerializeToString(deterministic=True)) + 40 * RECORD_BYTES
+    jobs_mesh.stop_service("jobs")
+    jobs_mesh.jobs_args = ["--max-data-bytes", str(used + room)]
+    try:
+        jobs_mesh.start_service("jobs")
+        jobs_mesh.wait_ready(120, ["jobs"])
+        big = create(jobs_mesh, "too-big", request(400, seed=4))
+        failed = wait_for(jobs_mesh, big.name, lambda j: j.state == jobs_pb2.JOB_STATE_FAILED)
+        assert failed.error.code == code_pb2.RESOURCE_EXHAUSTED, failed.error
+        assert "--max-data-bytes" in failed.error.message
+        # Its frames were dropped, the other job's are as they were, and a job that fits still runs.
+        assert (data / "too-big" / "frames").stat().st_size == 0
+        assert samples(jobs_mesh, before.name).tobytes() == stored.tobytes()
+        after = wait_for(jobs_mesh, create(jobs_mesh, "fits-after", request(8, seed=3)).name, succeeded)
+        assert samples(jobs_mesh, after.name).tobytes() == stored.tobytes()
+    finally:
+        jobs_mesh.jobs_args = []
+        restart(jobs_mesh, "jobs")
+
+
+def test_grpcurl_reaches_jobs_through_envoy(jobs_mesh):
+    """The README's examples: reflection through Envoy describes Jobs, and the calls reach the jobs service."""
+    address = f"127.0.0.1:{jobs_mesh.ports.envoy}"
+    options = {"seed": "7", "fixedFrames": 4}
+    body = {"jobId": "grpcurl-1", "request": {"text": SCRIPT, "format": "AUDIO_FORMAT_WAV", "options": options}}
+    owner = ["-H", "x-api-key: grpcurl"]
+    out = grpcurl(*owner, address, "vibevoice.tts.v1.Jobs/CreateJob", data=json.dumps(body))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["job"]["state"] == "JOB_STATE_QUEUED"
+    wait_for(jobs_mesh, "jobs/grpcurl-1", succeeded, owner="grpcurl")
+    out = grpcurl(*owner, address, "vibevoice.tts.v1.Jobs/ListJobs", data='{"pageSize": 10}')
+    assert out.returncode == 0, out.stderr
+    [job] = json.loads(out.stdout)["jobs"]
+    assert (job["name"], job["state"], job["framesDone"]) == ("jobs/grpcurl-1", "JOB_STATE_SUCCEEDED", "4")
