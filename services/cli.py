@@ -5,6 +5,7 @@ vvmesh serve SERVICE [service options]                   one service: text_parse
 vvmesh synth SCRIPT --voice 1=a.wav -o out.wav           synthesize through Envoy with a progress bar
 vvmesh demo                                              start the mesh, synthesize a sample, stop
 vvmesh load --clients 16 --duration 30                   a load report
+vvmesh job submit|status|watch|list|cancel|download      long-form jobs (see `vvmesh job --help`)
 vvmesh plan SCRIPT [--model tiny|PATH] [--max-context N]  the segments a long script is generated in
 """
 
@@ -23,7 +24,16 @@ import grpc
 
 from services.client import FORMAT_BY_SUFFIX, build_request, estimate_frames, synthesize, write
 from services.common.audio_files import ContainerError
-from services.mesh import BASE_PORT, AcousticConfig, GatewayConfig, LLMConfig, Mesh, Ports
+from services.mesh import (
+    BASE_PORT,
+    DEFAULT_JOBS_DATA_DIR,
+    AcousticConfig,
+    GatewayConfig,
+    JobsConfig,
+    LLMConfig,
+    Mesh,
+    Ports,
+)
 
 SERVICES = ("text_parser", "acoustic", "llm", "gateway", "jobs")
 DEMO_SCRIPT = Path(__file__).resolve().parent.parent.parent / "shared/testdata/vibevoice-demo/scripts/2p_short.txt"
@@ -69,13 +79,17 @@ def _voices(specs: list[str]) -> dict[int, bytes]:
     return voices
 
 
+def fixed_frames(script: str, option: str | None) -> int | None:
+    """--fixed-frames N|auto: N, or an estimate from the script's length."""
+    if option == "auto":
+        return estimate_frames(script)
+    if option is not None and not option.isdigit():
+        raise UsageError(f"--fixed-frames expects a number or 'auto', got {option!r}")
+    return int(option) if option else None
+
+
 def _synth(args: argparse.Namespace) -> int:
     script = Path(args.script).read_text()
-    fixed = args.fixed_frames
-    if fixed == "auto":
-        fixed = estimate_frames(script)
-    elif fixed is not None and not fixed.isdigit():
-        raise UsageError(f"--fixed-frames expects a number or 'auto', got {fixed!r}")
     request = build_request(
         script,
         _voices(args.voice),
@@ -84,7 +98,7 @@ def _synth(args: argparse.Namespace) -> int:
         diffusion_steps=args.steps,
         seed=args.seed,
         max_audio_seconds=args.max_audio_seconds,
-        fixed_frames=int(fixed) if fixed else None,
+        fixed_frames=fixed_frames(script, args.fixed_frames),
     )
     metadata = [("x-api-key", args.api_key)] if args.api_key else None
     result = synthesize(args.address, request, progress=True, metadata=metadata, timeout=args.timeout)
@@ -128,6 +142,10 @@ def _given(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
 def mesh_from_args(args: argparse.Namespace) -> Mesh:
     """The Mesh `vvmesh up`/`demo` start: options left out keep the servers' defaults (the config classes')."""
     kernels = _given(cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else None)
@@ -152,6 +170,8 @@ def mesh_from_args(args: argparse.Namespace) -> Mesh:
         llm_config=llm,
         acoustic_config=AcousticConfig(**_given(max_streams=args.max_streams), **kernels),
         gateway_config=GatewayConfig(**_given(queue_size=args.queue_size, drain_grace=args.drain_grace)),
+        # The services run in the checkout: a relative --data-dir means the caller's directory, made absolute.
+        jobs_config=JobsConfig(**_given(data_dir=_absolute(getattr(args, "data_dir", None)))),
         log_dir=Path(args.log_dir) if args.log_dir else None,
     )
 
@@ -254,7 +274,8 @@ def _mesh_options(sp: argparse.ArgumentParser) -> None:
         default=BASE_PORT,
         metavar="N",
         help=f"Envoy listens on N, its admin on N+{defaults.envoy_admin - BASE_PORT}, the gateway, text_parser, "
-        f"acoustic and llm on N+{defaults.gateway - BASE_PORT}..N+{defaults.llm - BASE_PORT} (default {BASE_PORT})",
+        f"acoustic, llm and jobs on N+{defaults.gateway - BASE_PORT}..N+{defaults.jobs - BASE_PORT} "
+        f"(default {BASE_PORT})",
     )
     engine = sp.add_argument_group("engine options (passed to the services that take them)")
     engine.add_argument(
@@ -292,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--allow-fixed-frames", action="store_true", help="llm: accept the fixed_frames option (tests, benchmarks)"
     )
+    up.add_argument("--data-dir", default=DEFAULT_JOBS_DATA_DIR, help=f"jobs: the job store ({DEFAULT_JOBS_DATA_DIR})")
 
     demo = sub.add_parser("demo", help="start the mesh, synthesize a sample script, stop")
     _mesh_options(demo)
@@ -325,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(argv: list[str]) -> int:
+    if argv[:1] == ["job"]:
+        from services.job_client import main as job_main
+
+        return job_main(argv[1:])
     if argv[:1] == ["load"]:
         from services.loadgen import main as load_main
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -330,3 +333,51 @@ def test_grpcurl_reaches_jobs_through_envoy(jobs_mesh):
     assert out.returncode == 0, out.stderr
     [job] = json.loads(out.stdout)["jobs"]
     assert (job["name"], job["state"], job["framesDone"]) == ("jobs/grpcurl-1", "JOB_STATE_SUCCEEDED", "4")
+
+
+# --- the command line ---
+
+
+def vvmesh(mesh: Mesh, *args: str) -> subprocess.CompletedProcess:
+    address = ["--address", f"127.0.0.1:{mesh.ports.envoy}", "--api-key", "cli"]
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "job", *args, *address],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+
+
+def test_the_cli_submits_watches_after_ctrl_c_and_downloads(jobs_mesh, tmp_path):
+    script = tmp_path / "script.txt"
+    script.write_text(SCRIPT)
+    submitted = vvmesh(
+        jobs_mesh, "submit", str(script), "--job-id", "cli-job", "--format", "wav", "--fixed-frames", "150"
+    )
+    assert submitted.returncode == 0 and "jobs/cli-job" in submitted.stdout, submitted.stderr
+    out, sidecar = tmp_path / "cli.wav", tmp_path / "cli.wav.watch"
+    command = [sys.executable, "-m", "services.cli", "job", "watch", "cli-job", "-o", str(out)]
+    command += ["--address", f"127.0.0.1:{jobs_mesh.ports.envoy}", "--api-key", "cli"]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + DEADLINE_S
+    while not (sidecar.exists() and json.loads(sidecar.read_text() or "{}").get("next_frame", 0) >= 5):
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(60) == 130
+    stopped_at = json.loads(sidecar.read_text())["next_frame"]
+    assert os.path.getsize(out) == json.loads(sidecar.read_text())["bytes"]
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert second.returncode == 0, second.stderr
+    assert not sidecar.exists() and "150 frames" in second.stdout
+    downloaded = tmp_path / "downloaded.wav"
+    assert vvmesh(jobs_mesh, "download", "cli-job", "-o", str(downloaded)).returncode == 0
+    assert out.read_bytes() == downloaded.read_bytes()  # the watched file, finished, is the job's file
+    assert 0 < stopped_at < 150
+    status = vvmesh(jobs_mesh, "status", "jobs/cli-job")
+    assert "succeeded" in status.stdout and "150 of about 150 frames" in status.stdout
+    listing = vvmesh(jobs_mesh, "list")
+    assert listing.stdout.splitlines()[0].startswith("jobs/cli-job: succeeded")
+    cancelled = vvmesh(jobs_mesh, "cancel", "cli-job")
+    assert cancelled.returncode == 1 and cancelled.stderr.startswith("error: FAILED_PRECONDITION")
