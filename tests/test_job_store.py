@@ -119,3 +119,14 @@ def test_orphaned_directories_are_removed(tmp_path):
     new_job(store, "kept")
     assert store.remove_orphans() == ["lost"]
     assert not store.job_dir("lost").exists() and store.job_dir("kept").exists()
+
+
+def test_a_store_made_before_the_pauses_column_gets_it(tmp_path):
+    store = s.Store(tmp_path)
+    new_job(store)
+    store.db.execute("ALTER TABLE jobs DROP COLUMN pauses")
+    store.close()
+    reopened = s.Store(tmp_path)
+    assert reopened.get("a").pauses == 0
+    reopened.transition("a", s.RUNNING)
+    assert reopened.transition("a", s.QUEUED, pauses=1).pauses == 1

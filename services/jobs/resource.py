@@ -86,6 +86,7 @@ def job(record: JobRecord, run: Run | None) -> jobs_pb2.Job:
         finish_reason=record.finish_reason,
         audio_seconds=frames / FRAMES_PER_SECOND,
         resumes=record.resumes,
+        pauses=record.pauses,
     )
     left = run.seconds_left(record.estimated_frames) if run is not None and record.state == states.RUNNING else None
     if left is not None:

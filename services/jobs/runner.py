@@ -14,6 +14,11 @@ and seed. Frames the store already holds are skipped as they come, unchecked, an
 after the last checkpoint. This is correct because a job's audio is deterministic given its script, voices
 and seed (README, "Seeds"), but it makes again every frame up to the checkpoint; rebuilding the llm's and the
 acoustic service's state from stored frames would avoid that and is not done yet.
+
+Live calls come first: when live Synthesize streams wait in the llm's queue (Capacity's `waiting_live`), jobs
+give their llm streams up, as many as streams wait, those with the fewest frames first (the least work to
+make again). A paused job checkpoints, goes back to QUEUED (its `pauses` counted) and resumes as above once
+the llm has spare room again (services/jobs/spare.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from google.rpc import code_pb2, status_pb2
+from vibevoice.mesh.v1 import mesh_pb2
 from vibevoice.tts.v1 import tts_pb2
 
 from services.common.errors import RequestError
@@ -104,6 +110,7 @@ class Runner:
         self.runs: dict[str, Run] = {}
         self.signals: dict[str, Signal] = {}
         self.wake = asyncio.Event()
+        self._paused_at = 0.0
 
     def signal(self, job_id: str) -> Signal:
         return self.signals.setdefault(job_id, Signal())
@@ -128,10 +135,11 @@ class Runner:
             log.info("removed %s: files without a job record", escape(job_id))
 
     async def schedule(self) -> None:
-        """Starts queued jobs, oldest first, one at a time, while the llm has spare room."""
+        """Pauses jobs while live calls wait for room, else starts queued jobs, oldest first, one at a time, while
+        the llm has spare room."""
         while True:
             try:
-                await self._start_next()
+                await self._tick()
             except RequestError as e:  # the llm is away or draining: try again later
                 log.debug("no job started: %s", e.status.message)
             except Exception:
@@ -140,15 +148,18 @@ class Runner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), SCHEDULE_EVERY_S)
 
-    async def _start_next(self) -> None:
-        if len(self.runs) >= self.max_running:
+    async def _tick(self) -> None:
+        queued = self.store.in_state(states.QUEUED) if len(self.runs) < self.max_running else []
+        if not self.runs and not queued:
             return
-        queued = self.store.in_state(states.QUEUED)
-        if not queued:
-            return
-        record = queued[0]
-        request = tts_pb2.SynthesizeRequest.FromString(self.store.read_request(record.job_id))
         capacity = await self.backends.capacity()
+        if capacity.waiting_live:
+            await self._pause_for_live(capacity)
+        elif queued:
+            await self._start_next(queued[0], capacity)
+
+    async def _start_next(self, record: JobRecord, capacity: mesh_pb2.CapacityResponse) -> None:
+        request = tts_pb2.SynthesizeRequest.FromString(self.store.read_request(record.job_id))
         starting = sum(1 for r in self.runs.values() if not r.streaming)
         if not has_room(capacity, estimated_positions(request), self.reserve, starting):
             return
@@ -171,6 +182,7 @@ class Runner:
             options = replace(check_options(request), seed=record.seed)
             voices = await asyncio.to_thread(decode_voices, request)
             prepared = await self.backends.prepare(request, options, header.request_id, voices, PREPARE_TIMEOUT_S)
+            prepared.generate.background = True  # live calls come first (_pause_for_live)
             await self.backends.encode_voices(prepared, voices, options.seed, None)
             frame_log = FrameLog(self.store, job_id, record.frames_done)
             log.info("job %s: running from frame %d", job_id, frame_log.frames)
@@ -252,6 +264,37 @@ class Runner:
         else:
             log.info("job %s: failed: %s", job_id, status.message)
             self._end(job_id, frame_log, states.FAILED, error=status.SerializeToString())
+
+    # ---- pausing
+
+    async def _pause_for_live(self, capacity: mesh_pb2.CapacityResponse) -> None:
+        """Frees the llm rows and pages of as many jobs as live streams wait. Jobs whose stream the llm has not
+        taken yet go first: they hold nothing, but would take the next free row before the live streams."""
+        # The rows given up last time are free from the llm's next step on: wait that long before giving more.
+        if time.monotonic() - self._paused_at < max(SCHEDULE_EVERY_S, 2 * capacity.step_ms / 1000):
+            return
+        runs = sorted(self.runs.items(), key=lambda item: (item[1].streaming, item[1].frames))
+        pending = sum(1 for _, run in runs if not run.streaming)
+        chosen = [job_id for job_id, _ in runs[: pending + capacity.waiting_live]]
+        if chosen:
+            self._paused_at = time.monotonic()
+            log.info("%d live streams wait for room: pausing jobs %s", capacity.waiting_live, ", ".join(chosen))
+        for job_id in chosen:
+            await self.pause(job_id)
+
+    async def pause(self, job_id: str) -> None:
+        """Ends the job's run here (its llm stream ends, its frames are checkpointed) and queues it to resume."""
+        run = self.runs.get(job_id)
+        if run is None or run.task is None:
+            return
+        run.task.cancel()
+        await asyncio.wait([run.task])
+        self.runs.pop(job_id, None)  # a task cancelled before it ran never reached its own clean-up
+        record = self.store.get(job_id)
+        if record is not None and record.state == states.RUNNING:  # not cancelled or deleted meanwhile
+            self.store.transition(job_id, states.QUEUED, pauses=record.pauses + 1)
+            log.info("job %s: paused for live calls at frame %d", job_id, record.frames_done)
+        self.changed(job_id)
 
     # ---- stopping
 

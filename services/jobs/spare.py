@@ -6,6 +6,8 @@ The llm reports its room (`LLM.Capacity`). A job starts when
   - a `reserve` share of its batch rows stays free after the job's row, and the same share of its KV pool
     stays free after the positions the job is expected to need (services/synthesis/estimates.py).
 Streams of jobs that have been started but that the llm does not count yet (`starting`) count as admitted.
+The other way round, live streams waiting in the llm's queue (`waiting_live`) make running jobs give their
+streams up (services/jobs/runner.py, "pausing").
 """
 
 from __future__ import annotations

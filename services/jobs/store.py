@@ -27,7 +27,8 @@ from pathlib import Path
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TRANSITIONS: dict[str, set[str]] = {
     QUEUED: {RUNNING, CANCELLED, FAILED},
-    # Back to QUEUED: interrupted (the jobs service restarted, a worker went away) and to be resumed.
+    # Back to QUEUED: interrupted (the jobs service restarted, a worker went away) or paused for live calls,
+    # and to be resumed.
     RUNNING: {SUCCEEDED, FAILED, CANCELLED, QUEUED},
     SUCCEEDED: set(),
     FAILED: set(),
@@ -53,12 +54,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     checks BLOB,
     finish_reason TEXT NOT NULL DEFAULT '',
     resumes INTEGER NOT NULL DEFAULT 0,
+    pauses INTEGER NOT NULL DEFAULT 0,
     create_time REAL NOT NULL,
     start_time REAL,
     end_time REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 """
+# Columns added since the first schema, for stores made before them.
+_ADDED_COLUMNS = {"pauses": "INTEGER NOT NULL DEFAULT 0"}
 
 
 class TransitionError(RuntimeError):
@@ -86,6 +90,7 @@ class JobRecord:
     checks: bytes | None  # a serialized AudioChecks
     finish_reason: str
     resumes: int
+    pauses: int
     create_time: float
     start_time: float | None
     end_time: float | None
@@ -117,6 +122,10 @@ class Store:
         # FULL: a commit is on disk when it returns, so a checkpoint survives a power cut, not only a kill.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        present = {row["name"] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")  # our own names
         self.used_bytes = sum(p.stat().st_size for p in self.jobs_dir.rglob("*") if p.is_file())
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         self.scheduler = scheduler
         self.allow_fixed_frames = allow_fixed_frames
         self.draining = False
+        self.background: set[Job] = set()  # streams of GenerateRequest.background, while their calls last
 
     def _job(self, request: mesh_pb2.GenerateRequest) -> Job:
         """Check an internal request as strictly as the public API checks its own: nothing reaches the step loop
@@ -144,6 +145,8 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         except RequestError as e:
             await abort(context, e)
             return
+        if request.background:
+            self.background.add(job)
         self.scheduler.submit(job)
         try:
             while True:
@@ -170,6 +173,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         finally:
             # Client gone, deadline passed, or done: its row and pages are released at the next step boundary.
             self.scheduler.cancel(job)
+            self.background.discard(job)
 
     async def Capacity(self, request, context):  # noqa: N802
         blocks = self.engine.blocks
@@ -177,6 +181,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             slots=self.engine.capacity,
             active=len(self.scheduler.active),
             waiting=len(self.scheduler.waiting),
+            waiting_live=sum(1 for j in self.scheduler.waiting if j not in self.background),
             max_positions=self.engine.max_positions,
             step_ms=self.scheduler.step_ms,
             draining=self.draining,

@@ -217,7 +217,7 @@ class CapacityRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapacityResponse(_message.Message):
-    __slots__ = ("slots", "active", "waiting", "max_positions", "step_ms", "draining", "kv_pages", "kv_pages_available", "page_size", "expected_positions", "preemptions")
+    __slots__ = ("slots", "active", "waiting", "max_positions", "step_ms", "draining", "kv_pages", "kv_pages_available", "page_size", "expected_positions", "preemptions", "waiting_live")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +229,7 @@ class CapacityResponse(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_LIVE_FIELD_NUMBER: _ClassVar[int]
     slots: int
     active: int
     waiting: int
@@ -240,10 +241,11 @@ class CapacityResponse(_message.Message):
     page_size: int
     expected_positions: int
     preemptions: int
-    def __init__(self, slots: _Optional[int] = ..., active: _Optional[int] = ..., waiting: _Optional[int] = ..., max_positions: _Optional[int] = ..., step_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages: _Optional[int] = ..., kv_pages_available: _Optional[int] = ..., page_size: _Optional[int] = ..., expected_positions: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    waiting_live: int
+    def __init__(self, slots: _Optional[int] = ..., active: _Optional[int] = ..., waiting: _Optional[int] = ..., max_positions: _Optional[int] = ..., step_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages: _Optional[int] = ..., kv_pages_available: _Optional[int] = ..., page_size: _Optional[int] = ..., expected_positions: _Optional[int] = ..., preemptions: _Optional[int] = ..., waiting_live: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "voice_embeddings", "voice_count", "voice_max_frames", "cfg_scale", "diffusion_steps", "seed", "max_frames", "fixed_frames", "expected_frames")
+    __slots__ = ("request_id", "prompt_ids", "voice_embeddings", "voice_count", "voice_max_frames", "cfg_scale", "diffusion_steps", "seed", "max_frames", "fixed_frames", "expected_frames", "background")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     VOICE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +257,7 @@ class GenerateRequest(_message.Message):
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FIXED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     voice_embeddings: Tensor
@@ -266,7 +269,8 @@ class GenerateRequest(_message.Message):
     max_frames: int
     fixed_frames: int
     expected_frames: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., voice_embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_frames: _Optional[int] = ..., fixed_frames: _Optional[int] = ..., expected_frames: _Optional[int] = ...) -> None: ...
+    background: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., voice_embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_frames: _Optional[int] = ..., fixed_frames: _Optional[int] = ..., expected_frames: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("frame", "progress", "done")

@@ -1,0 +1,132 @@
+"""Jobs interrupted mid-run: a killed llm, restarts of the gateway and of Envoy, and live calls that need the
+llm's rows. Real processes, the tiny model on the CPU, one mesh for the module whose llm decodes two streams,
+so two live calls fill it. Waits are bounded by deadlines that guard against hangs and measure nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from vibevoice.tts.v1 import jobs_pb2, tts_pb2
+
+from services.client import build_request, synthesize
+from services.jobs.frame_log import RECORD_BYTES, read_frames
+from services.mesh import Mesh
+from tests.test_jobs import (
+    DEADLINE_S,
+    SCRIPT,
+    assert_close,
+    capacity,
+    create,
+    get,
+    jobs,
+    key,
+    new_jobs_mesh,
+    request,
+    restart,
+    samples,
+    succeeded,
+    wait_for,
+    watch,
+)
+
+SLOTS = 2
+FRAMES = 200  # a job long enough to interrupt
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def two_rows(tiny_checkpoint, tmp_path_factory):
+    with new_jobs_mesh(tiny_checkpoint, tmp_path_factory, "interrupted-jobs", max_streams=SLOTS) as mesh:
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(two_rows) -> np.ndarray:
+    """The audio of the request every interrupted job here runs, made by a job nothing interrupted."""
+    job = wait_for(two_rows, create(two_rows, "uninterrupted", request(FRAMES, seed=SEED)).name, succeeded)
+    assert (job.resumes, job.pauses, job.frames_done) == (0, 0, FRAMES)
+    return samples(two_rows, job.name)
+
+
+def stored_indices(mesh: Mesh, job_id: str) -> list[int]:
+    """The frame indices the job's frames file holds, in order (read_frames checks each record's own)."""
+    path = Path(mesh.jobs_config.data_dir) / "jobs" / job_id / "frames"
+    records, rest = divmod(path.stat().st_size, RECORD_BYTES)
+    assert rest == 0
+    return [index for index, _, _ in read_frames(path, 0, records)]
+
+
+def audio_chunks(responses: list[tts_pb2.SynthesizeResponse]) -> list[tts_pb2.AudioChunk]:
+    return [r.audio for r in responses if r.WhichOneof("event") == "audio"]
+
+
+def test_a_killed_llm_resumes_its_job_to_the_same_audio_frame_for_frame(two_rows, uninterrupted):
+    job = create(two_rows, "llm-killed", request(FRAMES, seed=SEED))
+    watched: list = []
+    watcher = threading.Thread(target=lambda: watched.extend(watch(two_rows, job.name)))
+    watcher.start()
+    wait_for(two_rows, job.name, lambda j: j.frames_checkpointed >= 30)
+    restart(two_rows, "llm")
+    done = wait_for(two_rows, job.name, succeeded)
+    watcher.join(DEADLINE_S)
+    assert done.resumes >= 1 and done.frames_done == FRAMES
+    # No frame lost or sent twice, to the watch that followed the job through the kill or in the file.
+    assert [c.frame_index for c in audio_chunks(watched)] == list(range(FRAMES))
+    assert stored_indices(two_rows, "llm-killed") == list(range(FRAMES))
+    assert_close(samples(two_rows, job.name), uninterrupted)
+
+
+def test_gateway_and_envoy_restarts_leave_a_job_and_its_watch_as_they_were(two_rows):
+    """FLAC carries the codec's state from frame to frame: the hardest case for a watch from frame k."""
+    frames = 300  # about four times what it makes while both restart
+    job = create(two_rows, "proxies-restart", request(frames, fmt=tts_pb2.AUDIO_FORMAT_FLAC, seed=SEED))
+    first: list = []
+
+    def follow() -> None:
+        with contextlib.suppress(grpc.RpcError):  # Envoy's restart ends it
+            first.extend(jobs(two_rows).WatchJob(jobs_pb2.WatchJobRequest(name=job.name), metadata=key("tests")))
+
+    watcher = threading.Thread(target=follow)
+    watcher.start()
+    wait_for(two_rows, job.name, lambda j: j.frames_done >= 10)
+    restart(two_rows, "gateway")
+    two_rows.stop_service("envoy", sig=signal.SIGKILL)
+    watcher.join(DEADLINE_S)
+    two_rows.start_service("envoy")
+    two_rows.wait_ready(120, ["envoy"])
+    before = get(two_rows, job.name)
+    seen = audio_chunks(first)
+    k = seen[-1].frame_index + 1
+    assert before.state == jobs_pb2.JOB_STATE_RUNNING and k < before.frames_done < frames, before
+    after = watch(two_rows, job.name, from_frame=k)  # a client that had frames up to k - 1 goes on
+    done = wait_for(two_rows, job.name, succeeded)
+    assert (done.resumes, done.frames_done) == (0, frames)
+    replay = watch(two_rows, job.name)
+    assert replay[-1].summary.frames == after[-1].summary.frames == frames
+    replayed = audio_chunks(replay)
+    assert seen == replayed[: len(seen)] and audio_chunks(after) == [c for c in replayed if c.frame_index >= k]
+
+
+def test_live_calls_pause_a_job_that_holds_the_rows_they_need(two_rows, uninterrupted):
+    job = create(two_rows, "paused", request(FRAMES, seed=SEED))
+    wait_for(two_rows, job.name, lambda j: j.frames_done >= 20)
+    assert capacity(two_rows).active == 1
+    live = [build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, seed=30 + i, fixed_frames=40) for i in range(SLOTS)]
+    address = f"127.0.0.1:{two_rows.ports.envoy}"
+    with ThreadPoolExecutor(SLOTS) as pool:
+        results = list(pool.map(lambda r: synthesize(address, r, timeout=DEADLINE_S), live))
+    during = get(two_rows, job.name)
+    assert [r.summary.frames for r in results] == [40] * SLOTS
+    # Served while the job waited, not after it: the job gave its row up and has not finished.
+    assert during.state != jobs_pb2.JOB_STATE_SUCCEEDED and during.pauses >= 1, during
+    done = wait_for(two_rows, job.name, succeeded)
+    assert done.resumes == 0 and done.frames_done == FRAMES
+    assert stored_indices(two_rows, "paused") == list(range(FRAMES))
+    assert_close(samples(two_rows, job.name), uninterrupted)
