@@ -1,0 +1,140 @@
+"""Live streams beside two jobs, through Envoy: the largest gap between a live stream's audio chunks while two
+long jobs run, against the 133 ms frame a player needs every 133 ms. Jobs run on spare capacity and are paused
+when live calls wait for room (services/jobs/runner.py), so the gaps should stay within a frame.
+
+    python bench/jobs_bench.py --shape tiny --device cpu     # the tiny model, a few minutes on a CPU
+    python bench/jobs_bench.py --shape 1.5b                  # one GPU
+
+Writes bench/results/jobs-SHAPE.json (or $OUT/jobs-SHAPE.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import common
+import grpc
+from mesh_bench import stream
+from vibevoice.tts.v1 import jobs_pb2, jobs_pb2_grpc, tts_pb2, tts_pb2_grpc
+
+from services.client import build_request
+from services.common.frames import FRAME_MS
+from services.common.grpc_server import CHANNEL_OPTIONS
+from services.mesh import Mesh, Ports
+
+JOBS = 2
+OWNER = (("x-api-key", "jobs-bench"),)
+
+
+def request(frames: int, seed: int) -> tts_pb2.SynthesizeRequest:
+    return build_request(common.SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, seed=seed, fixed_frames=frames)
+
+
+async def job_states(stub: jobs_pb2_grpc.JobsStub, names: list[str]) -> list[jobs_pb2.Job]:
+    return [(await stub.GetJob(jobs_pb2.GetJobRequest(name=n), metadata=OWNER)).job for n in names]
+
+
+async def live_streams(stub: tts_pb2_grpc.TextToSpeechStub, args: argparse.Namespace, seed: int) -> dict:
+    """`--live` streams arriving `--arrival-s` apart: their gaps between chunks and their first audio."""
+    records = [{} for _ in range(args.live)]
+    tasks = []
+    for i, r in enumerate(records):
+        tasks.append(asyncio.create_task(stream(stub, request(args.live_frames, seed + i), r)))
+        await asyncio.sleep(args.arrival_s)
+    await asyncio.gather(*tasks)
+    failed = [r["status"] for r in records if r["status"] != "OK"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} live streams failed: {failed[:3]}")
+    gaps = sorted((b - a) * 1000 for r in records for a, b in zip(r["chunks"], r["chunks"][1:], strict=False))
+    first_audio = sorted((r["chunks"][0] - r["sent"]) * 1000 for r in records)
+    return {
+        "max_gap_between_chunks_ms": gaps[-1],
+        "p99_gap_between_chunks_ms": gaps[int(len(gaps) * 0.99)],
+        "median_gap_between_chunks_ms": statistics.median(gaps),
+        "first_audio_ms": {"p50": statistics.median(first_audio), "max": first_audio[-1]},
+    }
+
+
+async def run(address: str, args: argparse.Namespace) -> dict:
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        jobs = jobs_pb2_grpc.JobsStub(ch)
+        live = tts_pb2_grpc.TextToSpeechStub(ch)
+        await stream(live, request(4, 0), {})  # the first call's set-up is not the point
+        alone = await live_streams(live, args, 200)
+        names = []
+        for i in range(JOBS):
+            created = await jobs.CreateJob(
+                jobs_pb2.CreateJobRequest(request=request(args.job_frames, 100 + i)), metadata=OWNER
+            )
+            names.append(created.job.name)
+        # The jobs start one after the other, each once the llm reports the last one's stream.
+        deadline = time.monotonic() + 600
+        while not all(j.frames_done > 0 for j in await job_states(jobs, names)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the jobs did not start: {await job_states(jobs, names)}")
+            await asyncio.sleep(0.2)
+        before = await job_states(jobs, names)
+
+        with_jobs = await live_streams(live, args, 300)
+        after = await job_states(jobs, names)
+        for name in names:
+            await jobs.CancelJob(jobs_pb2.CancelJobRequest(name=name), metadata=OWNER)
+    return {
+        "jobs": JOBS,
+        "job_frames": args.job_frames,
+        "live_streams": args.live,
+        "live_frames": args.live_frames,
+        "frame_ms": FRAME_MS,
+        "live_with_jobs": with_jobs,
+        "live_alone": alone,  # the same streams with no job running: what the device gives them anyway
+        "gaps_within_a_frame": with_jobs["max_gap_between_chunks_ms"] <= FRAME_MS,
+        # Frames the jobs made while the live streams ran, and the times they gave their rows up to them.
+        "job_frames_during_live": sum(a.frames_done - b.frames_done for a, b in zip(after, before, strict=True)),
+        "job_pauses": sum(j.pauses for j in after),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1.5b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--max-streams", type=int, default=64, help="the llm's batch rows (small: jobs get paused)")
+    p.add_argument("--job-frames", type=int, default=None, help="each job's fixed frames (default: by device)")
+    p.add_argument("--live", type=int, default=8, help="live streams while the jobs run")
+    p.add_argument("--live-frames", type=int, default=100)
+    p.add_argument("--arrival-s", type=float, default=0.25, help="seconds between live arrivals")
+    args = p.parse_args()
+    # Long enough to outlast the live streams: a CPU makes a few tens of tiny-model frames a second.
+    args.job_frames = args.job_frames or (1500 if args.device == "cuda" else 3000)
+    path = common.checkpoint(args.shape)
+    mesh = Mesh(  # its job store: a temporary directory, removed when the mesh stops
+        ports=Ports.free(),
+        model=str(path),
+        device=args.device,
+        dtype="bfloat16" if args.device == "cuda" else "float32",
+        allow_fixed_frames=True,
+        max_streams=args.max_streams,
+        llm_args=["--max-context", "4096"],
+        log_dir=Path(common.out_dir()) / "logs-jobs",
+    )
+    with mesh:
+        result = asyncio.run(run(f"127.0.0.1:{mesh.ports.envoy}", args))
+    result.update(shape=args.shape, device=args.device, max_streams=args.max_streams)
+    with_jobs, alone = result["live_with_jobs"], result["live_alone"]
+    verdict = "within" if result["gaps_within_a_frame"] else "OVER"
+    print(
+        f"largest gap between live chunks with {JOBS} jobs running: {with_jobs['max_gap_between_chunks_ms']:.1f} ms, "
+        f"{verdict} the {FRAME_MS:.1f} ms frame (p99 {with_jobs['p99_gap_between_chunks_ms']:.1f} ms; with no job "
+        f"{alone['max_gap_between_chunks_ms']:.1f} ms); the jobs made {result['job_frames_during_live']} frames "
+        f"meanwhile and paused {result['job_pauses']} times",
+        flush=True,
+    )
+    common.save(f"jobs-{args.shape}", result)
+
+
+if __name__ == "__main__":
+    main()
