@@ -4,6 +4,7 @@ so two live calls fill it. Waits are bounded by deadlines that guard against han
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
@@ -13,11 +14,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from vibevoice.mesh.v1 import mesh_pb2
 from vibevoice.tts.v1 import jobs_pb2, tts_pb2
 
 from services.client import build_request, synthesize
+from services.jobs import store as states
 from services.jobs.frame_log import RECORD_BYTES, read_frames
+from services.jobs.runner import Run, Runner
+from services.jobs.store import Store
 from services.mesh import Mesh
+from tests.test_job_store import new_job
 from tests.test_jobs import (
     DEADLINE_S,
     SCRIPT,
@@ -130,3 +136,25 @@ def test_live_calls_pause_a_job_that_holds_the_rows_they_need(two_rows, uninterr
     assert done.resumes == 0 and done.frames_done == FRAMES
     assert stored_indices(two_rows, "paused") == list(range(FRAMES))
     assert_close(samples(two_rows, job.name), uninterrupted)
+
+
+def test_live_streams_waiting_pause_jobs_not_streaming_yet_then_those_with_the_fewest_frames(tmp_path):
+    """The choice alone: runs of jobs whose tasks wait forever, one paused job per live stream waiting."""
+
+    async def main() -> list[tuple[str, str, int]]:
+        store = Store(tmp_path)
+        runner = Runner(store, backends=None, max_running=4, reserve=0.25)
+        for job_id, frames, streaming in (("long", 90, True), ("short", 30, True), ("starting", 0, False)):
+            new_job(store, job_id)
+            store.transition(job_id, states.RUNNING)
+            run = Run(frames=frames, streaming=streaming)
+            run.task = asyncio.create_task(asyncio.Event().wait())
+            runner.runs[job_id] = run
+        await runner._pause_for_live(mesh_pb2.CapacityResponse(waiting_live=1))
+        return [(j, store.get(j).state, store.get(j).pauses) for j in ("long", "short", "starting")]
+
+    assert asyncio.run(main()) == [
+        ("long", states.RUNNING, 0),
+        ("short", states.QUEUED, 1),
+        ("starting", states.QUEUED, 1),
+    ]
