@@ -69,8 +69,11 @@ METHOD = "/vibevoice.tts.v1.TextToSpeech/Synthesize"
 
 ALLOWED = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 RSS_TOLERANCE = 0.10
-# The tiny model's context; fixed_frames at or past it is always refused, so it is safe to send.
-CONTEXT = 8192
+CONTEXT = 8192  # the tiny model's
+# fixed_frames are shared out over a script's turns by words (a script beyond the context runs in segments), so
+# only this many are always refused: a script has at most 2**18 words (512 KB), and even a turn of one word
+# would get a context's worth of frames.
+ALWAYS_REFUSED_FRAMES = 2**31
 MAX_FUZZ_FRAMES = 3  # fixed_frames on requests that may be accepted
 # Envoy's default max_request_headers_kb: beyond it Envoy drops the whole connection (GOAWAY).
 ENVOY_MAX_HEADERS = 60 * 1024
@@ -257,7 +260,7 @@ def parse(payload: bytes) -> tts_pb2.SynthesizeRequest | None:
 def bounded(request: tts_pb2.SynthesizeRequest) -> bool:
     """True if the model cannot run long on it: fixed_frames small, or so large it is refused."""
     o = request.options
-    return o.HasField("fixed_frames") and (o.fixed_frames <= MAX_FUZZ_FRAMES or o.fixed_frames >= CONTEXT - 1)
+    return o.HasField("fixed_frames") and (o.fixed_frames <= MAX_FUZZ_FRAMES or o.fixed_frames >= ALWAYS_REFUSED_FRAMES)
 
 
 # --- cases ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,21 @@ def new_ports() -> Ports:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def cpu_mesh(checkpoint: Path, tmp_path_factory, name: str) -> Mesh:
+    """A mesh of its own beside the session's: free ports, CPU float32, fixed_frames allowed, its logs and job
+    store in temporary folders named after `name`."""
+    mesh = Mesh(
+        ports=new_ports(),
+        model=str(checkpoint),
+        device="cpu",
+        dtype="float32",
+        allow_fixed_frames=True,
+        log_dir=tmp_path_factory.mktemp(f"{name}-logs"),
+    )
+    mesh.jobs_config = replace(mesh.jobs_config, data_dir=str(tmp_path_factory.mktemp(f"{name}-data")))
+    return mesh
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ from services.common.errors import bad_request_fields
 from tests.conftest import SCRIPTS, VOICES
 
 GOOD = (SCRIPTS / "2p_short.txt").read_text()
+# A script beyond the context is spoken in segments of whole turns: one turn beyond it is refused.
+LONG_TURN = "Speaker 1: " + " ".join((SCRIPTS / "4p_climate_45min.txt").read_text().split())
 VOICE = (VOICES / "en-Carter_man.wav").read_bytes()
 
 
@@ -66,7 +68,7 @@ CASES = {
     "cfg scale too large": (request(cfg_scale=11.0), "options.cfg_scale", "out of range"),
     "diffusion steps out of range": (request(diffusion_steps=0), "options.diffusion_steps", "out of range"),
     "too many diffusion steps": (request(diffusion_steps=101), "options.diffusion_steps", "out of range"),
-    "script longer than the context": (request(text=(SCRIPTS / "4p_climate_45min.txt").read_text()), "text", "context"),
+    "turn longer than the context": (request(text=LONG_TURN), "text", "turn 1"),
     "fixed frames beyond the context": (request(fixed_frames=100_000), "options.fixed_frames", "room"),
     "voice claiming a 2 GHz sample rate": (
         request(voices={1: wav_claiming_rate(2_000_000_000)}),

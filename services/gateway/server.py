@@ -9,6 +9,7 @@ import time
 import uuid
 
 import grpc
+from vibevoice.mesh.v1 import mesh_pb2
 from vibevoice.tts.v1 import jobs_pb2, tts_pb2, tts_pb2_grpc
 
 from services.common.errors import RequestError, abort, from_rpc_error
@@ -18,10 +19,11 @@ from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto
 from services.gateway.admission import Admission, Room
-from services.synthesis.backends import Backends, api_key, decode_voices, finish_reason
+from services.synthesis.backends import Backends, api_key, decode_voices
 from services.synthesis.estimates import estimated_positions
 from services.synthesis.options import MAX_REQUEST_ID_CHARS, Options, check_options
 from services.synthesis.responses import Responses
+from services.synthesis.segments import Finished, Progress, run_segments
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +70,23 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
     async def _synthesize(self, request, options: Options, request_id: str, started: float, context):
         voices = await asyncio.to_thread(decode_voices, request)
         prepared = await self.backends.prepare(request, options, request_id, voices, context.time_remaining())
-        await self.backends.encode_voices(prepared, voices, options.seed, context.time_remaining())
         responses = Responses(prepared.header, options.encoder, started)
         header_sent = False
-        async for event in self.backends.generate(prepared.generate, context.time_remaining()):
-            kind = event.WhichOneof("event")
-            if kind == "progress":
+        async for event in run_segments(self.backends, prepared, options, voices, context.time_remaining):
+            if isinstance(event, Progress):
                 # The llm reports its prompt read once, after admission: errors before it reach the
                 # client as a status with no header.
                 if not header_sent:
                     header_sent = True
                     yield tts_pb2.SynthesizeResponse(header=prepared.header)
-                yield responses.progress(event.progress.prompt_tokens_done)
-            elif kind == "frame":
-                samples = from_proto(event.frame.audio).numpy()
-                for response in responses.frame(event.frame.index, event.frame.segment_index, samples):
+                responses.prompt_tokens_done = event.prompt_tokens_done
+                yield responses.progress(event.prompt_tokens_done)
+            elif isinstance(event, mesh_pb2.GeneratedFrame):
+                samples = from_proto(event.audio).numpy()
+                for response in responses.frame(event.index, event.segment_index, samples):
                     yield response
-            elif kind == "done":
-                reason = finish_reason(event.done.finish_reason, options, prepared.generate.max_frames)
-                for response in responses.finish(reason):
+            elif isinstance(event, Finished):
+                for response in responses.finish(event.finish_reason):
                     yield response
 
 

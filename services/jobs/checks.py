@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from vibevoice.tts.v1 import jobs_pb2
@@ -10,9 +11,13 @@ from services.common.audio_checks import AudioChecker
 from services.jobs.frame_log import read_samples
 
 
-def check_job_audio(frames_path: Path, frames: int) -> jobs_pb2.AudioChecks:
+def check_job_audio(frames_path: Path, frames: int, segment_starts: Sequence[int] = ()) -> jobs_pb2.AudioChecks:
+    """`segment_starts`: the first frame of each of the job's segments."""
     checker = AudioChecker()
-    for samples in read_samples(frames_path, frames):
+    starts = set(segment_starts) - {0}
+    for index, samples in enumerate(read_samples(frames_path, frames)):
+        if index in starts:
+            checker.start_segment()
         checker.add(samples)
     result = checker.result()
     checks = jobs_pb2.AudioChecks(

@@ -6,12 +6,13 @@ import re
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import status_pb2
-from vibevoice.tts.v1 import jobs_pb2, tts_pb2
+from vibevoice.tts.v1 import jobs_pb2
 
 from services.common.errors import invalid_argument
 from services.common.frames import FRAMES_PER_SECOND
 from services.jobs import store as states
 from services.jobs.runner import Run
+from services.jobs.segments import JobSegments
 from services.jobs.store import JobRecord
 
 # A job id: the last part of `jobs/{job_id}`, as the API design guide has resource ids.
@@ -56,9 +57,9 @@ def progress_percent(frames: int, record: JobRecord) -> float:
     return min(99.9, 100.0 * frames / record.estimated_frames)
 
 
-def job(record: JobRecord, run: Run | None) -> jobs_pb2.Job:
-    header = tts_pb2.StreamHeader.FromString(record.header)
+def job(record: JobRecord, run: Run | None, segments: JobSegments) -> jobs_pb2.Job:
     frames = run.frames if run is not None else record.frames_done
+    segments = segments.listed(record.job_id, frames)
     out = jobs_pb2.Job(
         name=f"jobs/{record.job_id}",
         owner=record.owner,
@@ -73,16 +74,7 @@ def job(record: JobRecord, run: Run | None) -> jobs_pb2.Job:
         create_time=_timestamp(record.create_time),
         start_time=_timestamp(record.start_time),
         end_time=_timestamp(record.end_time),
-        segments=[
-            jobs_pb2.JobSegment(
-                index=0,
-                first_turn=0,
-                turns=sum(s.turns for s in header.speakers),
-                prompt_tokens=header.prompt_tokens,
-                first_frame=0,
-                frames=frames,
-            )
-        ],
+        segments=segments,
         finish_reason=record.finish_reason,
         audio_seconds=frames / FRAMES_PER_SECOND,
         resumes=record.resumes,

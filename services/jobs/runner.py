@@ -9,10 +9,11 @@ A job whose frames do not fit the store (its quota, or a full disk) fails with R
 frames are dropped, so the space it took goes back to the jobs still running; no other job's files change.
 
 Resume, as it is today: a job that was interrupted (the jobs service restarted, or the llm or the acoustic
-service went away: UNAVAILABLE) goes back to the queue and runs again from frame 0, with its stored request
-and seed. Frames the store already holds are skipped as they come, unchecked, and the new ones are appended
-after the last checkpoint. This is correct because a job's audio is deterministic given its script, voices
-and seed (README, "Seeds"), but it makes again every frame up to the checkpoint; rebuilding the llm's and the
+service went away: UNAVAILABLE) goes back to the queue and runs again from the start of the last segment its
+checkpoint reached (frame 0 for a script of one segment), with its stored request and seed. Frames the store
+already holds are skipped as they come, unchecked, and the new ones are appended after the last checkpoint.
+This is correct because a job's audio is deterministic given its script, voices and seed (README, "Seeds"),
+but it makes again the segment's frames up to the checkpoint; rebuilding the llm's and the
 acoustic service's state from stored frames would avoid that and is not done yet.
 
 Live calls come first: when live Synthesize streams wait in the llm's queue (Capacity's `waiting_live`), jobs
@@ -40,11 +41,13 @@ from services.common.tensors import from_proto
 from services.jobs import store as states
 from services.jobs.checks import check_job_audio
 from services.jobs.frame_log import FrameLog
+from services.jobs.segments import JobSegments
 from services.jobs.spare import has_room
 from services.jobs.store import JobRecord, Store, StoreFull
-from services.synthesis.backends import Backends, decode_voices, finish_reason
+from services.synthesis.backends import Backends, decode_voices
 from services.synthesis.estimates import estimated_positions
 from services.synthesis.options import check_options
+from services.synthesis.segments import Finished, Progress, SegmentStart, run_segments
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ async def _sync(frame_log: FrameLog) -> int:
 class Runner:
     def __init__(self, store: Store, backends: Backends, max_running: int, reserve: float) -> None:
         self.store = store
+        self.segments = JobSegments(store.db)
         self.backends = backends
         self.max_running = max_running
         self.reserve = reserve
@@ -183,28 +187,33 @@ class Runner:
             voices = await asyncio.to_thread(decode_voices, request)
             prepared = await self.backends.prepare(request, options, header.request_id, voices, PREPARE_TIMEOUT_S)
             prepared.generate.background = True  # live calls come first (_pause_for_live)
-            await self.backends.encode_voices(prepared, voices, options.seed, None)
             frame_log = FrameLog(self.store, job_id, record.frames_done)
+            start = None
+            if self.segments.matches(job_id, prepared.segments):
+                start = self.segments.resume_at(job_id, frame_log.frames)
+            else:  # planned anew (the llm's context changed): from the first segment
+                self.segments.plan(job_id, prepared.segments)
             log.info("job %s: running from frame %d", job_id, frame_log.frames)
-            async for event in self.backends.generate(prepared.generate, None):
-                kind = event.WhichOneof("event")
-                if kind == "progress":
+            async for event in run_segments(self.backends, prepared, options, voices, lambda: None, start):
+                if isinstance(event, SegmentStart):
+                    self.segments.started(job_id, event)
+                    log.info("job %s: segment %d starts at frame %d", job_id, event.index, event.first_frame)
+                elif isinstance(event, Progress):
                     run.streaming = True
-                elif kind == "frame" and event.frame.index >= frame_log.frames:  # earlier ones are stored
-                    samples = from_proto(event.frame.audio).float().numpy()
-                    frame_log.append(event.frame.index, event.frame.segment_index, samples)
+                elif isinstance(event, mesh_pb2.GeneratedFrame) and event.index >= frame_log.frames:  # else stored
+                    samples = from_proto(event.audio).float().numpy()
+                    frame_log.append(event.index, event.segment_index, samples)
                     run.frames = frame_log.frames
                     if frame_log.frames - frame_log.synced >= CHECKPOINT_FRAMES:
                         self.store.checkpoint(job_id, await _sync(frame_log))
                     self.changed(job_id)
-                elif kind == "done":
+                elif isinstance(event, Finished):
                     self.store.checkpoint(job_id, await _sync(frame_log))
                     await self._check(job_id, frame_log.frames)
-                    reason = finish_reason(event.done.finish_reason, options, prepared.generate.max_frames)
                     self.store.transition(
-                        job_id, states.SUCCEEDED, finish_reason=reason, estimated_frames=frame_log.frames
+                        job_id, states.SUCCEEDED, finish_reason=event.finish_reason, estimated_frames=frame_log.frames
                     )
-                    log.info("job %s: succeeded, %d frames (%s)", job_id, frame_log.frames, reason)
+                    log.info("job %s: succeeded, %d frames (%s)", job_id, frame_log.frames, event.finish_reason)
                     return
             raise RequestError(status_pb2.Status(code=code_pb2.UNAVAILABLE, message="the llm's stream ended early"))
         except StoreFull as e:
@@ -233,7 +242,8 @@ class Runner:
             self.wake.set()
 
     async def _check(self, job_id: str, frames: int) -> None:
-        checks = await asyncio.to_thread(check_job_audio, self.store.frames_path(job_id), frames)
+        starts = [s.first_frame for s in self.segments.listed(job_id, frames)]
+        checks = await asyncio.to_thread(check_job_audio, self.store.frames_path(job_id), frames, starts)
         self.store.set_checks(job_id, checks.SerializeToString())
         if checks.gap_over_one_second:
             log.warning(

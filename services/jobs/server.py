@@ -91,7 +91,7 @@ class Jobs(jobs_pb2_grpc.JobsServicer):
         return record
 
     def _job(self, record: JobRecord) -> jobs_pb2.Job:
-        return job(record, self.runner.runs.get(record.job_id))
+        return job(record, self.runner.runs.get(record.job_id), self.runner.segments)
 
     async def _answer(self, context, handler, *args):
         """Runs a unary handler; its RequestError becomes the call's status (after the except block, so the
@@ -144,9 +144,10 @@ class Jobs(jobs_pb2_grpc.JobsServicer):
             request_id=request_id,
             format=options.format,
             seed=options.seed,
-            estimated_frames=min(estimated_frames(synthesize), prepared.generate.max_frames),
+            estimated_frames=min(estimated_frames(synthesize), prepared.max_frames),
             header=prepared.header.SerializeToString(),
         )
+        self.runner.segments.plan(job_id, prepared.segments)
         log.info("job %s: created (request %s)", job_id, escape(request_id, max_chars=MAX_REQUEST_ID_CHARS))
         self.runner.wake.set()
         return jobs_pb2.CreateJobResponse(job=self._job(record))

@@ -18,7 +18,6 @@ from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import insecure_channel
 from services.common.logs import mark_random_weights
 from services.common.tensors import to_proto
-from services.synthesis.estimates import estimated_frames
 from services.synthesis.options import Options
 
 VOICE_TIMEOUT_S = 10.0
@@ -43,21 +42,27 @@ def decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
     return voices
 
 
-def finish_reason(llm_reason: str, options: Options, budget: int) -> str:
-    """The llm's reason in the public API's words: its frame budget was the request's max_audio_seconds, or the
-    room the context leaves after the prompt."""
+def finish_reason(llm_reason: str, budget_left: int, room: int) -> str:
+    """The llm's reason for one segment in the public API's words: its frame budget was what was left of the
+    request's max_audio_seconds (`budget_left`, 0 without one), or the room the context leaves after the prompt."""
     if llm_reason == "max_frames":
-        return "max_audio_seconds" if 0 < options.max_frames <= budget else "context"
+        return "max_audio_seconds" if 0 < budget_left <= room else "context"
     return llm_reason
 
 
 @dataclass
 class Prepared:
-    """A request made ready for the llm: what Generate gets, and the header its stream starts with."""
+    """A request made ready for the llm: its segments' prompts, the Generate fields they share, and the header its
+    stream starts with."""
 
-    generate: mesh_pb2.GenerateRequest
+    generate: mesh_pb2.GenerateRequest  # the fields every segment's Generate has (no prompt, no voices)
+    segments: list[mesh_pb2.ScriptSegment]
     header: tts_pb2.StreamHeader
-    voice_order: list[int]  # the voices' order in the prompt, as indices into the request's voices
+
+    @property
+    def max_frames(self) -> int:
+        """The frames the whole script may make (the header's max_frames)."""
+        return self.header.max_frames
 
 
 class Backends:
@@ -92,6 +97,15 @@ class Backends:
             mark_random_weights(self._model.random_weights)
         return self._model
 
+    async def max_positions(self, timeout: float | None) -> int:
+        """The llm's positions per stream (its --max-context), which every segment must fit. Asked each time: a
+        restarted llm may have another context (a restarting one gets a moment to come back)."""
+        wait = CAPACITY_TIMEOUT_S if timeout is None else min(timeout, CAPACITY_TIMEOUT_S)
+        capacity = await self.call(
+            "llm", self.llm.Capacity(mesh_pb2.CapacityRequest(), timeout=wait, wait_for_ready=True)
+        )
+        return capacity.max_positions
+
     async def prepare(
         self,
         request: tts_pb2.SynthesizeRequest,
@@ -100,7 +114,8 @@ class Backends:
         voices: list[np.ndarray],
         timeout: float | None,
     ) -> Prepared:
-        """The prompt (text_parser) and the header; the voices' embeddings come later (`encode_voices`)."""
+        """The segments' prompts (text_parser's Plan) and the header; the voices' embeddings are encoded per
+        segment as it starts (`encode_voices`)."""
         script = (
             mesh_pb2.ParseRequest(
                 turns=mesh_pb2.ScriptTurns(
@@ -114,25 +129,20 @@ class Backends:
             mesh_pb2.VoiceSlot(speaker=v.speaker, frames=-(-len(s) // SAMPLES_PER_FRAME))
             for v, s in zip(request.voices, voices, strict=True)
         )
-        parsed = await self.call("text_parser", self.parser.Parse(script, timeout=timeout))
         model = await self.call("llm", self.model(timeout))
-        max_frames = parsed.max_new_frames
+        plan = mesh_pb2.PlanRequest(
+            script=script, max_positions=await self.max_positions(timeout), fixed_frames=options.fixed_frames
+        )
+        planned = await self.call("text_parser", self.parser.Plan(plan, timeout=timeout))
+        segments = list(planned.segments)
+        max_frames = sum(s.max_new_frames for s in segments)
         if options.max_frames:
             max_frames = min(max_frames, options.max_frames)
-        if options.fixed_frames > parsed.max_new_frames:
-            raise invalid_argument(
-                "options.fixed_frames",
-                f"{options.fixed_frames} frames do not fit: the prompt leaves room for {parsed.max_new_frames}",
-            )
         generate = mesh_pb2.GenerateRequest(
             request_id=request_id,
-            prompt_ids=parsed.prompt_ids,
             cfg_scale=options.cfg_scale,
             diffusion_steps=options.diffusion_steps,
             seed=options.seed,
-            max_frames=max_frames,
-            fixed_frames=options.fixed_frames,
-            expected_frames=min(estimated_frames(request), max_frames),
         )
         header = tts_pb2.StreamHeader(
             request_id=request_id,
@@ -141,36 +151,43 @@ class Backends:
             media_type=MEDIA_TYPES[options.encoder],
             speakers=[
                 tts_pb2.Speaker(speaker=s.speaker, model_speaker=s.model_speaker, has_voice=s.has_voice, turns=s.turns)
-                for s in parsed.speakers
+                for s in planned.speakers
             ],
-            warnings=parsed.warnings,
+            warnings=planned.warnings,
             model=model.model,
             random_weights=model.random_weights,
             seed=options.seed,
-            prompt_tokens=len(parsed.prompt_ids),
+            prompt_tokens=sum(len(s.prompt_ids) for s in segments),
             max_frames=options.fixed_frames or max_frames,
         )
-        return Prepared(generate, header, list(parsed.voice_order))
+        return Prepared(generate, segments, header)
 
     async def encode_voices(
-        self, prepared: Prepared, voices: list[np.ndarray], seed: int, time_remaining: float | None
+        self,
+        generate: mesh_pb2.GenerateRequest,
+        voice_order: list[int],
+        voices: list[np.ndarray],
+        time_remaining: float | None,
     ) -> None:
-        """The voices' prompt embeddings (acoustic, sampled with the request's seed), into `prepared.generate`."""
-        if not voices:
+        """The prompt embeddings of the voices in `voice_order` (indices into `voices`), sampled by the acoustic
+        service with `generate.seed`, into `generate`."""
+        if not voice_order:
             return
-        ordered = [voices[i] for i in prepared.voice_order]
+        ordered = [voices[i] for i in voice_order]
         encoded = await self.call(
             "acoustic",
             self.acoustic.EncodeVoice(
-                mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.from_numpy(v)) for v in ordered], seed=seed),
+                mesh_pb2.EncodeVoiceRequest(
+                    voices=[to_proto(torch.from_numpy(v)) for v in ordered], seed=generate.seed
+                ),
                 # a restarting acoustic service gets a few seconds to come back
                 timeout=min(time_remaining or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S),
                 wait_for_ready=True,
             ),
         )
-        prepared.generate.voice_embeddings.CopyFrom(encoded.embeddings)
-        prepared.generate.voice_count = len(ordered)
-        prepared.generate.voice_max_frames = max(encoded.frames)
+        generate.voice_embeddings.CopyFrom(encoded.embeddings)
+        generate.voice_count = len(ordered)
+        generate.voice_max_frames = max(encoded.frames)
 
     async def generate(
         self, generate: mesh_pb2.GenerateRequest, timeout: float | None

@@ -29,6 +29,9 @@ class Responses:
         self.started = time.monotonic() if started is None else started
         self.frames = 0
         self.first_audio: float | None = None
+        # What a frame's progress event says of the prompt: all of it, unless a live stream of several segments
+        # says how far it has read.
+        self.prompt_tokens_done = header.prompt_tokens
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -75,7 +78,7 @@ class Responses:
             )
         ]
         if self.frames % PROGRESS_EVERY_FRAMES == 0:
-            out.append(self.progress(self.header.prompt_tokens))
+            out.append(self.progress(self.prompt_tokens_done))
         return out
 
     def finish(

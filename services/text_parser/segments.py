@@ -28,6 +28,11 @@ FRAME_MARGIN_PERCENT = 20
 class TurnTooLong(ScriptError):
     """A turn that does not fit the context even in a segment of its own."""
 
+    def __init__(self, field_name: str, reason: str, *, frames: int, frame_room: int) -> None:
+        super().__init__(field_name, reason)
+        self.frames = frames  # the speech it was priced at, margin included
+        self.frame_room = frame_room  # the speech its segment has room for (negative: its text alone is too long)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -112,6 +117,8 @@ def _check_fits(script: ParsedScript, costs: _Costs, max_context: int, field_nam
                 f"({costs.prompt(i, i + 1)} prompt tokens with the system prompt and voices, {frames} expected frames, "
                 f"{margin} frames of margin, {TURN_TOKENS} turn tokens); the context holds {max_context}: "
                 "split it into shorter turns",
+                frames=frames + margin,
+                frame_room=max_context - (need - frames - margin),
             )
 
 

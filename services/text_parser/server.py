@@ -18,6 +18,7 @@ from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
 from services.common.telemetry import setup_tracing
 from services.text_parser.prompt import PromptBuilder
 from services.text_parser.script import ParsedScript, ScriptError, check_turn_count, parse_text, parse_turns
+from services.text_parser.segments import TurnTooLong, plan_segments
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,33 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
         self.context = ckpt.config.text_config.max_position_embeddings
         self.trimmer = Trimmer()
 
-    def parse(self, request: mesh_pb2.ParseRequest) -> mesh_pb2.ParseResponse:
+    @staticmethod
+    def _script(request: mesh_pb2.ParseRequest) -> ParsedScript:
         try:
             if request.WhichOneof("script") == "turns":
                 check_turn_count(len(request.turns.turns))
-                script = parse_turns([(t.speaker, t.text) for t in request.turns.turns])
-            else:
-                script = parse_text(request.text)
+                return parse_turns([(t.speaker, t.text) for t in request.turns.turns])
+            return parse_text(request.text)
         except ScriptError as e:
             raise invalid_argument(e.field, e.reason) from e
+
+    @staticmethod
+    def _speakers(script: ParsedScript, voice_frames: dict[int, int]) -> list[mesh_pb2.SpeakerMapping]:
+        counts: dict[int, int] = {}
+        for t in script.turns:
+            counts[t.speaker] = counts.get(t.speaker, 0) + 1
+        return [
+            mesh_pb2.SpeakerMapping(
+                speaker=s,
+                model_speaker=script.model_speaker(s),
+                turns=counts[s],
+                has_voice=script.model_speaker(s) in voice_frames,
+            )
+            for s in script.speakers
+        ]
+
+    def parse(self, request: mesh_pb2.ParseRequest) -> mesh_pb2.ParseResponse:
+        script = self._script(request)
         voice_frames = self._voice_frames(script, request.voices)
         ids, order = self.builder.build(script, voice_frames, limit=self.context - 1)
         # One position for the first generated token at least; every speech frame takes one more.
@@ -48,25 +67,56 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
                 f"the script and voice prompts take {len(ids)} tokens; the model's context is {self.context}",
             )
         by_model_speaker = {script.model_speaker(v.speaker): i for i, v in enumerate(request.voices)}
-        counts: dict[int, int] = {}
-        for t in script.turns:
-            counts[t.speaker] = counts.get(t.speaker, 0) + 1
         return mesh_pb2.ParseResponse(
             prompt_ids=ids,
             turns=[mesh_pb2.ScriptTurn(speaker=script.model_speaker(t.speaker), text=t.text) for t in script.turns],
-            speakers=[
-                mesh_pb2.SpeakerMapping(
-                    speaker=s,
-                    model_speaker=script.model_speaker(s),
-                    turns=counts[s],
-                    has_voice=script.model_speaker(s) in voice_frames,
-                )
-                for s in script.speakers
-            ],
+            speakers=self._speakers(script, voice_frames),
             warnings=script.warnings,
             voice_order=[by_model_speaker[k] for k in order],
             max_new_frames=room - 1,
         )
+
+    def plan(self, request: mesh_pb2.PlanRequest) -> mesh_pb2.PlanResponse:
+        script = self._script(request.script)
+        voices = request.script.voices
+        voice_frames = self._voice_frames(script, voices)
+        # The llm's positions, within the model's (one is the first generated token's, as in `parse`).
+        positions = min(request.max_positions or self.context - 1, self.context - 1)
+        fixed = request.fixed_frames or None
+        field = "turns" if request.script.WhichOneof("script") == "turns" else "text"
+        try:
+            segments = plan_segments(
+                script, self.builder, voice_frames, positions, fixed_frames=fixed, field_name=field
+            )
+        except TurnTooLong as e:
+            if fixed and e.frame_room > 0:  # its words fit: the frames it was given do not
+                raise invalid_argument(
+                    "options.fixed_frames",
+                    f"{fixed} frames do not fit: shared out by words, one turn gets {e.frames} and its segment "
+                    f"leaves room for {e.frame_room}",
+                ) from e
+            raise invalid_argument(e.field, e.reason) from e
+        except ScriptError as e:
+            raise invalid_argument(e.field, e.reason) from e
+        by_model_speaker = {script.model_speaker(v.speaker): i for i, v in enumerate(voices)}
+        out = mesh_pb2.PlanResponse(speakers=self._speakers(script, voice_frames), warnings=script.warnings)
+        for segment in segments:
+            # Only the voices of its own speakers, as a request of its turns alone would have them.
+            speaking = {script.model_speaker(s) for s in segment.script.speakers}
+            frames = {k: n for k, n in voice_frames.items() if k in speaking}
+            ids, order = self.builder.build(segment.script, frames, limit=positions)
+            out.segments.append(
+                mesh_pb2.ScriptSegment(
+                    first_turn=segment.first_turn,
+                    turns=len(segment.turns),
+                    prompt_ids=ids,
+                    voice_order=[by_model_speaker[k] for k in order],
+                    max_new_frames=positions - len(ids),
+                    fixed_frames=segment.frames if fixed else 0,
+                    expected_frames=segment.frames,
+                )
+            )
+        return out
 
     @staticmethod
     def _voice_frames(script: ParsedScript, voices) -> dict[int, int]:
@@ -91,10 +141,16 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
         return frames
 
     async def Parse(self, request, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC method name)
+        return await self._answer(self.parse, request, context)
+
+    async def Plan(self, request, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC method name)
+        return await self._answer(self.plan, request, context)
+
+    async def _answer(self, handler, request, context: grpc.aio.ServicerContext):
         if request.ByteSize() >= LARGE_REQUEST_BYTES // 4:  # scripts of a few hundred KB tokenize into megabytes
             self.trimmer.due = True
         try:
-            return await asyncio.to_thread(self.parse, request)
+            return await asyncio.to_thread(handler, request)
         except RequestError as e:
             # A fresh error, aborted outside the except block: the caught one's traceback holds the frames with
             # the script and its token ids, and the abort would keep them in a reference cycle (megabytes per

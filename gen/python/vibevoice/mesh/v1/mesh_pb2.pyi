@@ -80,6 +80,44 @@ class ParseResponse(_message.Message):
     max_new_frames: int
     def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[_Iterable[_Union[ScriptTurn, _Mapping]]] = ..., speakers: _Optional[_Iterable[_Union[SpeakerMapping, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., voice_order: _Optional[_Iterable[int]] = ..., max_new_frames: _Optional[int] = ...) -> None: ...
 
+class PlanRequest(_message.Message):
+    __slots__ = ("script", "max_positions", "fixed_frames")
+    SCRIPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    script: ParseRequest
+    max_positions: int
+    fixed_frames: int
+    def __init__(self, script: _Optional[_Union[ParseRequest, _Mapping]] = ..., max_positions: _Optional[int] = ..., fixed_frames: _Optional[int] = ...) -> None: ...
+
+class PlanResponse(_message.Message):
+    __slots__ = ("speakers", "warnings", "segments")
+    SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    speakers: _containers.RepeatedCompositeFieldContainer[SpeakerMapping]
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    segments: _containers.RepeatedCompositeFieldContainer[ScriptSegment]
+    def __init__(self, speakers: _Optional[_Iterable[_Union[SpeakerMapping, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., segments: _Optional[_Iterable[_Union[ScriptSegment, _Mapping]]] = ...) -> None: ...
+
+class ScriptSegment(_message.Message):
+    __slots__ = ("first_turn", "turns", "prompt_ids", "voice_order", "max_new_frames", "fixed_frames", "expected_frames")
+    FIRST_TURN_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    VOICE_ORDER_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    first_turn: int
+    turns: int
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    voice_order: _containers.RepeatedScalarFieldContainer[int]
+    max_new_frames: int
+    fixed_frames: int
+    expected_frames: int
+    def __init__(self, first_turn: _Optional[int] = ..., turns: _Optional[int] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., voice_order: _Optional[_Iterable[int]] = ..., max_new_frames: _Optional[int] = ..., fixed_frames: _Optional[int] = ..., expected_frames: _Optional[int] = ...) -> None: ...
+
 class SpeakerMapping(_message.Message):
     __slots__ = ("speaker", "model_speaker", "turns", "has_voice")
     SPEAKER_FIELD_NUMBER: _ClassVar[int]

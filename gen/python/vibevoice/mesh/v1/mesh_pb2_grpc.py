@@ -41,6 +41,11 @@ class TextParserStub:
                 request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.ParseRequest.SerializeToString,
                 response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.ParseResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/vibevoice.mesh.v1.TextParser/Plan',
+                request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.PlanRequest.SerializeToString,
+                response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class TextParserServicer:
@@ -54,6 +59,15 @@ class TextParserServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """The script in segments that each fit the llm's context, split at turn boundaries, each with its prompt as
+        Parse would build it (services/text_parser/segments.py). A script that fits is one segment whose prompt
+        is Parse's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextParserServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +75,11 @@ def add_TextParserServicer_to_server(servicer, server):
                     servicer.Parse,
                     request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.ParseRequest.FromString,
                     response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.ParseResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.PlanRequest.FromString,
+                    response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.PlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +111,33 @@ class TextParser:
             '/vibevoice.mesh.v1.TextParser/Parse',
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.ParseRequest.SerializeToString,
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.ParseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vibevoice.mesh.v1.TextParser/Plan',
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.PlanRequest.SerializeToString,
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,
