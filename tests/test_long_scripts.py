@@ -50,15 +50,16 @@ VOICE_FILES = {1: short_voice("en-Alice_woman.wav"), 2: short_voice("en-Carter_m
 
 
 def smallest_context(model: str) -> int:
-    """The fewest positions that hold every turn of SCRIPT in a segment of its own (so most turns get one)."""
+    """The smallest context (as `--max-context` sets it) that holds every turn of SCRIPT in a segment of its own,
+    so most turns get one."""
     ckpt = resolve_checkpoint(model)
     builder = PromptBuilder.from_pretrained(ckpt.path, ckpt.config)
     script = parse_text(SCRIPT)
     frames = voice_frames(script, VOICE_FILES)
-    for positions in range(64, 4096, 4):
+    for context in range(64, 4096, 4):
         try:
-            if len(plan_segments(script, builder, frames, positions, fixed_frames=FRAMES)) >= 3:
-                return positions
+            if len(plan_segments(script, builder, frames, context, fixed_frames=FRAMES)) >= 3:
+                return context
         except ScriptError:  # the voices or a turn do not fit yet
             continue
     raise AssertionError("no context splits the script in three")
@@ -68,8 +69,7 @@ def smallest_context(model: str) -> int:
 def long_mesh(tiny_checkpoint, tmp_path_factory):
     """A mesh whose llm holds a few turns per stream: SCRIPT needs at least three segments."""
     mesh = cpu_mesh(tiny_checkpoint, tmp_path_factory, "long-scripts")
-    # The llm's positions are its context less one (the first generated token's).
-    mesh.llm_config = replace(mesh.llm_config, max_context=smallest_context(str(tiny_checkpoint)) + 1)
+    mesh.llm_config = replace(mesh.llm_config, max_context=smallest_context(str(tiny_checkpoint)))
     with mesh:
         yield mesh
 

@@ -80,14 +80,12 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
         script = self._script(request.script)
         voices = request.script.voices
         voice_frames = self._voice_frames(script, voices)
-        # The llm's positions, within the model's (one is the first generated token's, as in `parse`).
-        positions = min(request.max_positions or self.context - 1, self.context - 1)
+        # The llm's context: its positions and the first generated token's (as in `parse`), within the model's.
+        context = min(request.max_positions + 1 if request.max_positions else self.context, self.context)
         fixed = request.fixed_frames or None
         field = "turns" if request.script.WhichOneof("script") == "turns" else "text"
         try:
-            segments = plan_segments(
-                script, self.builder, voice_frames, positions, fixed_frames=fixed, field_name=field
-            )
+            segments = plan_segments(script, self.builder, voice_frames, context, fixed_frames=fixed, field_name=field)
         except TurnTooLong as e:
             if fixed and e.frame_room > 0:  # its words fit: the frames it was given do not
                 raise invalid_argument(
@@ -104,14 +102,14 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
             # Only the voices of its own speakers, as a request of its turns alone would have them.
             speaking = {script.model_speaker(s) for s in segment.script.speakers}
             frames = {k: n for k, n in voice_frames.items() if k in speaking}
-            ids, order = self.builder.build(segment.script, frames, limit=positions)
+            ids, order = self.builder.build(segment.script, frames, limit=context - 1)
             out.segments.append(
                 mesh_pb2.ScriptSegment(
                     first_turn=segment.first_turn,
                     turns=len(segment.turns),
                     prompt_ids=ids,
                     voice_order=[by_model_speaker[k] for k in order],
-                    max_new_frames=positions - len(ids),
+                    max_new_frames=context - len(ids) - 1,
                     fixed_frames=segment.frames if fixed else 0,
                     expected_frames=segment.frames,
                 )
