@@ -1,9 +1,10 @@
 """Scripts longer than the model's context, split at turn boundaries into segments that each fit.
 
-A segment is generated as a script of its own, in order: the same system prompt and voices, its own turns, and
-the speech the model makes for them. It fits when its prompt, the frames its words are expected to take, a
-margin for slower speech and the turn tokens (services/common/stream_size.py) stay within the context. The
-prompt is counted exactly, piece by piece as PromptBuilder.build tokenizes it, so only the speech is an estimate.
+A segment is generated as a script of its own, in order: the same system prompt, the voices of the speakers who
+speak in it, its own turns, and the speech the model makes for them. It fits when its prompt, the frames its
+words are expected to take, a margin for slower speech and the turn tokens (services/common/stream_size.py)
+stay within the context. The prompt is counted exactly, piece by piece as PromptBuilder.build tokenizes it, with
+every voice of the script (a segment's own are never more), so only the speech is an estimate.
 
 A turn is never cut: one that does not fit even alone is refused (TurnTooLong), since a turn split at a sentence
 would change the prompt the model reads and the turns the caller gets back. Segments keep the whole script's
@@ -146,8 +147,8 @@ def plan_segments(
 ) -> list[Segment]:
     """The script in as few segments as fit `max_context` positions each, in order, at turn boundaries.
 
-    `voice_frames` maps model speaker -> voice prompt frames, as for PromptBuilder.build: every segment carries
-    every voice. With `fixed_frames` the job makes exactly that many frames, shared out by words. Of the plans
+    `voice_frames` maps model speaker -> voice prompt frames, as for PromptBuilder.build: every segment is priced
+    with every voice. With `fixed_frames` the job makes exactly that many frames, shared out by words. Of the plans
     with the fewest segments this is one whose largest segment is smallest, so every segment keeps some room.
     Raises TurnTooLong naming the first turn that fits no segment, or ScriptError when the voices alone fill it.
     """
