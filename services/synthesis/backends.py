@@ -97,14 +97,11 @@ class Backends:
             mark_random_weights(self._model.random_weights)
         return self._model
 
-    async def max_positions(self, timeout: float | None) -> int:
+    async def max_positions(self) -> int:
         """The llm's positions per stream (its --max-context), which every segment must fit. Asked each time: a
-        restarted llm may have another context (a restarting one gets a moment to come back)."""
-        wait = CAPACITY_TIMEOUT_S if timeout is None else min(timeout, CAPACITY_TIMEOUT_S)
-        capacity = await self.call(
-            "llm", self.llm.Capacity(mesh_pb2.CapacityRequest(), timeout=wait, wait_for_ready=True)
-        )
-        return capacity.max_positions
+        restarted llm may have another context. An llm that is stopping or draining answers UNAVAILABLE here, as
+        admission does, not the deadline of a call its closed port never answers."""
+        return (await self.capacity()).max_positions
 
     async def prepare(
         self,
@@ -131,7 +128,7 @@ class Backends:
         )
         model = await self.call("llm", self.model(timeout))
         plan = mesh_pb2.PlanRequest(
-            script=script, max_positions=await self.max_positions(timeout), fixed_frames=options.fixed_frames
+            script=script, max_positions=await self.max_positions(), fixed_frames=options.fixed_frames
         )
         planned = await self.call("text_parser", self.parser.Plan(plan, timeout=timeout))
         segments = list(planned.segments)
