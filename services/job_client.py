@@ -160,8 +160,11 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
                 elif kind == "summary":
                     summary = response.summary
     except KeyboardInterrupt:
+        # Ctrl-C may land between a chunk's write and the sidecar's update: leave the file as the sidecar says.
+        kept_frame, kept_bytes = sidecar.load(name)
+        os.truncate(out, kept_bytes)
         bar.close()
-        print(f"stopped at frame {next_frame}; the same command goes on from there")
+        print(f"stopped at frame {kept_frame}; the same command goes on from there")
         raise
     finally:
         bar.close()
