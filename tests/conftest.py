@@ -24,9 +24,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
 
 
-def cpu_mesh(checkpoint: Path, tmp_path_factory, name: str) -> Mesh:
+def cpu_mesh(checkpoint: Path, tmp_path_factory, name: str, **options) -> Mesh:
     """A mesh of its own beside the session's: free ports, CPU float32, fixed_frames allowed, its logs and job
-    store in temporary folders named after `name`."""
+    store in temporary folders named after `name`; `options` are more of Mesh's fields."""
     mesh = Mesh(
         ports=new_ports(),
         model=str(checkpoint),
@@ -34,6 +34,7 @@ def cpu_mesh(checkpoint: Path, tmp_path_factory, name: str) -> Mesh:
         dtype="float32",
         allow_fixed_frames=True,
         log_dir=tmp_path_factory.mktemp(f"{name}-logs"),
+        **options,
     )
     mesh.jobs_config = replace(mesh.jobs_config, data_dir=str(tmp_path_factory.mktemp(f"{name}-data")))
     return mesh

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -29,8 +28,8 @@ from services.client import build_request, synthesize
 from services.common.errors import bad_request_fields
 from services.common.frames import SAMPLES_PER_FRAME
 from services.jobs.frame_log import RECORD_BYTES
-from services.mesh import Mesh, Ports
-from tests.conftest import SCRIPTS, VOICES
+from services.mesh import Mesh
+from tests.conftest import SCRIPTS, VOICES, cpu_mesh
 from tests.test_api import grpcurl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,17 +39,7 @@ DEADLINE_S = 300.0
 
 def new_jobs_mesh(tiny_checkpoint: Path, tmp_path_factory, name: str, **options) -> Mesh:
     """The tiny model on the CPU, fixed_frames allowed; its logs and job store in directories of the test run."""
-    mesh = Mesh(
-        ports=Ports.free(),
-        model=str(tiny_checkpoint),
-        device="cpu",
-        dtype="float32",
-        allow_fixed_frames=True,
-        log_dir=tmp_path_factory.mktemp(f"{name}-logs"),
-        **options,
-    )
-    mesh.jobs_config = replace(mesh.jobs_config, data_dir=str(tmp_path_factory.mktemp(f"{name}-data")))
-    return mesh
+    return cpu_mesh(tiny_checkpoint, tmp_path_factory, name, **options)
 
 
 @pytest.fixture(scope="module")
