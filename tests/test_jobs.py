@@ -35,6 +35,9 @@ from tests.test_api import grpcurl
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
 DEADLINE_S = 300.0
+# Long enough that the job is still running when the first watch is interrupted: a watch of a finished job
+# replays every stored frame faster than a signal reaches it.
+CLI_JOB_FRAMES = 400
 
 
 def new_jobs_mesh(tiny_checkpoint: Path, tmp_path_factory, name: str, **options) -> Mesh:
@@ -332,9 +335,8 @@ def vvmesh(mesh: Mesh, *args: str) -> subprocess.CompletedProcess:
 def test_the_cli_submits_watches_after_ctrl_c_and_downloads(jobs_mesh, tmp_path):
     script = tmp_path / "script.txt"
     script.write_text(SCRIPT)
-    submitted = vvmesh(
-        jobs_mesh, "submit", str(script), "--job-id", "cli-job", "--format", "wav", "--fixed-frames", "150"
-    )
+    options = ["--job-id", "cli-job", "--format", "wav", "--fixed-frames", str(CLI_JOB_FRAMES)]
+    submitted = vvmesh(jobs_mesh, "submit", str(script), *options)
     assert submitted.returncode == 0 and "jobs/cli-job" in submitted.stdout, submitted.stderr
     out, sidecar = tmp_path / "cli.wav", tmp_path / "cli.wav.watch"
     command = [sys.executable, "-m", "services.cli", "job", "watch", "cli-job", "-o", str(out)]
@@ -350,13 +352,13 @@ def test_the_cli_submits_watches_after_ctrl_c_and_downloads(jobs_mesh, tmp_path)
     assert os.path.getsize(out) == json.loads(sidecar.read_text())["bytes"]
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE_S)
     assert second.returncode == 0, second.stderr
-    assert not sidecar.exists() and "150 frames" in second.stdout
+    assert not sidecar.exists() and f"{CLI_JOB_FRAMES} frames" in second.stdout
     downloaded = tmp_path / "downloaded.wav"
     assert vvmesh(jobs_mesh, "download", "cli-job", "-o", str(downloaded)).returncode == 0
     assert out.read_bytes() == downloaded.read_bytes()  # the watched file, finished, is the job's file
-    assert 0 < stopped_at < 150
+    assert 0 < stopped_at < CLI_JOB_FRAMES
     status = vvmesh(jobs_mesh, "status", "jobs/cli-job")
-    assert "succeeded" in status.stdout and "150 of about 150 frames" in status.stdout
+    assert "succeeded" in status.stdout and f"{CLI_JOB_FRAMES} of about {CLI_JOB_FRAMES} frames" in status.stdout
     listing = vvmesh(jobs_mesh, "list")
     assert listing.stdout.splitlines()[0].startswith("jobs/cli-job: succeeded")
     cancelled = vvmesh(jobs_mesh, "cancel", "cli-job")
