@@ -59,7 +59,7 @@ class PagedDecoder:
         Each query attends to its row's positions up to its own. With `keys` the rows' first `keys` positions
         are gathered (plain PyTorch); without, one query per row reads only the pages its row holds
         (`paged_decode` over the page table). `prompt_chunk`: one row whose positions are the last T of its
-        first `keys` (a chunk of its prompt), which runs as causal flash attention. Returns the final-norm
+        first `keys` (a chunk of its prompt), attended with an implicit lower-right causal mask. Returns the final-norm
         hidden states (R, T, hidden). `compiled` runs the layers' other parts through `compiled_parts` (the
         decode step's graphs; prefill stays eager, its shapes change with every chunk). `writes` (R,) bool: rows
         whose keys and values are kept; the others write to the scratch page.

@@ -9,7 +9,8 @@ hold point at the scratch page 0.
 Two attention implementations read the same pool and page table:
 
 - `gathered` (here): plain PyTorch. It gathers each row's first `keys` positions and runs SDPA with a causal
-  mask over logical positions. The CPU, eager GPU steps and prefill chunks use it.
+  mask over logical positions. The CPU and eager GPU decode steps use it; prefill chunks use `prompt_chunk`,
+  the same gather with the mask left implicit.
 - `paged_attention.paged_decode`: a Triton kernel for one query per row that reads only the pages the row
   holds, so a decode step costs what the streams' real lengths cost, not the configured context. Its launch
   depends only on the batch size, so the GPU's captured decode graphs use it.
@@ -112,8 +113,8 @@ def prompt_chunk(
 ) -> torch.Tensor:
     """q (1, heads, T, head_dim): the last T of one row's positions `index` (1, keys), a chunk of its prompt.
 
-    The mask is causal aligned to the lower right, which SDPA runs as flash attention with grouped heads on a
-    GPU; a boolean mask with grouped heads would take its math kernel, which materializes every score."""
+    The mask is causal aligned to the lower right (a `CausalBias`), so no (T, keys) boolean mask is built; on an
+    H100, 2,048 queries over 12,544 keys took 0.73 ms against 0.86 ms with the boolean mask."""
     k = k_pool[0][:, index].transpose(0, 1)
     v = v_pool[0][:, index].transpose(0, 1)
     mask = causal_lower_right(q.shape[2], k.shape[2])
