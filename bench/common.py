@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -45,19 +46,25 @@ def checkpoint(shape: str) -> Path:
     return path
 
 
-def prompt_ids(path: Path) -> list[int]:
+@functools.cache
+def _prompt_builder(path: Path):
     from transformers import AutoTokenizer
 
     from services.common.checkpoint import resolve_checkpoint
     from services.text_parser.prompt import PromptBuilder, SpecialTokens
-    from services.text_parser.script import parse_text
 
     cfg = resolve_checkpoint(str(path)).config
-    builder = PromptBuilder(
+    return PromptBuilder(
         AutoTokenizer.from_pretrained(path),
         SpecialTokens(cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id),
     )
-    ids, _ = builder.build(parse_text(SCRIPT), {})
+
+
+def prompt_ids(path: Path, script: str = SCRIPT) -> list[int]:
+    """The prompt the text parser builds for `script` (no voices)."""
+    from services.text_parser.script import parse_text
+
+    ids, _ = _prompt_builder(path).build(parse_text(script), {})
     return ids
 
 
