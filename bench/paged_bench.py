@@ -1,7 +1,7 @@
 """The paged engine at the context users run: step cost by position, throughput, prefill, memory, capacity.
 
     python bench/paged_bench.py --shape 1.5b
-    python bench/paged_bench.py --shape 7b --cases b1@15K --no-reference-batch
+    python bench/paged_bench.py --shape 7b --cases b1@15K --no-prefill --no-memory
 
 Runs the configuration `vvmesh up` gives (the model's own context, CUDA graphs of compiled code, the default
 stream limit and memory fraction) and prints it with the figures. Streams are put at the positions of a case
@@ -130,7 +130,7 @@ def runner(lm: LMEngine, acoustic: AcousticEngine) -> StepRunner:
 def step(lm: LMEngine, acoustic: AcousticEngine, prefill_budget: int | None = 0) -> int:
     """One step through the runner the llm's step loop uses (in-process render); records where it went."""
     out = LOOP.run_until_complete(runner(lm, acoustic).step(StepPlan(prefill_budget=prefill_budget), ACOUSTIC_IDS))
-    PHASES["lm"].append(out.phase_ms["prefill+decode"])  # ends in the choice's device-to-host copy
+    PHASES["lm"].append(out.phase_ms["prefill"] + out.phase_ms["decode"])  # ends in the choice's device-to-host copy
     PHASES["acoustic"].append(out.phase_ms["render"] + out.phase_ms["to host"])
     for d in out.decisions:
         if d.finish is not None:  # the runner's message already ended it on the acoustic side

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -33,7 +35,7 @@ from services.common.audio import FRAME_MS
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.mesh import LLMConfig, Mesh, Ports
 
-DEMO = common.ROOT.parent / "shared" / "testdata" / "vibevoice-demo"
+DEMO = Path(os.environ.get("VVMESH_TESTDATA", common.ROOT.parent / "shared" / "testdata")) / "vibevoice-demo"
 LONG_SCRIPT = DEMO / "scripts" / "4p_climate_45min.txt"
 VOICES = sorted((DEMO / "voices").glob("en-*.wav"))
 TEN_MINUTE_TOKENS, TEN_MINUTE_FRAMES = 2_000, 4_500
@@ -126,7 +128,7 @@ def percentiles(values: list[float]) -> dict:
         return {}
     return {
         "p50": statistics.median(values),
-        "p95": values[int(0.95 * (len(values) - 1))],
+        "p95": values[max(0, math.ceil(0.95 * len(values)) - 1)],
         "max": values[-1],
     }
 
@@ -135,11 +137,13 @@ def first_audio_ms(r: dict) -> float | None:
     return (r["chunks"][0] - r["sent"]) * 1000 if r["chunks"] else None
 
 
-def concurrency_run(pool, address: str, script: str, streams: int, arrival_s: float, hold_s: float) -> dict:
+def concurrency_run(
+    pool, address: str, script: str, streams: int, arrival_s: float, hold_s: float, voices: int = 2
+) -> dict:
     t0 = time.monotonic() + 1.0
     end = t0 + streams * arrival_s + hold_s
     plans = [
-        (synthesize(script, 2, TEN_MINUTE_FRAMES, 1_000 + i), t0 + i * arrival_s, end, f"rt-{streams}-{i}")
+        (synthesize(script, voices, TEN_MINUTE_FRAMES, 1_000 + i), t0 + i * arrival_s, end, f"rt-{streams}-{i}")
         for i in range(streams)
     ]
     records = run_streams(pool, address, plans)
@@ -150,6 +154,7 @@ def concurrency_run(pool, address: str, script: str, streams: int, arrival_s: fl
     frames_in_window = sum(sum(1 for t in r["chunks"] if t > last_first) for r in started)
     row = {
         "streams": streams,
+        "voices": voices,
         "statuses": {s: sum(1 for r in records if r["status"] == s) for s in {r["status"] for r in records}},
         "started": len(started),
         "streams_with_a_gap_over_a_frame": sum(1 for g in worst_gap if g > FRAME_MS),
@@ -196,6 +201,10 @@ def long_script_run(pool, address: str, short: str, playing: int, arrivals: int)
     }
 
 
+def save(results: dict, acoustic: str) -> None:
+    common.save(f"realtime-{results['shape']}" + ("" if acoustic == "remote" else f"-{acoustic}"), results)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1.5b")
@@ -203,6 +212,8 @@ def main() -> None:
     p.add_argument("--streams", default="192,128", help="stream counts to try, in order")
     p.add_argument("--arrival-s", type=float, default=0.3, help="seconds between two arrivals")
     p.add_argument("--hold-s", type=float, default=20.0, help="seconds measured after the last arrival")
+    p.add_argument("--voices", default="2", help="voices per ten-minute stream: one run per count given")
+    p.add_argument("--acoustic", default="remote", help="remote: its own process (as `vvmesh up`); local: in the llm")
     p.add_argument("--no-long", action="store_true", help="skip the 45-minute script cases")
     p.add_argument("--playing", type=int, default=64)
     p.add_argument("--arrivals", type=int, default=8)
@@ -213,7 +224,12 @@ def main() -> None:
     llm = replace(LLMConfig(), allow_fixed_frames=True)
     results: dict = {
         "shape": args.shape,
-        "configuration": {**vars(llm), "acoustic": "own process, shared GPU memory", "through": "Envoy"},
+        "configuration": {
+            **vars(llm),
+            "acoustic": args.acoustic,
+            "through": "Envoy",
+            "jobs service": "not started",
+        },
         "ten_minute_script_prompt_tokens": len(common.prompt_ids(path, script)),
         "arrival_s": args.arrival_s,
         "hold_s": args.hold_s,
@@ -224,8 +240,10 @@ def main() -> None:
         model=str(path),
         device=args.device,
         dtype="bfloat16" if args.device == "cuda" else "float32",
+        acoustic=args.acoustic,
         llm_config=llm,
-        log_dir=common.out_dir() / "logs-realtime",
+        jobs=False,  # live streams only
+        log_dir=common.out_dir() / f"logs-realtime-{args.acoustic}",
     )
     t = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(CLIENT_PROCESSES) as pool, mesh:
@@ -234,14 +252,16 @@ def main() -> None:
         run_streams(pool, address, [(synthesize(script, 2, 4, 0), time.monotonic(), time.monotonic() + 120, "warm")])
         results["concurrency"] = []
         for n in [int(s) for s in args.streams.split(",")]:
-            row = concurrency_run(pool, address, script, n, args.arrival_s, args.hold_s)
-            results["concurrency"].append(row)
-            print(row, flush=True)
-            time.sleep(3.0)  # the cancelled streams leave
+            for voices in [int(v) for v in args.voices.split(",")]:
+                row = concurrency_run(pool, address, script, n, args.arrival_s, args.hold_s, voices)
+                results["concurrency"].append(row)
+                print(row, flush=True)
+                save(results, args.acoustic)  # each row as it comes: a long run cut short keeps what it measured
+                time.sleep(3.0)  # the cancelled streams leave
         if not args.no_long:
             results["long_script"] = long_script_run(pool, address, script, args.playing, args.arrivals)
             print(results["long_script"], flush=True)
-    common.save(f"realtime-{args.shape}", results)
+    save(results, args.acoustic)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,7 @@ class Mesh:
     acoustic_config: AcousticConfig = field(default_factory=AcousticConfig)
     gateway_config: GatewayConfig = field(default_factory=GatewayConfig)
     jobs_config: JobsConfig = field(default_factory=JobsConfig)
+    jobs: bool = True  # False: live streams only, no jobs service (its Envoy route answers UNAVAILABLE)
     # Shorthands: when set they override the configs (max_streams for llm and acoustic alike).
     allow_fixed_frames: bool = False
     max_streams: int | None = None
@@ -236,7 +237,7 @@ class Mesh:
         raise ValueError(f"unknown service {service!r}")
 
     def services(self) -> list[str]:
-        names = ["text_parser", "llm", "gateway", "jobs", "envoy"]
+        names = ["text_parser", "llm", "gateway", *(["jobs"] if self.jobs else []), "envoy"]
         return names if self.acoustic == "local" else ["text_parser", "acoustic", *names[1:]]
 
     def port(self, service: str) -> int:
