@@ -96,6 +96,7 @@ class LLMConfig:
     cuda_graphs: bool = True
     compile: bool = True
     shared_gpu_memory: bool = True
+    pipelined_steps: bool = True  # over the wire: one half of the batch renders while the other decodes
 
     def argv(self) -> list[str]:
         return _argv(self)
