@@ -114,7 +114,7 @@ def test_pipelined_steps_make_the_plain_steps_tokens_and_audio(tiny_checkpoint, 
     plain, plain_halves, _ = generate(tiny_checkpoint, acoustic_address, prompt, pipelined=False)
     piped, piped_halves, lm = generate(tiny_checkpoint, acoustic_address, prompt, pipelined=True)
     assert plain_halves == 0
-    assert piped_halves > 20, "the pipelined steps must have run, or this compares the plain path with itself"
+    assert piped_halves > 10, "the pipelined steps must have run, or this compares the plain path with itself"
     reasons = [r["finish"] for r in plain]
     assert reasons == [FINISH_EOS] * 4 + [FINISH_FIXED_FRAMES]
     assert len({len(r["tokens"]) for r in plain}) > 1, "streams must end at other steps"
