@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from services.common import stream_size
 from services.common.checkpoint import resolve_checkpoint
 from services.llm.engine import FINISH_EOS, FINISH_FIXED_FRAMES, LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
@@ -52,12 +53,21 @@ def prompt(tiny_checkpoint) -> list[int]:
     return reference_prompt(AutoTokenizer.from_pretrained(tiny_checkpoint), config, SCRIPT, [])
 
 
-def generate(tiny_checkpoint, address: str, prompt: list[int], pipelined: bool) -> tuple[list[dict], int, LMEngine]:
+def generate(
+    tiny_checkpoint,
+    address: str,
+    prompt: list[int],
+    pipelined: bool,
+    streams: list[tuple[int, int, int]] = STREAMS,
+    cancel: bool = True,
+    expected_frames: int = 0,
+    **engine,
+) -> tuple[list[dict], int, LMEngine]:
     """Every stream's tokens, audio, segments and finish reason; the halves left in flight; the engine."""
     ckpt = resolve_checkpoint(str(tiny_checkpoint))
 
     async def main():
-        lm = LMEngine(ckpt, max_streams=8)
+        lm = LMEngine(ckpt, max_streams=8, **engine)
         link = WireLink(address)
         scheduler = Scheduler(lm, link, pipelined=pipelined)
         tokens: dict[int, list[int]] = {}
@@ -71,7 +81,7 @@ def generate(tiny_checkpoint, address: str, prompt: list[int], pipelined: bool) 
         lm.accept = recording_accept
 
         def submit(seed: int, fixed_frames: int) -> Job:
-            stream = LMStream(list(prompt), None, fixed_frames, max_frames=200)
+            stream = LMStream(list(prompt), None, fixed_frames, max_frames=200, expected_frames=expected_frames)
             job = Job(stream, StreamSpec(scheduler.new_stream_id(), seed, 1.3, 10))
             scheduler.submit(job)
             return job
@@ -93,13 +103,15 @@ def generate(tiny_checkpoint, address: str, prompt: list[int], pipelined: bool) 
                     raise AssertionError(event.message)
 
         async def cancelled() -> None:
+            if not cancel:
+                return
             job = submit(11, 150)
             for _ in range(CANCELLED_AFTER):
                 while not isinstance(await asyncio.wait_for(job.events.get(), 60), Frame):
                     pass
             scheduler.cancel(job)
 
-        results, _ = await asyncio.gather(asyncio.gather(*(one(*s) for s in STREAMS)), cancelled())
+        results, _ = await asyncio.gather(asyncio.gather(*(one(*s) for s in streams)), cancelled())
         while scheduler.active:  # the cancelled stream leaves at a step boundary
             await asyncio.sleep(0.01)
         await link.close()
@@ -110,13 +122,7 @@ def generate(tiny_checkpoint, address: str, prompt: list[int], pipelined: bool) 
     return asyncio.run(main())
 
 
-def test_pipelined_steps_make_the_plain_steps_tokens_and_audio(tiny_checkpoint, acoustic_address, prompt):
-    plain, plain_halves, _ = generate(tiny_checkpoint, acoustic_address, prompt, pipelined=False)
-    piped, piped_halves, lm = generate(tiny_checkpoint, acoustic_address, prompt, pipelined=True)
-    assert plain_halves == 0
-    assert piped_halves > 10, "the pipelined steps must have run, or this compares the plain path with itself"
-    reasons = [r["finish"] for r in plain]
-    assert reasons == [FINISH_EOS] * 4 + [FINISH_FIXED_FRAMES]
+def assert_same_streams(plain: list[dict], piped: list[dict]) -> None:
     assert len({len(r["tokens"]) for r in plain}) > 1, "streams must end at other steps"
     assert any(max(r["segments"], default=0) >= 1 for r in plain), "some stream must speak in several segments"
     for a, b in zip(plain, piped, strict=True):
@@ -124,6 +130,37 @@ def test_pipelined_steps_make_the_plain_steps_tokens_and_audio(tiny_checkpoint, 
         assert (b["finish"], b["segments"]) == (a["finish"], a["segments"])
         assert b["audio"].shape == a["audio"].shape and a["audio"].size > 0
         assert np.abs(b["audio"] - a["audio"]).max() <= 1e-5 * np.abs(a["audio"]).max()
-    assert plain[-1]["audio"].shape == (STREAMS[-1][2] * 3200,)
-    # every slot and page is back: nothing was left behind by a half in flight
+
+
+def assert_all_released(lm: LMEngine) -> None:
+    """Every slot and page is back: nothing was left behind by a half in flight."""
     assert lm.streams == [] and len(lm.blocks.free) == lm.blocks.usable and lm.blocks.reserved == 0
+
+
+def test_pipelined_steps_make_the_plain_steps_tokens_and_audio(tiny_checkpoint, acoustic_address, prompt):
+    plain, plain_halves, _ = generate(tiny_checkpoint, acoustic_address, prompt, pipelined=False)
+    piped, piped_halves, lm = generate(tiny_checkpoint, acoustic_address, prompt, pipelined=True)
+    assert plain_halves == 0
+    assert piped_halves > 10, "the pipelined steps must have run, or this compares the plain path with itself"
+    assert [r["finish"] for r in plain] == [FINISH_EOS] * 4 + [FINISH_FIXED_FRAMES]
+    assert plain[-1]["audio"].shape == (STREAMS[-1][2] * 3200,)
+    assert_same_streams(plain, piped)
+    assert_all_released(lm)
+
+
+def test_a_full_kv_pool_stops_the_pipeline_for_swaps_and_changes_no_audio(
+    tiny_checkpoint, acoustic_address, prompt, monkeypatch
+):
+    """Pages of 4 positions and a pool that holds the prompts and small reservations but not all the streams
+    grow to: streams are swapped to host memory and back, which moves slots, so no half may be in flight then."""
+    monkeypatch.setattr(stream_size, "TURN_TOKENS", 0)  # reserve no room to grow: each stream outgrows its own
+    reserved = -(-(len(prompt) + 1) // 4) + 2  # what admission reserves for each: the prompt and one frame
+    streams = [(0, 0, 0), (2, 0, 0), (3, 0, 0)]
+    pool = {"page_size": 4, "kv_pages": 1 + len(streams) * reserved + 4, "expected_frames": 1}
+    plain, _, _ = generate(tiny_checkpoint, acoustic_address, prompt, False, streams, cancel=False, **pool)
+    piped, piped_halves, lm = generate(tiny_checkpoint, acoustic_address, prompt, True, streams, cancel=False, **pool)
+    assert lm.preemptions > 0, "the pool must run out, or this is the test above"
+    assert piped_halves > 0
+    assert [r["finish"] for r in piped] == [FINISH_EOS] * len(streams)
+    assert_same_streams(plain, piped)
+    assert_all_released(lm)

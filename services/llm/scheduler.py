@@ -173,14 +173,15 @@ class Scheduler:
     def _plan(self) -> StepPlan:
         cancelled = [j for j in self.active if j.cancelled and j not in self._finishing]
         if self.runner.in_flight is not None:
+            joined = self._admit()  # first: its reservations leave fewer free pages for the check below
             if cancelled or self._finishing or not self._may_pipeline(self._halves[1].stop):
-                # Slots are about to move: collect the half in flight first, changing nothing else.
+                # Slots are about to move: collect the half in flight first, decoding and prefilling nothing.
                 self._halves = None
-                return StepPlan(prefill_budget=0, rows=range(0))
+                return StepPlan(joined, prefill_budget=0, rows=range(0))
             half, self._next_half = self._halves[self._next_half], 1 - self._next_half
             # One prefill chunk per frame of every stream, as in a plain step: in the first half's steps only.
             budget = self.prefill_budget if self._next_half == 1 else 0
-            return StepPlan(self._admit(), [], budget, half)
+            return StepPlan(joined, [], budget, half)
         ended = self._retire(cancelled)
         self._retire(self._finishing)  # their acoustic side ended with the message of their last step
         self._finishing = []
