@@ -11,7 +11,8 @@ pipelines: it splits the decoding slots into two halves and plans one half at a 
 overlaps the other half's language-model step (`services/llm/runner.py`). Anything that moves a decoding
 stream to another slot (a stream that ends or is cancelled, one that becomes ready to decode, a swap to host
 memory) waits until no half is in flight: the scheduler first plans a step that only collects the half in
-flight, then a plain step or a new split.
+flight, then a plain step or a new split. A stream that becomes ready takes the slot after the last decoding one,
+which moves nobody: the second half takes it in.
 """
 
 from __future__ import annotations
@@ -174,6 +175,11 @@ class Scheduler:
         cancelled = [j for j in self.active if j.cancelled and j not in self._finishing]
         if self.runner.in_flight is not None:
             joined = self._admit()  # first: its reservations leave fewer free pages for the check below
+            first, second = self._halves
+            if len(first) + 1 >= self.engine.decoding_count - second.start > len(second):
+                # Streams that became ready (their prompts prefilled) took the slots after the last decoding one,
+                # moving nobody: the second half takes them in, while the halves stay about even.
+                self._halves = first, range(second.start, self.engine.decoding_count)
             if cancelled or self._finishing or not self._may_pipeline(self._halves[1].stop):
                 # Slots are about to move: collect the half in flight first, decoding and prefilling nothing.
                 self._halves = None
