@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -146,7 +148,36 @@ def compare(results: dict) -> list[str]:
 
 
 def gpu_names() -> list[str]:
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    """The machine's GPUs, from nvidia-smi: asking torch would give this process a CUDA context on GPU 0, memory
+    that GPU's llm does not plan around."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def built_checkpoint(shape: str) -> Path:
+    """The random-weight checkpoint, built (on the GPU for the full-size shapes) by a child process that exits, so
+    that no memory of this process stays on GPU 0 while the meshes run."""
+    code = f"import common; common.checkpoint({shape!r})"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, check=True)
+    return common.checkpoint_path(shape)
+
+
+def merged(path: Path, results: dict) -> dict:
+    """`results` with the modes of an earlier run in `path` that this one did not run, if it measured the same
+    case on the same GPUs (each mode's entry says when it was measured)."""
+    if not path.exists():
+        return results
+    earlier = json.loads(path.read_text())
+    same = ("shape", "device", "dtype", "frames", "gpus")
+    if any(earlier.get(k) != results[k] for k in same):
+        print(f"not merging {path}: another case or other GPUs", file=sys.stderr)
+        return results
+    return {**results, "modes": {**earlier.get("modes", {}), **results["modes"]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-latency", action="store_true", help="no time-to-first-audio and gap measurement")
     p.add_argument("--playing", type=int, default=32, help="streams playing while new requests arrive")
     p.add_argument("--dry-run", action="store_true", help="print what each mode starts, on which GPU; run nothing")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other modes of the last results file (same case, same GPUs): run the modes one or two at a "
+        "time, back to back on the same machine, where a command may not run long enough for all four",
+    )
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     streams = [int(s) for s in args.streams.split(",")]
@@ -191,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    path = common.checkpoint(args.shape)
+    path = built_checkpoint(args.shape)
     ensure_data()
     voice = (DATA / "voice10s.wav").read_bytes()
     results: dict = {
@@ -210,10 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             entry["rows"] = [asyncio.run(batch_run(address, n, args.frames)) for n in streams_for(mode, streams)]
             if mode in LATENCY_MODES and not args.skip_latency:
                 entry["latency"] = asyncio.run(ttfa_run(address, voice, args.playing))
+        entry["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         results["modes"][mode] = entry
         print(mode, entry, flush=True)
+    name = f"split-{args.shape}" + ("" if args.device == "cuda" else f"-{args.device}")
+    if args.merge:
+        results = merged(Path(common.out_dir()) / f"{name}.json", results)
     lines = compare(results)
-    common.save(f"split-{args.shape}" + ("" if args.device == "cuda" else f"-{args.device}"), results)
+    common.save(name, results)
     print("\n".join(lines))
     return 0
 
