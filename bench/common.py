@@ -28,10 +28,15 @@ def out_dir() -> Path:
     return out
 
 
+def checkpoint_path(shape: str) -> Path:
+    """Where the random-weight checkpoint of `shape` is kept between runs."""
+    return Path(os.environ.get("VVMESH_BENCH_CKPT", "/tmp/vvmesh-bench")) / shape
+
+
 def checkpoint(shape: str) -> Path:
     from services.common.tiny_model import build_tiny_checkpoint
 
-    path = Path(os.environ.get("VVMESH_BENCH_CKPT", "/tmp/vvmesh-bench")) / shape
+    path = checkpoint_path(shape)
     if not (path / "config.json").exists():
         t = time.perf_counter()
         # The tiny model is calibrated on the CPU; the full-size shapes are built on the GPU.

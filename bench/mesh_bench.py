@@ -8,31 +8,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import common
 import grpc
+import numpy as np
+import soundfile as sf
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
-from services.common.audio import FRAME_MS
+from services.common.frames import FRAME_MS, SAMPLE_RATE
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.mesh import Mesh, Ports
 
 DATA = common.ROOT / ".benchdata"
+DEMO = common.ROOT.parent / "shared" / "testdata" / "vibevoice-demo"  # beside the checkout, where it is
+VOICE_SECONDS = 10
 BACKGROUND_FRAMES = 1500  # long enough to outlast the arrivals, short enough for --max-context 2048
 
 
-def free_ports() -> Ports:
-    socks = [socket.socket() for _ in range(6)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return Ports(*ports)
+def ensure_data() -> None:
+    """The script and the 10-second voice the requests use: the demo's when it is beside the checkout, else the
+    bench's own script and seeded noise (random weights: what the audio sounds like does not change the timing)."""
+    DATA.mkdir(exist_ok=True)
+    script, voice = DATA / "2p_short.txt", DATA / "voice10s.wav"
+    if not script.exists():
+        demo = DEMO / "scripts" / "2p_short.txt"
+        script.write_text(demo.read_text() if demo.exists() else common.SCRIPT)
+    if not voice.exists():
+        demo = DEMO / "voices" / "en-Carter_man.wav"
+        if demo.exists():
+            samples, rate = sf.read(demo, dtype="float32", frames=VOICE_SECONDS * sf.info(demo).samplerate)
+        else:
+            samples, rate = 0.05 * np.random.default_rng(0).standard_normal(VOICE_SECONDS * SAMPLE_RATE), SAMPLE_RATE
+        sf.write(voice, samples, rate)
 
 
 async def stream(stub, request, record: dict) -> None:
@@ -145,11 +155,12 @@ def main() -> None:
     p.add_argument("--playing", type=int, default=32, help="streams playing while new requests arrive")
     args = p.parse_args()
     path = common.checkpoint(args.shape)
+    ensure_data()
     voice = (DATA / "voice10s.wav").read_bytes()
     results: dict = {"shape": args.shape, "modes": {}}
     for mode in args.modes.split(","):
         mesh = Mesh(
-            ports=free_ports(),
+            ports=Ports.free(),
             model=str(path),
             device=args.device,
             dtype="bfloat16" if args.device == "cuda" else "float32",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
@@ -96,6 +97,7 @@ class LLMConfig:
     cuda_graphs: bool = True
     compile: bool = True
     shared_gpu_memory: bool = True
+    pipelined_steps: bool = True  # over the wire: one half of the batch renders while the other decodes
 
     def argv(self) -> list[str]:
         return _argv(self)
@@ -142,8 +144,9 @@ class JobsConfig:
 DEFAULT_JOBS_DATA_DIR = "out/jobs"
 
 
-def envoy_config(ports: Ports, admitted: int | None = None) -> dict:
-    """envoy/envoy.yaml with this mesh's ports; `admitted` (llm streams + gateway queue) sizes the breaker."""
+def envoy_config(ports: Ports, admitted: int | None = None, more_gateways: tuple[int, ...] = ()) -> dict:
+    """envoy/envoy.yaml with this mesh's ports; `admitted` (llm streams + gateway queue) sizes the breaker.
+    `more_gateways`: loopback ports of other meshes' gateways that Envoy balances the calls over as well."""
     config = yaml.safe_load(ENVOY_CONFIG.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = ports.envoy_admin
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = ports.envoy
@@ -154,6 +157,10 @@ def envoy_config(ports: Ports, admitted: int | None = None) -> dict:
             for group in cluster["load_assignment"]["endpoints"]:
                 for endpoint in group["lb_endpoints"]:
                     endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports.gateway
+                for port in more_gateways:
+                    other = copy.deepcopy(group["lb_endpoints"][0])
+                    other["endpoint"]["address"]["socket_address"]["port_value"] = port
+                    group["lb_endpoints"].append(other)
         if cluster["name"] == "jobs":
             for group in cluster["load_assignment"]["endpoints"]:
                 for endpoint in group["lb_endpoints"]:
@@ -187,6 +194,9 @@ class Mesh:
     acoustic_args: list[str] = field(default_factory=list)
     jobs_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
+    # More environment for a service's process, by service name (e.g. CUDA_VISIBLE_DEVICES: a GPU per service).
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    more_gateways: tuple[int, ...] = ()  # other meshes' gateway ports this mesh's Envoy also sends calls to
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _envoy_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
     _jobs_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
@@ -231,8 +241,8 @@ class Mesh:
             return [*serve, "--port", str(p.jobs), *peers, *data_dir, *self.jobs_config.argv(), *self.jobs_args]
         if service == "envoy":
             path = Path(self._envoy_dir()) / "envoy.yaml"
-            admitted = self.llm_config.max_streams + self.gateway_config.queue_size
-            path.write_text(yaml.safe_dump(envoy_config(p, admitted)))
+            admitted = (self.llm_config.max_streams + self.gateway_config.queue_size) * (1 + len(self.more_gateways))
+            path.write_text(yaml.safe_dump(envoy_config(p, admitted, self.more_gateways)))
             return [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"]
         raise ValueError(f"unknown service {service!r}")
 
@@ -248,7 +258,7 @@ class Mesh:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (owned by the child)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.service_env.get(service, {}))
         if service != "envoy":
             for name, value in MALLOC_ENV.items():
                 env.setdefault(name, value)

@@ -65,6 +65,9 @@ def test_shared_gpu_memory_gives_the_audio_of_the_other_paths(tiny_checkpoint, t
                 audio[name] = list(pool.map(run, (5, 6, 7)))
     assert "tensors in shared GPU memory" in (logs["shared"] / "llm.log").read_text()
     assert "tensors over the wire" in (logs["wire"] / "llm.log").read_text()
+    # over the wire the llm pipelines two halves of its batch, each decoded by a graph at its own offset
+    assert "render steps pipelined" in (logs["wire"] / "llm.log").read_text()
+    assert "render steps pipelined" not in (logs["shared"] / "llm.log").read_text()
     for name in ("shared", "wire"):
         for a, b in zip(audio[name], audio["local"], strict=True):
             assert a.shape == b.shape == (12 * 3200,)

@@ -43,11 +43,11 @@ class ConvStateRows:
         for t in self.state.values():
             t[dst] = t[src]
 
-    def swap(self, a: int, b: int) -> None:
+    def exchange(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Swap rows a[i] and b[i] for every i, one gather per layer (the rows are distinct)."""
+        src, dst = torch.cat([b, a]), torch.cat([a, b])
         for t in self.state.values():
-            row = t[a].clone()
-            t[a] = t[b]
-            t[b] = row
+            t[dst] = t[src]
 
     def snapshot(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         return {k: t[lo:hi].clone() for k, t in self.state.items()}

@@ -252,17 +252,6 @@ class AcousticEngine:
             self.order[state.row] = moved
         self.order.pop()
 
-    def _swap(self, a: int, b: int) -> None:
-        """Exchange the rows of two streams."""
-        for store in (self.decoder_state, self.semantic_state):
-            store.swap(a, b)
-        scale = self.cfg_rows[a].clone()
-        self.cfg_rows[a] = self.cfg_rows[b]
-        self.cfg_rows[b] = scale
-        sa, sb = self.order[a], self.order[b]
-        self.order[a], self.order[b] = sb, sa
-        self.streams[sa].row, self.streams[sb].row = b, a
-
     def _speakers_first(self, states: list[StreamState]) -> None:
         """Move the n streams rendered this step into rows [0, n), so a graph over the leading rows serves them.
 
@@ -272,8 +261,21 @@ class AcousticEngine:
         speaking = {st.row for st in states}
         holes = [r for r in range(n) if r not in speaking]
         outside = [st.row for st in states if st.row >= n]
-        for r_out, r_hole in zip(outside, holes, strict=True):
-            self._swap(r_out, r_hole)
+        if outside:
+            self._exchange(outside, holes)
+
+    def _exchange(self, rows: list[int], others: list[int]) -> None:
+        """Exchange the rows of the streams in `rows[i]` and `others[i]`, every pair at once: one gather per state
+        tensor, however many move (the halves of a pipelined llm step take turns, half the batch each time)."""
+        a = torch.tensor(rows, device=self.device)
+        b = torch.tensor(others, device=self.device)
+        for store in (self.decoder_state, self.semantic_state):
+            store.exchange(a, b)
+        self.cfg_rows[torch.cat([a, b])] = self.cfg_rows[torch.cat([b, a])]
+        for ra, rb in zip(rows, others, strict=True):
+            sa, sb = self.order[ra], self.order[rb]
+            self.order[ra], self.order[rb] = sb, sa
+            self.streams[sa].row, self.streams[sb].row = rb, ra
 
     def _plan(self, steps: int) -> DPMSolverPlan:
         if steps not in self._plans:

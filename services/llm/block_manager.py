@@ -84,6 +84,11 @@ class BlockManager:
         held.extend(page for _, page in new)
         return new
 
+    def short(self, stream: StreamPages, positions: list[int]) -> int:
+        """Pages beyond its reservation that `stream` would take to hold `positions[b]` positions in branch b."""
+        need = sum(max(0, self.pages_for(p) - len(held)) for p, held in zip(positions, stream.branches, strict=True))
+        return max(0, need - stream.reserved)
+
     def shrink(self, stream: StreamPages, branch: int, positions: int) -> None:
         """Keep only the pages `branch` needs for its first `positions` positions."""
         held = stream.branches[branch]

@@ -102,7 +102,7 @@ FINISH_CONTEXT = "context"  # the stream's positions reached the end of the cont
 @dataclass(eq=False)
 class Decision:
     stream: LMStream
-    row: int  # the stream's row in this step's batch
+    row: int  # the stream's slot: its row in the engine's buffers (from 0 in a plain step's batch)
     token: int
     speech: bool  # a speech frame: its conditions go to the acoustic side
     finish: str | None = None  # set when the stream ends at this step
@@ -190,7 +190,10 @@ class LMEngine:
         self.guidance = torch.ones(slots, 1, device=self.device, dtype=torch.float32)
         # The position each branch writes next; rows of no stream write position 0 of the scratch page.
         self.positions = torch.zeros((slots, BRANCHES), device=self.device, dtype=torch.long)
-        self.live_rows = torch.zeros((), device=self.device, dtype=torch.long)  # KV rows of decoding streams
+        # A step decodes the slots [first_row, first_row + rows); its first live_rows KV rows are its streams'.
+        self.first_row = torch.zeros((), device=self.device, dtype=torch.long)
+        self.live_rows = torch.zeros((), device=self.device, dtype=torch.long)
+        self._counting = torch.arange(BRANCHES * slots, device=self.device)
         with torch.inference_mode():
             self.audio_token_embedding = self.embed_tokens(torch.tensor(self.audio_token_id, device=self.device))
         self.graphs: dict[int, CapturedStep] = {}
@@ -447,21 +450,24 @@ class LMEngine:
     # ------------------------------------------------------------------ decode
 
     def _decode_rows(self, rows: int, keys: int | None, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of the first `rows` slots: (hidden states of every branch row, guided scores (rows, 4)).
-        `keys`: gather that many positions per row; None: read each row's own pages (the captured graphs)."""
+        """One step of `rows` slots from `first_row` on: (hidden states of every branch row, guided scores (rows,
+        4)). `keys`: gather that many positions per row; None: read each row's own pages (the captured graphs)."""
+        # The slots come from a device scalar, so one graph per bucket serves a batch at any offset (the two
+        # halves of a pipelined step). Padding slots past the last are clamped to it; they write nothing.
+        slots = (self.first_row + self._counting[:rows]).clamp(max=self.max_streams - 1)
         branches = [None] * BRANCHES
-        branches[POSITIVE] = branches[NEGATIVE] = self.next_inputs[:rows]
-        branches[UNCONDITIONAL] = self.token_inputs[:rows]
+        branches[POSITIVE] = branches[NEGATIVE] = self.next_inputs[slots]
+        branches[UNCONDITIONAL] = self.token_inputs[slots]
         x = torch.stack(branches, dim=1).reshape(BRANCHES * rows, 1, self.hidden)
-        positions = self.positions[:rows].reshape(BRANCHES * rows, 1)
-        kv_rows = torch.arange(BRANCHES * rows, device=self.device)
-        # A fixed-size batch also steps the rows past the decoding streams; some belong to prompts still being
-        # prefilled, whose pages hold their keys: those rows write to the scratch page instead.
-        live = kv_rows < self.live_rows
+        positions = self.positions[slots].reshape(BRANCHES * rows, 1)
+        kv_rows = (BRANCHES * slots[:, None] + self._counting[:BRANCHES]).reshape(-1)
+        # A fixed-size batch also steps the rows past this step's streams; some belong to other streams or to
+        # prompts still being prefilled, whose pages hold their keys: those rows write to the scratch page instead.
+        live = self._counting[: BRANCHES * rows] < self.live_rows
         hidden = self.decoder.forward(x, kv_rows, positions, keys, compiled, live)[:, 0]
         positive = (hidden[POSITIVE::BRANCHES] @ self.head_rows.T).float()
         unconditional = (hidden[UNCONDITIONAL::BRANCHES] @ self.head_rows.T).float()
-        g = self.guidance[:rows]
+        g = self.guidance[slots]
         return hidden, g * positive + (1 - g) * unconditional
 
     def _capture_graphs(self) -> None:
@@ -473,23 +479,25 @@ class LMEngine:
         log.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
 
     @torch.inference_mode()
-    def decode(self) -> tuple[list[Decision], torch.Tensor, torch.Tensor]:
-        """One step for every decoding stream: (decisions, positive hidden, negative hidden) in row order."""
+    def decode(self, rows: range | None = None) -> tuple[list[Decision], torch.Tensor, torch.Tensor]:
+        """One step for the decoding streams in slots `rows` (default: all of them): (decisions, positive hidden,
+        negative hidden) in row order. A pipelined step decodes two halves of the slots one after the other."""
         self.make_room()
-        n = self.decoding_count
+        rows = range(self.decoding_count) if rows is None else rows
+        assert rows.step == 1 and rows.stop <= self.decoding_count, f"{rows} are not decoding slots"
+        n, first = len(rows), rows.start
         if n == 0:
             return [], torch.empty(0), torch.empty(0)
+        self.first_row.fill_(first)
         self.live_rows.fill_(BRANCHES * n)
+        streams = self.streams[first : first + n]
         if self.graphs:
-            rows = bucket_for(n, self.max_streams)
-            hidden, logits = self.graphs[rows].replay()
+            hidden, logits = self.graphs[bucket_for(n, self.max_streams)].replay()
         else:
-            longest = max(s.positive_len for s in self.streams[:n]) + 1  # the longest branch
+            longest = max(s.positive_len for s in streams) + 1  # the longest branch
             hidden, logits = self._decode_rows(n, self._keys(longest))
         choice = logits[:n].argmax(dim=-1).tolist()
-        decisions = [
-            self._decide(stream, row, self.token_ids[choice[row]]) for row, stream in enumerate(self.streams[:n])
-        ]
+        decisions = [self._decide(stream, first + i, self.token_ids[choice[i]]) for i, stream in enumerate(streams)]
         b = BRANCHES
         return decisions, hidden[POSITIVE : b * n : b], hidden[NEGATIVE : b * n : b]
 
@@ -511,12 +519,13 @@ class LMEngine:
     def accept(self, decisions: list[Decision], speech_embeddings: torch.Tensor | None) -> None:
         """Advance every stream past this step: the next inputs are the frame's embedding or the token's."""
         speech_rows = [d.row for d in decisions if d.speech]
-        if len(speech_rows) == len(decisions) and speech_rows == list(range(len(decisions))):
+        first = decisions[0].row if decisions else 0
+        if len(speech_rows) == len(decisions) and speech_rows == list(range(first, first + len(decisions))):
             # The usual step, every stream spoke: every branch advances by one, all on the device.
-            n = len(decisions)
-            self.next_inputs[:n] = speech_embeddings.to(self.device, self.dtype)
-            self.token_inputs[:n] = self.audio_token_embedding
-            self.positions[:n] += 1
+            spoke = slice(first, first + len(decisions))
+            self.next_inputs[spoke] = speech_embeddings.to(self.device, self.dtype)
+            self.token_inputs[spoke] = self.audio_token_embedding
+            self.positions[spoke] += 1
             for d in decisions:
                 s = d.stream
                 s.positive_len += 1

@@ -5,6 +5,14 @@ waiting ones while the engine has room (a batch row and the KV pages they are ex
 the prefill budget (so a long new script never freezes the streams already playing); that plan goes to the
 runner (`services/llm/runner.py`), which prefills, decodes, renders and accepts; the scheduler then hands
 each stream its events.
+
+Over a link that can hold a step in flight (a remote acoustic service, tensors in the messages) the scheduler
+pipelines: it splits the decoding slots into two halves and plans one half at a time, so one half's render
+overlaps the other half's language-model step (`services/llm/runner.py`). Anything that moves a decoding
+stream to another slot (a stream that ends or is cancelled, one that becomes ready to decode, a swap to host
+memory) waits until no half is in flight: the scheduler first plans a step that only collects the half in
+flight, then a plain step or a new split. A stream that becomes ready takes the slot after the last decoding one,
+which moves nobody: the second half takes it in.
 """
 
 from __future__ import annotations
@@ -74,10 +82,16 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: LMEngine, link: RenderLink, prefill_budget: int | None = None) -> None:
+    def __init__(
+        self, engine: LMEngine, link: RenderLink, prefill_budget: int | None = None, pipelined: bool = False
+    ) -> None:
         self.engine = engine
         self.runner = StepRunner(engine, link)
         self.prefill_budget = prefill_budget
+        self.pipelined = pipelined  # split steps in two halves whenever the link can hold one in flight
+        self._halves: tuple[range, range] | None = None  # the decoding slots' split while a half is in flight
+        self._next_half = 0
+        self._finishing: list[Job] = []  # ended in a half while the other was in flight: retired once it lands
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []  # holding an engine slot
         self.wake = asyncio.Event()
@@ -114,18 +128,21 @@ class Scheduler:
                 await self._one_step()
             except RenderUnavailable as e:
                 log.error("%s; failing %d streams", e, len(self.active))
-                self._fail_all(str(e))
+                await self._fail_all(str(e))
             except Exception as e:  # a bug or a device error must not leave streams hanging
                 log.exception("step failed")
-                self._fail_all(f"llm step failed: {type(e).__name__}: {e}")
+                await self._fail_all(f"llm step failed: {type(e).__name__}: {e}")
 
-    def _fail_all(self, message: str) -> None:
+    async def _fail_all(self, message: str) -> None:
         """End every active stream: its llm slot now, its acoustic rows with the next step's message."""
+        await self.runner.abandon()
         for job in self.active:
             job.events.put_nowait(Failed(message))
             self.engine.release(job.stream)
             self.runner.orphans.add(job.spec.stream_id)
         self.active = []
+        self._finishing = []
+        self._halves = None
 
     def _retire(self, jobs: list[Job]) -> list[int]:
         for job in jobs:
@@ -136,23 +153,61 @@ class Scheduler:
 
     async def _one_step(self) -> None:
         started = time.perf_counter()
-        await self._step_once()
+        plan = await self._step_once()
         if self.active:
             elapsed_ms = (time.perf_counter() - started) * 1000
-            self.step_ms = 0.9 * self.step_ms + 0.1 * elapsed_ms
+            if not plan.pipelined:
+                self.step_ms = 0.9 * self.step_ms + 0.1 * elapsed_ms
+            elif plan.rows:  # half of the streams: a frame of every stream takes two of these
+                self.step_ms = 0.9 * self.step_ms + 0.1 * 2 * elapsed_ms
             if self.phase_ms:
                 self.stats.add(self._rows, self.phase_ms, elapsed_ms, f" ({len(self.waiting)} waiting)")
 
-    def _plan(self) -> StepPlan:
-        ended = self._retire([j for j in self.active if j.cancelled])
+    def _admit(self) -> list[StreamSpec]:
         joined = []
         while self.waiting and self.engine.admit(self.waiting[0].stream):
             job = self.waiting.popleft()
             self.active.append(job)
             joined.append(job.spec)
-        return StepPlan(joined, ended, self.prefill_budget)
+        return joined
 
-    async def _step_once(self) -> None:
+    def _plan(self) -> StepPlan:
+        cancelled = [j for j in self.active if j.cancelled and j not in self._finishing]
+        if self.runner.in_flight is not None:
+            joined = self._admit()  # first: its reservations leave fewer free pages for the check below
+            first, second = self._halves
+            if len(first) + 1 >= self.engine.decoding_count - second.start > len(second):
+                # Streams that became ready (their prompts prefilled) took the slots after the last decoding one,
+                # moving nobody: the second half takes them in, while the halves stay about even.
+                self._halves = first, range(second.start, self.engine.decoding_count)
+            if cancelled or self._finishing or not self._may_pipeline(self._halves[1].stop):
+                # Slots are about to move: collect the half in flight first, decoding and prefilling nothing.
+                self._halves = None
+                return StepPlan(joined, prefill_budget=0, rows=range(0))
+            half, self._next_half = self._halves[self._next_half], 1 - self._next_half
+            # One prefill chunk per frame of every stream, as in a plain step: in the first half's steps only.
+            budget = self.prefill_budget if self._next_half == 1 else 0
+            return StepPlan(joined, [], budget, half)
+        ended = self._retire(cancelled)
+        self._retire(self._finishing)  # their acoustic side ended with the message of their last step
+        self._finishing = []
+        joined = self._admit()
+        decoding = self.engine.decoding_count
+        if not self._may_pipeline(decoding):
+            self._halves = None
+            return StepPlan(joined, ended, self.prefill_budget)
+        middle = (decoding + 1) // 2
+        self._halves, self._next_half = (range(middle), range(middle, decoding)), 1
+        return StepPlan(joined, ended, self.prefill_budget, self._halves[0])
+
+    def _may_pipeline(self, decoding: int) -> bool:
+        """Whether the next step may leave a half in flight: pipelining is on and the link can, at least two
+        streams decode (`decoding` of them, none added since the split), and no stream can be swapped out."""
+        if not (self.pipelined and self.runner.can_pipeline and decoding >= 2):
+            return False
+        return self.engine.decoding_count == decoding and pages_short(self.engine) <= self.engine.blocks.available
+
+    async def _step_once(self) -> StepPlan:
         plan = self._plan()
         by_stream = {id(j.stream): j for j in self.active}
         out = await self.runner.step(plan, {k: j.spec.stream_id for k, j in by_stream.items()})
@@ -175,7 +230,29 @@ class Scheduler:
         for d in out.decisions:
             if d.finish is not None:
                 by_stream[id(d.stream)].events.put_nowait(Finished(d.stream.frames, d.finish))
-        self._retire(done)
+        if self.runner.in_flight is None:
+            self._retire(done)
+        else:  # releasing a slot moves another stream's, perhaps one in flight
+            self._finishing += done
         # where a step's time went, for the step log
         self._rows = len(out.decisions)
         self.phase_ms = {**out.phase_ms, "deliver": (time.perf_counter() - t0) * 1000}
+        return plan
+
+
+def pages_short(engine: LMEngine) -> int:
+    """Unreserved pages the next step may take: every decoding stream's next position and every prompt's rest.
+    While it fits the free pages no stream is swapped out, so a pipelined half in flight keeps its slots; a
+    stream swapped out counts as short of everything (it is swapped back in by taking free pages)."""
+    short = 0
+    for stream in engine.streams:
+        if stream.swapped is not None:
+            return engine.blocks.usable + 1
+        if stream.decoding:
+            positions = [n + 1 for n in stream.lengths]
+        elif stream.prompt_embeds is not None:
+            positions = [len(stream.prompt_ids) - 1, 0, 0]
+        else:
+            continue
+        short += engine.blocks.short(stream.pages, positions)
+    return short

@@ -228,6 +228,11 @@ def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
         action="store_true",
         help="send a remote acoustic service the step tensors over the wire even when it shares our GPU",
     )
+    p.add_argument(
+        "--no-pipelined-steps",
+        action="store_true",
+        help="over the wire, decode and render the whole batch in turn instead of overlapping two halves of it",
+    )
     p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     p.add_argument(
         "--allow-fixed-frames",
@@ -271,7 +276,8 @@ async def serve(
     extra: dict[str, Callable[[grpc.aio.Server], None]] | None = None,
 ) -> None:
     """Serve LLM until SIGTERM, and the services in `extra` (full name -> what adds its servicer)."""
-    scheduler = Scheduler(engine, link)  # prefills one --prefill-chunk a step (more while nothing plays)
+    # prefills one --prefill-chunk a step (more while nothing plays); pipelines where the link can
+    scheduler = Scheduler(engine, link, pipelined=not args.no_pipelined_steps)
     names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name, *(extra or {})]
     service = Service("llm", args.host, args.port, names)
     for add in (extra or {}).values():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from services.render.values import RenderResult, RenderStep
 
@@ -23,3 +23,20 @@ class RenderLink(Protocol):
     async def step(self, step: RenderStep) -> RenderResult: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class OverlappingLink(RenderLink, Protocol):
+    """A link that may hold a second step in flight: `send` a step, do other work, `receive` its result.
+
+    Results come back in the order the steps were sent. `overlaps` says whether two steps may be in flight now
+    (tensors in the messages); where both sides share one set of buffers it is False and a step is sent and
+    received before the next is sent.
+    """
+
+    @property
+    def overlaps(self) -> bool: ...
+
+    async def send(self, step: RenderStep) -> None: ...
+
+    async def receive(self) -> RenderResult: ...

@@ -1,13 +1,17 @@
 """The Render step over one bidirectional gRPC stream to a remote acoustic service.
 
 With shared GPU memory (both services on one GPU) the stream's first message offers the llm's buffers and
-the steps' messages carry only stream ids (`shared_memory`); elsewhere the tensors ride in the messages.
+the steps' messages carry only stream ids (`shared_memory`); elsewhere the tensors ride in the messages, and
+a second step may be sent before the first's result is read (`send`, `receive`): the llm's pipelined step
+keeps one half of its batch in flight while it decodes the other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from typing import NoReturn
 
 import grpc
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
@@ -34,6 +38,7 @@ class WireLink:
         self.shared = shared
         self.channel: grpc.aio.Channel | None = None
         self.call = None
+        self._sent: deque[tuple[int, bool]] = deque()  # steps sent and not yet received: (streams rendered, shared)
 
     async def _open(self):
         if self.call is None:
@@ -76,25 +81,47 @@ class WireLink:
         log.info("render stream to %s: tensors in shared GPU memory", self.address)
         return True
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether a second step may be sent before the first's result is read: the stream is open and its
+        tensors ride in the messages (shared GPU memory has one set of buffers)."""
+        return self.call is not None and not (self.shared is not None and self.shared.active)
+
     async def step(self, step: RenderStep) -> RenderResult:
+        await self.send(step)
+        return await self.receive()
+
+    async def send(self, step: RenderStep) -> None:
+        """Write one step; its result is read by a later `receive`, in the order the steps were sent."""
         try:
             call = await self._open()
             shared = self.shared is not None and self.shared.active
             if step.ids and shared:
                 self.shared.send(step.positive, step.negative)
             await call.write(step.to_proto(with_tensors=not shared))
-            response = await call.read()
         except grpc.aio.AioRpcError as e:
-            await self.close()
-            raise RenderUnavailable(f"acoustic service at {self.address} failed: {e.code().name}: {e.details()}") from e
+            await self._failed(e)
+        self._sent.append((len(step.ids), shared))
+
+    async def receive(self) -> RenderResult:
+        """The result of the oldest step sent and not yet received."""
+        rendered, shared = self._sent.popleft()
+        try:
+            response = await self.call.read()
+        except grpc.aio.AioRpcError as e:
+            await self._failed(e)
         if response is grpc.aio.EOF:
             await self.close()
             raise RenderUnavailable(f"acoustic service at {self.address} closed the render stream")
-        if not step.ids:
+        if not rendered:
             return RenderResult()
         if shared:
-            return RenderResult(*self.shared.receive(len(step.ids)))
+            return RenderResult(*self.shared.receive(rendered))
         return RenderResult.from_proto(response)
+
+    async def _failed(self, e: grpc.aio.AioRpcError) -> NoReturn:
+        await self.close()
+        raise RenderUnavailable(f"acoustic service at {self.address} failed: {e.code().name}: {e.details()}") from e
 
     async def close(self) -> None:
         if self.call is not None:
@@ -102,5 +129,6 @@ class WireLink:
         if self.channel is not None:
             await self.channel.close()
         self.call = self.channel = None
+        self._sent.clear()  # their results went with the stream
         if self.shared is not None:
             self.shared.forget()
