@@ -31,6 +31,9 @@ class StepOutput:
     decisions: list[Decision]  # every decoding stream's, in row order
     audio: torch.Tensor | None  # (speaking streams, samples) on the host, in the order of the speaking decisions
     phase_ms: dict[str, float]
+    # The frames' latents and semantic features on the host, in the same order: what a resume rebuilds from.
+    latents: torch.Tensor | None = None
+    semantic: torch.Tensor | None = None
 
 
 class StepRunner:
@@ -57,7 +60,7 @@ class StepRunner:
             positive, negative = positive.index_select(0, rows), negative.index_select(0, rows)
         ids = [stream_ids[id(d.stream)] for d in speech]
         ends = plan.ended + [stream_ids[id(d.stream)] for d in decisions if d.finish is not None]
-        embeds = audio = None
+        embeds = audio = latents = semantic = None
         if plan.joined or ids or ends or self.orphans:
             # Only a step that changes the acoustic side talks to it; a step in which every stream chose
             # audio_bos or audio_eos is the llm's alone.
@@ -72,7 +75,7 @@ class StepRunner:
             )
             try:
                 result = await self.link.step(message)
-                embeds, audio = result.embeddings, result.audio
+                embeds, audio, latents, semantic = result.embeddings, result.audio, result.latents, result.semantic
             except BaseException:
                 # Whatever this message carried may or may not have reached the acoustic side.
                 self.orphans.update(orphans + ends + [s.stream_id for s in plan.joined])
@@ -83,10 +86,12 @@ class StepRunner:
             await asyncio.to_thread(self.engine.accept, decisions, embeds)
         t3 = time.perf_counter()
         host_audio = audio.float().cpu() if speech else None
+        if speech:
+            latents, semantic = latents.float().cpu(), semantic.float().cpu()
         phases = {
             "prefill+decode": (t1 - t0) * 1000,
             "render": (t2 - t1) * 1000,
             "accept": (t3 - t2) * 1000,
             "to host": (time.perf_counter() - t3) * 1000,
         }
-        return StepOutput(ready, decisions, host_audio, phases)
+        return StepOutput(ready, decisions, host_audio, phases, latents, semantic)
