@@ -103,12 +103,12 @@ class LLM(mesh_pb2_grpc.LLMServicer):
                 *self.feature_sizes,
             )
             resume = checked_resume(request.resume, limits)
-            steps = len(resume.tokens)
-            pages = sum(blocks.pages_for(n) for n in (len(prompt) + steps, steps + 1, resume.latents.shape[0] + 1))
+            taken = len(resume.tokens)
+            pages = sum(blocks.pages_for(n) for n in (len(prompt) + taken, taken + 1, resume.latents.shape[0] + 1))
             if pages > blocks.usable:
                 raise invalid_argument(
                     "resume.tokens_before",
-                    f"rebuilding {steps} steps takes {pages} KV pages; this server's pool holds {blocks.usable}",
+                    f"rebuilding {taken} steps takes {pages} KV pages; this server's pool holds {blocks.usable}",
                 )
         stream = LMStream(
             prompt_ids=prompt,
