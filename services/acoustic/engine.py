@@ -378,8 +378,16 @@ class AcousticEngine:
                 t.zero_()
         log.info("captured acoustic graphs, convolutions by batch size: %s", conv_kernels)
 
-    def render(self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One batched step on the render stream; results are ready on the caller's stream."""
+    def render(
+        self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched step: next input embeddings (N, hidden) and audio (N, 3200) (`render_frames` for the rest)."""
+        embeds, audio, _, _ = self.render_frames(ids, positive, negative)
+        return embeds, audio
+
+    def render_frames(self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One batched step on the render stream: embeddings, audio, latents and semantic features, ready on the
+        caller's stream."""
         if self._render_stream is None:
             return self._render(ids, positive, negative)
         caller = torch.cuda.current_stream(self.device)
@@ -471,7 +479,9 @@ class AcousticEngine:
                 self.end(s)
         for spec in step.starts:
             self.start(spec)
-        result = RenderResult(*self.render(step.ids, step.positive, step.negative)) if step.ids else RenderResult()
+        result = RenderResult()
+        if step.ids:
+            result = RenderResult(*self.render_frames(step.ids, step.positive, step.negative))
         for s in step.ends:
             if s in rendered:
                 self.end(s)
