@@ -250,6 +250,32 @@ def test_bad_internal_embed_frames_calls_are_refused(mesh):
         assert list(good.embeddings.shape) == [3, 64] and good.replay_frames > 0
 
 
+def test_resumed_render_starts_that_cannot_rebuild_are_refused(mesh):
+    def start(frames_made: int, replay: torch.Tensor) -> mesh_pb2.RenderRequest:
+        resumed = mesh_pb2.StreamStart(
+            stream_id=1,
+            seed=1,
+            cfg_scale=1.3,
+            diffusion_steps=10,
+            frames_made=frames_made,
+            replay_latents=to_proto(replay),
+        )
+        return mesh_pb2.RenderRequest(starts=[resumed])
+
+    cases = {
+        "noise to skip beyond any context": (start(2**40, torch.zeros(3, 64)), "starts[0].frames_made"),
+        "fewer latents than the convolutions reach": (start(500, torch.zeros(3, 64)), "starts[0].replay_latents"),
+        "latents of the wrong size": (start(3, torch.zeros(3, 7)), "starts[0].replay_latents"),
+    }
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.acoustic}") as channel:
+        stub = mesh_pb2_grpc.AcousticStub(channel)
+        for name, (bad, field) in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Render(iter([bad]), timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert bad_request_fields(rpc_status.from_call(info.value))[0][0] == field, name
+
+
 def test_bad_internal_encode_voice_calls_are_refused(mesh):
     cases = {
         "no voices": mesh_pb2.EncodeVoiceRequest(),

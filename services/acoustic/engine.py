@@ -4,7 +4,8 @@ It owns the diffusion head, the sigma-VAE (encoder for voice prompts, streaming 
 semantic encoder and both connectors. The math follows transformers' `VibeVoiceForConditionalGeneration`
 generation step by step (see MODEL.md, "One generation step"); what differs is bookkeeping: every stream
 draws its noise from its own generator and keeps its own convolution state, so batching never changes a
-stream's audio.
+stream's audio. A resumed stream (a job going on from its checkpoint) gets both back from the frames it made:
+its generator skips their noise and its convolution state is replayed from their last latents.
 """
 
 from __future__ import annotations

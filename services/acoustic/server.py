@@ -55,8 +55,8 @@ def checked_voices(request: mesh_pb2.EncodeVoiceRequest) -> list[torch.Tensor]:
     return voices
 
 
-# Frames a single EmbedFrames call takes: the llm's positions per stream, at most.
-MAX_EMBED_FRAMES = 2**17
+# Frames of one stream: more than any model's context holds (a resumed stream's, or an EmbedFrames call's).
+MAX_STREAM_FRAMES = 2**17
 
 
 def check_resumed_starts(request: mesh_pb2.RenderRequest, engine: AcousticEngine) -> None:
@@ -64,6 +64,8 @@ def check_resumed_starts(request: mesh_pb2.RenderRequest, engine: AcousticEngine
     for i, start in enumerate(request.starts):
         if not start.frames_made and not start.HasField("replay_latents"):
             continue
+        if start.frames_made > MAX_STREAM_FRAMES:
+            raise invalid_argument(f"starts[{i}].frames_made", f"{start.frames_made}; at most {MAX_STREAM_FRAMES}")
         field = f"starts[{i}].replay_latents"
         latents = checked_rows(start.replay_latents, field, engine.latent_size)
         needed = min(start.frames_made, engine.replay_frames)
@@ -77,8 +79,8 @@ def check_resumed_starts(request: mesh_pb2.RenderRequest, engine: AcousticEngine
 
 def checked_frames(request: mesh_pb2.EmbedFramesRequest, engine: AcousticEngine) -> tuple[torch.Tensor, torch.Tensor]:
     latents = checked_rows(request.latents, "latents", engine.latent_size)
-    if latents.shape[0] > MAX_EMBED_FRAMES:
-        raise invalid_argument("latents", f"{latents.shape[0]} frames; at most {MAX_EMBED_FRAMES} a call")
+    if latents.shape[0] > MAX_STREAM_FRAMES:
+        raise invalid_argument("latents", f"{latents.shape[0]} frames; at most {MAX_STREAM_FRAMES} a call")
     semantic = checked_rows(request.semantic, "semantic", engine.semantic_size, latents.shape[0])
     return latents, semantic
 

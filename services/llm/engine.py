@@ -18,6 +18,9 @@ chooses it (its generation loop in `generation_vibevoice.py` is the specificatio
 
 The two final hidden states of the streams that chose the speech token go to the acoustic side.
 
+A resumed stream (a job going on from its checkpoint) is prefilled from the steps it took before instead of its
+prompt alone, to the positions an uninterrupted run holds after them (services/llm/prefill_plan.py).
+
 Stream state lives in persistent device buffers indexed by slot (next inputs, branch lengths, guidance), so
 the decode step has fixed shapes per batch bucket and is captured as a CUDA graph on the GPU. Keys and
 values live in pages (`services/llm/paged_kv.py`, `services/llm/block_manager.py`): a stream holds pages for
