@@ -261,7 +261,6 @@ class Runner:
             start.index,
             frame_log.frames - start.first_frame,
         )
-        self.store.count_resume(job_id, rebuilt=True)
         return Resume(history, last_speech - start.first_speech)
 
     async def _follow(
@@ -281,6 +280,8 @@ class Runner:
                 self.segments.started(job_id, event)
                 log.info("job %s: segment %d starts at frame %d", job_id, event.index, event.first_frame)
             elif isinstance(event, Progress):
+                if resume is not None and not run.streaming:  # the llm took the history: a rebuild
+                    self.store.count_resume(job_id, rebuilt=True)
                 run.streaming = True
             elif isinstance(event, mesh_pb2.GeneratedFrame) and event.index < frame_log.frames:
                 run.regenerated += 1  # stored already
