@@ -5,6 +5,12 @@ when live calls wait for room (services/jobs/runner.py), so the gaps should stay
     python bench/jobs_bench.py --shape tiny --device cpu     # the tiny model, a few minutes on a CPU
     python bench/jobs_bench.py --shape 1.5b                  # one GPU
 
+With `--kill-at N` it measures a resume instead: one job of `--job-frames` frames, the llm killed (SIGKILL) once
+N frames are checkpointed and started again, then the time until the job has made its first frame after the
+checkpoint (the llm's own start-up counted apart), how it resumed (rebuilt or made again) and the frames lost.
+
+    python bench/jobs_bench.py --shape 1.5b --job-frames 40500 --kill-at 20000
+
 Writes bench/results/jobs-SHAPE.json (or $OUT/jobs-SHAPE.json).
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -98,6 +105,44 @@ async def run(address: str, args: argparse.Namespace) -> dict:
     }
 
 
+def resume_after_kill(mesh: Mesh, args: argparse.Namespace) -> dict:
+    """One job, the llm killed at a checkpoint of `--kill-at` frames: how long the job takes to go on."""
+    stub = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"127.0.0.1:{mesh.ports.envoy}", options=CHANNEL_OPTIONS))
+
+    def job(name: str) -> jobs_pb2.Job:
+        return stub.GetJob(jobs_pb2.GetJobRequest(name=name), metadata=OWNER, timeout=30).job
+
+    def wait(name: str, done, what: str, timeout_s: float = 7200) -> jobs_pb2.Job:
+        deadline = time.monotonic() + timeout_s
+        while not done(current := job(name)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: {current}")
+            time.sleep(0.05)
+        return current
+
+    name = stub.CreateJob(jobs_pb2.CreateJobRequest(request=request(args.job_frames, 7)), metadata=OWNER).job.name
+    wait(name, lambda j: j.frames_checkpointed >= args.kill_at, f"no checkpoint of {args.kill_at} frames")
+    killed = time.monotonic()
+    mesh.stop_service("llm", sig=signal.SIGKILL)
+    checkpoint = job(name).frames_checkpointed
+    mesh.start_service("llm")
+    mesh.wait_ready(600, ["llm"])
+    llm_ready = time.monotonic()
+    wait(name, lambda j: j.frames_done > checkpoint, "the job did not go on")
+    going_on = time.monotonic()
+    done = wait(name, lambda j: j.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED), "not done")
+    return {
+        "job_frames": args.job_frames,
+        "killed_at_checkpoint": checkpoint,
+        "llm_start_s": llm_ready - killed,  # the llm process's own start-up: weights, KV pool, graphs
+        "resume_s": going_on - llm_ready,  # from a ready llm to the first frame after the checkpoint
+        "resumed_by": "rebuild" if done.rebuilds else "making the segment again",
+        "frames_regenerated": done.frames_regenerated,
+        "frames_lost": args.job_frames - done.frames_done,
+        "state": jobs_pb2.JobState.Name(done.state),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1.5b")
@@ -107,6 +152,7 @@ def main() -> None:
     p.add_argument("--live", type=int, default=8, help="live streams while the jobs run")
     p.add_argument("--live-frames", type=int, default=100)
     p.add_argument("--arrival-s", type=float, default=0.25, help="seconds between live arrivals")
+    p.add_argument("--kill-at", type=int, default=0, help="measure a resume: kill the llm at this checkpoint")
     args = p.parse_args()
     # Long enough to outlast the live streams: a CPU makes a few tens of tiny-model frames a second.
     args.job_frames = args.job_frames or (1500 if args.device == "cuda" else 3000)
@@ -121,6 +167,19 @@ def main() -> None:
         llm_args=["--max-context", "4096"],
         log_dir=Path(common.out_dir()) / "logs-jobs",
     )
+    if args.kill_at:
+        mesh.llm_args = []  # the model's own context: a long job must fit
+        with mesh:
+            result = resume_after_kill(mesh, args)
+        result.update(shape=args.shape, device=args.device)
+        print(
+            f"llm killed at checkpoint {result['killed_at_checkpoint']}: the job went on "
+            f"{result['resume_s']:.1f} s after the llm was ready ({result['llm_start_s']:.1f} s to start), by "
+            f"{result['resumed_by']}; {result['frames_regenerated']} frames made again, {result['frames_lost']} lost",
+            flush=True,
+        )
+        common.save(f"jobs-resume-{args.shape}", result)
+        return
     with mesh:
         result = asyncio.run(run(f"127.0.0.1:{mesh.ports.envoy}", args))
     result.update(shape=args.shape, device=args.device, max_streams=args.max_streams)

@@ -50,11 +50,11 @@ def test_compiled_acoustic_frame_equals_eager(ckpt):
             for k, t in store.state.items():
                 t.copy_(state[k])
         with torch.inference_mode():
-            embeds, audio = engine._frame(
+            embeds, audio, latents, semantic = engine._frame(
                 condition, noise, cfg, engine._plan(10), *(s.leading(n) for s in stores), use_compiled=use_compiled
             )
         after = [torch.cat([t.flatten() for t in s.state.values()]) for s in stores]
-        results.append((embeds, audio, *after))
+        results.append((embeds, audio, latents, semantic, *after))
     for eager, comp in zip(*results, strict=True):
         assert torch.allclose(eager, comp, atol=1e-5, rtol=1e-4), (eager - comp).abs().max()
 

@@ -281,6 +281,13 @@ METHODS = {
         "uu",
     ),
     "acoustic render": ("acoustic", "acoustic", "/vibevoice.mesh.v1.Acoustic/Render", mesh_pb2.RenderRequest, "ss"),
+    "acoustic embed frames": (
+        "acoustic",
+        "acoustic",
+        "/vibevoice.mesh.v1.Acoustic/EmbedFrames",
+        mesh_pb2.EmbedFramesRequest,
+        "uu",
+    ),
     "llm generate": ("llm", "llm", "/vibevoice.mesh.v1.LLM/Generate", mesh_pb2.GenerateRequest, "us"),
     "llm capacity": ("llm", "llm", "/vibevoice.mesh.v1.LLM/Capacity", mesh_pb2.CapacityRequest, "uu"),
 }

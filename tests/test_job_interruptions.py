@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -83,10 +84,68 @@ def test_a_killed_llm_resumes_its_job_to_the_same_audio_frame_for_frame(two_rows
     done = wait_for(two_rows, job.name, succeeded)
     watcher.join(DEADLINE_S)
     assert done.resumes >= 1 and done.frames_done == FRAMES
+    # Every resume rebuilt the stream from the stored frame states; none made a stored frame again.
+    assert (done.rebuilds, done.frames_regenerated) == (done.resumes, 0)
     # No frame lost or sent twice, to the watch that followed the job through the kill or in the file.
     assert [c.frame_index for c in audio_chunks(watched)] == list(range(FRAMES))
     assert stored_indices(two_rows, "llm-killed") == list(range(FRAMES))
     assert_close(samples(two_rows, job.name), uninterrupted)
+
+
+OWN_SEED = 0  # the tiny model's own decisions: 8 frames in four speech segments, audio_eos and audio_bos between
+OWN_CUT = 6  # after the frames that followed audio_bos; audio_eos, audio_bos and two more frames to come
+
+
+def segments_stored(mesh: Mesh, job_id: str) -> list[int]:
+    path = Path(mesh.jobs_config.data_dir) / "jobs" / job_id / "frames"
+    return [segment for _, segment, _ in read_frames(path, 0, path.stat().st_size // RECORD_BYTES)]
+
+
+def stopped_at(mesh: Mesh, source: str, job_id: str, checkpoint: int, with_states: bool = True) -> None:
+    """A copy of a finished job as a kill -9 of the jobs service leaves it at a checkpoint of `checkpoint` frames:
+    RUNNING, its files holding every frame (those past the checkpoint not durable yet). The model's own decisions
+    end the tiny model's jobs within one checkpoint interval, where a real kill cannot land for certain."""
+    mesh.stop_service("jobs", sig=signal.SIGKILL)
+    store = Store(Path(mesh.jobs_config.data_dir))
+    try:
+        for table in ("jobs", "job_segments"):
+            names = [r["name"] for r in store.db.execute(f"PRAGMA table_info({table})") if r["name"] != "seq"]
+            picked = ", ".join("?" if n == "job_id" else n for n in names)
+            store.db.execute(
+                f"INSERT INTO {table} ({', '.join(names)}) SELECT {picked} FROM {table} WHERE job_id = ?",
+                (job_id, source),
+            )
+        store.db.execute(
+            "UPDATE jobs SET state = ?, frames_done = ?, end_time = NULL, checks = NULL WHERE job_id = ?",
+            (states.RUNNING, checkpoint, job_id),
+        )
+        shutil.copytree(store.job_dir(source), store.job_dir(job_id))
+        if not with_states:  # as stored before frame states were kept
+            store.state_path(job_id).unlink()
+    finally:
+        store.close()
+    mesh.start_service("jobs")
+    mesh.wait_ready(120, ["jobs"])
+
+
+def test_a_job_of_the_models_own_decisions_resumes_after_a_new_speech_segment_to_the_same_audio(two_rows):
+    whole = wait_for(two_rows, create(two_rows, "own-whole", request(None, seed=OWN_SEED)).name, succeeded)
+    segments = segments_stored(two_rows, "own-whole")
+    assert whole.frames_done == len(segments) > OWN_CUT and len(set(segments[:OWN_CUT])) < len(set(segments))
+    stopped_at(two_rows, "own-whole", "own-resumed", OWN_CUT)
+    done = wait_for(two_rows, "jobs/own-resumed", succeeded)
+    assert (done.resumes, done.rebuilds, done.frames_regenerated) == (1, 1, 0)
+    assert (done.frames_done, done.finish_reason) == (whole.frames_done, whole.finish_reason)
+    assert segments_stored(two_rows, "own-resumed") == segments
+    assert_close(samples(two_rows, done.name), samples(two_rows, whole.name))
+
+
+def test_a_job_stored_without_frame_states_resumes_by_making_its_segment_again(two_rows, uninterrupted):
+    """A job stored before frame states were kept: the resume falls back to the segment's first frame."""
+    stopped_at(two_rows, "uninterrupted", "no-states", 45, with_states=False)
+    done = wait_for(two_rows, "jobs/no-states", succeeded)
+    assert (done.rebuilds, done.frames_regenerated, done.frames_done) == (0, 45, FRAMES)
+    assert_close(samples(two_rows, done.name), uninterrupted)
 
 
 def test_gateway_and_envoy_restarts_leave_a_job_and_its_watch_as_they_were(two_rows):
@@ -134,6 +193,7 @@ def test_live_calls_pause_a_job_that_holds_the_rows_they_need(two_rows, uninterr
     assert during.state != jobs_pb2.JOB_STATE_SUCCEEDED and during.pauses >= 1, during
     done = wait_for(two_rows, job.name, succeeded)
     assert done.resumes == 0 and done.frames_done == FRAMES
+    assert done.rebuilds >= 1 and done.frames_regenerated == 0  # it went on from its checkpoint
     assert stored_indices(two_rows, "paused") == list(range(FRAMES))
     assert_close(samples(two_rows, job.name), uninterrupted)
 

@@ -271,6 +271,8 @@ def test_a_killed_jobs_service_resumes_its_job_to_the_same_audio(jobs_mesh):
     restart(jobs_mesh, "jobs")
     resumed = wait_for(jobs_mesh, job.name, succeeded)
     assert resumed.resumes == 1 and resumed.frames_done == 300
+    # It went on from its checkpoint with the stream rebuilt, making no stored frame again.
+    assert (resumed.rebuilds, resumed.frames_regenerated) == (1, 0)
     uninterrupted = wait_for(jobs_mesh, create(jobs_mesh, "not-killed", request(300, seed=21)).name, succeeded)
     assert uninterrupted.resumes == 0
     assert_close(samples(jobs_mesh, job.name), samples(jobs_mesh, uninterrupted.name))

@@ -123,6 +123,16 @@ def generate(llm_port: int, request: mesh_pb2.GenerateRequest) -> grpc.RpcError 
 
 BOS = 151652
 AUDIO = 151654
+
+
+def resume_history(frames: int, latents=None, semantic=None, **fields) -> mesh_pb2.ResumeHistory:
+    """A resume history of `frames` speech frames of the tiny model (64 latent, 128 semantic features)."""
+    fields.setdefault("tokens_before", [0] * frames)
+    latents = torch.zeros(frames, 64) if latents is None else latents
+    semantic = torch.zeros(frames, 128) if semantic is None else semantic
+    return mesh_pb2.ResumeHistory(latents=to_proto(latents), semantic=to_proto(semantic), **fields)
+
+
 BAD_GENERATE = {
     "token id beyond the vocabulary": (mesh_pb2.GenerateRequest(prompt_ids=[10, 10**9, BOS]), "prompt_ids"),
     "negative token id": (mesh_pb2.GenerateRequest(prompt_ids=[-5, BOS]), "prompt_ids"),
@@ -160,6 +170,32 @@ BAD_GENERATE = {
         mesh_pb2.GenerateRequest(prompt_ids=[BOS], diffusion_steps=10**6),
         "diffusion_steps",
     ),
+    "a resume history longer than the context": (
+        mesh_pb2.GenerateRequest(prompt_ids=[100, BOS], resume=resume_history(9000)),
+        "resume.tokens_before",
+    ),
+    "resume features of mismatched lengths": (
+        mesh_pb2.GenerateRequest(prompt_ids=[100, BOS], resume=resume_history(2, semantic=torch.zeros(1, 128))),
+        "resume.semantic",
+    ),
+    "resume latents of the wrong size": (
+        mesh_pb2.GenerateRequest(prompt_ids=[100, BOS], resume=resume_history(1, latents=torch.zeros(1, 3))),
+        "resume.latents",
+    ),
+    "resume latents that are not finite": (
+        mesh_pb2.GenerateRequest(
+            prompt_ids=[100, BOS], resume=resume_history(1, latents=torch.full((1, 64), float("nan")))
+        ),
+        "resume.latents",
+    ),
+    "resume tokens that tokens_before does not count": (
+        mesh_pb2.GenerateRequest(prompt_ids=[100, BOS], resume=resume_history(1, tokens=[BOS])),
+        "resume.tokens",
+    ),
+    "speech among the tokens between frames": (
+        mesh_pb2.GenerateRequest(prompt_ids=[100, BOS], resume=resume_history(1, tokens_before=[1], tokens=[AUDIO])),
+        "resume.tokens",
+    ),
 }
 
 
@@ -180,6 +216,64 @@ def test_bad_internal_generate_calls_are_refused_while_a_stream_plays(mesh, envo
     assert during[0].data == solo.data
     # and the llm still serves: nothing was wedged
     assert generate(mesh.ports.llm, mesh_pb2.GenerateRequest(prompt_ids=[100, BOS], fixed_frames=2)) is None
+
+
+def test_bad_internal_embed_frames_calls_are_refused(mesh):
+    cases = {
+        "no frames": (mesh_pb2.EmbedFramesRequest(), "latents"),
+        "latents of the wrong size": (
+            mesh_pb2.EmbedFramesRequest(latents=to_proto(torch.zeros(2, 5)), semantic=to_proto(torch.zeros(2, 128))),
+            "latents",
+        ),
+        "fewer semantic rows than latents": (
+            mesh_pb2.EmbedFramesRequest(latents=to_proto(torch.zeros(2, 64)), semantic=to_proto(torch.zeros(1, 128))),
+            "semantic",
+        ),
+        "features that are not finite": (
+            mesh_pb2.EmbedFramesRequest(
+                latents=to_proto(torch.zeros(1, 64)), semantic=to_proto(torch.full((1, 128), float("inf")))
+            ),
+            "semantic",
+        ),
+    }
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.acoustic}") as channel:
+        stub = mesh_pb2_grpc.AcousticStub(channel)
+        for name, (bad, field) in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.EmbedFrames(bad, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert bad_request_fields(rpc_status.from_call(info.value))[0][0] == field, name
+        good = stub.EmbedFrames(
+            mesh_pb2.EmbedFramesRequest(latents=to_proto(torch.zeros(3, 64)), semantic=to_proto(torch.zeros(3, 128))),
+            timeout=30,
+        )
+        assert list(good.embeddings.shape) == [3, 64] and good.replay_frames > 0
+
+
+def test_resumed_render_starts_that_cannot_rebuild_are_refused(mesh):
+    def start(frames_made: int, replay: torch.Tensor) -> mesh_pb2.RenderRequest:
+        resumed = mesh_pb2.StreamStart(
+            stream_id=1,
+            seed=1,
+            cfg_scale=1.3,
+            diffusion_steps=10,
+            frames_made=frames_made,
+            replay_latents=to_proto(replay),
+        )
+        return mesh_pb2.RenderRequest(starts=[resumed])
+
+    cases = {
+        "noise to skip beyond any context": (start(2**40, torch.zeros(3, 64)), "starts[0].frames_made"),
+        "fewer latents than the convolutions reach": (start(500, torch.zeros(3, 64)), "starts[0].replay_latents"),
+        "latents of the wrong size": (start(3, torch.zeros(3, 7)), "starts[0].replay_latents"),
+    }
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.acoustic}") as channel:
+        stub = mesh_pb2_grpc.AcousticStub(channel)
+        for name, (bad, field) in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Render(iter([bad]), timeout=30))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert bad_request_fields(rpc_status.from_call(info.value))[0][0] == field, name
 
 
 def test_bad_internal_encode_voice_calls_are_refused(mesh):

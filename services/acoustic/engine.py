@@ -4,7 +4,8 @@ It owns the diffusion head, the sigma-VAE (encoder for voice prompts, streaming 
 semantic encoder and both connectors. The math follows transformers' `VibeVoiceForConditionalGeneration`
 generation step by step (see MODEL.md, "One generation step"); what differs is bookkeeping: every stream
 draws its noise from its own generator and keeps its own convolution state, so batching never changes a
-stream's audio.
+stream's audio. A resumed stream (a job going on from its checkpoint) gets both back from the frames it made:
+its generator skips their noise and its convolution state is replayed from their last latents.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acousti
 from services.acoustic.conv_state import ConvStateRows
 from services.acoustic.diffusion import fuse_head, guided_velocity
 from services.acoustic.dpm_solver import DPMSolverPlan
+from services.acoustic.receptive_field import state_frames
 from services.acoustic.streaming import convnext_step, streaming_forward
 from services.common.audio import SAMPLES_PER_FRAME
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
-from services.render.values import RenderResult, RenderStep, StreamSpec
+from services.render.values import RenderResult, RenderStep, StreamHistory, StreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,13 @@ class AcousticEngine:
         self.semantic_state = ConvStateRows.discover(
             self._probe(self.semantic_encoder, 1, SAMPLES_PER_FRAME), max_streams, self.device, dtype
         )
+        self.semantic_size = cfg.semantic_model_config.hidden_size
+        # A resumed stream's conv state is rebuilt from its last frames: the decoder's state reaches back
+        # over its own receptive field, and the semantic encoder's over its own, of audio that the decoder
+        # makes exactly only once its state is.
+        self.replay_frames = state_frames(
+            self._probe(lambda x, **kw: self.audio_tower.decode(x.transpose(1, 2), **kw), self.latent_size, 1)
+        ) + state_frames(self._probe(self.semantic_encoder, 1, SAMPLES_PER_FRAME))
         self.streams: dict[int, StreamState] = {}
         self.cfg_rows = torch.ones(max_streams, 1, device=self.device, dtype=dtype)  # guidance scale by row
         self.order: list[int] = []  # stream ids by row
@@ -237,6 +246,31 @@ class AcousticEngine:
         self.cfg_rows[row] = spec.cfg_scale
         self.decoder_state.reset(row)
         self.semantic_state.reset(row)
+        if spec.history is not None:
+            self._rebuild(self.streams[spec.stream_id], spec.history)
+
+    @torch.inference_mode()
+    def _rebuild(self, state: StreamState, history: StreamHistory) -> None:
+        """A resumed stream: its generator skips the noise of the frames made, and its decoder and semantic
+        state comes from replaying the last frames' latents one at a time, as they were rendered."""
+        for _ in range(history.frames_made):
+            self._draw(state)
+        rows = torch.tensor([state.row], device=self.device)
+        decoder_cache, semantic_cache = self.decoder_state.gather(rows), self.semantic_state.gather(rows)
+        for latent in history.replay_latents.to(self.device, self.dtype):
+            scaled = (latent[None, None, :] / self.latent_scale - self.latent_bias).transpose(1, 2)
+            audio = streaming_forward(self.audio_tower.decoder, scaled, decoder_cache)
+            streaming_forward(self.semantic_encoder, audio, semantic_cache)
+        self.decoder_state.scatter(rows, decoder_cache)
+        self.semantic_state.scatter(rows, semantic_cache)
+
+    @torch.inference_mode()
+    def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
+        """Frames made earlier, (F, latent) and (F, semantic) -> the input embeddings they gave the llm, (F, hidden),
+        computed as a step computes them."""
+        latent = latents.to(self.device, self.dtype)[:, None, :]
+        features = semantic.to(self.device, self.dtype)[:, None, :]
+        return (self.acoustic_connector(latent) + self.semantic_connector(features))[:, 0]
 
     def end(self, stream_id: int) -> None:
         state = self.streams.pop(stream_id, None)
@@ -304,7 +338,8 @@ class AcousticEngine:
         return plan.sample(guided_velocity(self.diffusion_head, plan, condition, cfg), noise)
 
     def _frame(self, condition, noise, cfg, plan: DPMSolverPlan, decoder_cache, semantic_cache, use_compiled=False):
-        """Diffusion with CFG, decode, semantic encode, connectors for one frame of n streams."""
+        """Diffusion with CFG, decode, semantic encode, connectors for one frame of n streams: (embeddings, audio,
+        latents, semantic features), one row per stream."""
         diffuse, block = (self._diffuse, convnext_step)
         if use_compiled:
             diffuse, block = self._compiled_diffusion, self._compiled_block
@@ -313,7 +348,7 @@ class AcousticEngine:
         audio = streaming_forward(self.audio_tower.decoder, scaled, decoder_cache, block)
         semantic = streaming_forward(self.semantic_encoder, audio, semantic_cache, block).transpose(1, 2)
         embeds = self.acoustic_connector(latent) + self.semantic_connector(semantic)
-        return embeds[:, 0], audio[:, 0]
+        return embeds[:, 0], audio[:, 0], latent[:, 0], semantic[:, 0]
 
     def _bucket_step(self, n: int):
         """The usual step over the first `n` rows, reading `_condition` and `_noise_in`."""
@@ -349,23 +384,28 @@ class AcousticEngine:
     def render(
         self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched step on the render stream; results are ready on the caller's stream."""
+        """One batched step: next input embeddings (N, hidden) and audio (N, 3200) (`render_frames` for the rest)."""
+        embeds, audio, _, _ = self.render_frames(ids, positive, negative)
+        return embeds, audio
+
+    def render_frames(self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One batched step on the render stream: embeddings, audio, latents and semantic features, ready on the
+        caller's stream."""
         if self._render_stream is None:
             return self._render(ids, positive, negative)
         caller = torch.cuda.current_stream(self.device)
         self._render_stream.wait_stream(caller)
         with torch.cuda.stream(self._render_stream):
-            embeds, audio = self._render(ids, positive, negative)
+            results = self._render(ids, positive, negative)
         caller.wait_stream(self._render_stream)
-        embeds.record_stream(caller)
-        audio.record_stream(caller)
-        return embeds, audio
+        for t in results:
+            t.record_stream(caller)
+        return results
 
     @torch.inference_mode()
-    def _render(
-        self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched step: (N, hidden) conditions -> next input embeddings (N, hidden), audio (N, 3200).
+    def _render(self, ids: list[int], positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One batched step: (N, hidden) conditions -> next input embeddings (N, hidden), audio (N, 3200), latents
+        (N, latent) and semantic features (N, semantic).
 
         Results stay on the engine's device.
         """
@@ -376,17 +416,19 @@ class AcousticEngine:
         noise = self._noise(states)
         usual = [i for i, st in enumerate(states) if st.diffusion_steps == GRAPH_DIFFUSION_STEPS]
         if len(usual) == n:
-            embeds, audio = self._render_leading(states, positive, negative, noise)
+            results = self._render_leading(states, positive, negative, noise)
             self._draw_ahead(states)
-            return embeds, audio
+            return results
         # Streams with other step counts render apart, each count as one eager group; the others still go
         # through the usual step, so one unusual request does not slow its whole batch.
-        embeds = torch.empty(n, self.hidden_size, device=self.device, dtype=self.dtype)
-        audio = torch.empty(n, SAMPLES_PER_FRAME, device=self.device, dtype=self.dtype)
+        widths = (self.hidden_size, SAMPLES_PER_FRAME, self.latent_size, self.semantic_size)
+        results = tuple(torch.empty(n, w, device=self.device, dtype=self.dtype) for w in widths)
         if usual:
             index = torch.tensor(usual, device=self.device)
             leading = [states[i] for i in usual]
-            embeds[index], audio[index] = self._render_leading(leading, positive[index], negative[index], noise[index])
+            rendered = self._render_leading(leading, positive[index], negative[index], noise[index])
+            for out, part in zip(results, rendered, strict=True):
+                out[index] = part
         cfg = self.cfg_rows[torch.tensor([st.row for st in states], device=self.device)]
         for count in sorted({st.diffusion_steps for st in states} - {GRAPH_DIFFUSION_STEPS}):
             group = [i for i, st in enumerate(states) if st.diffusion_steps == count]
@@ -395,16 +437,19 @@ class AcousticEngine:
             decoder_cache = self.decoder_state.gather(rows)
             semantic_cache = self.semantic_state.gather(rows)
             condition = torch.cat([positive[index], negative[index]], dim=0)
-            e, a = self._frame(condition, noise[index], cfg[index], self._plan(count), decoder_cache, semantic_cache)
+            rendered = self._frame(
+                condition, noise[index], cfg[index], self._plan(count), decoder_cache, semantic_cache
+            )
             self.decoder_state.scatter(rows, decoder_cache)
             self.semantic_state.scatter(rows, semantic_cache)
-            embeds[index], audio[index] = e, a
+            for out, part in zip(results, rendered, strict=True):
+                out[index] = part
         self._draw_ahead(states)
-        return embeds, audio
+        return results
 
     def _render_leading(
         self, states: list[StreamState], positive: torch.Tensor, negative: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         """The usual step for `states`, in whatever order the llm lists them: they move to the leading rows,
         and a bucket's step (its graph on the GPU) renders them."""
         n = len(states)
@@ -421,10 +466,10 @@ class AcousticEngine:
         index = slice(0, n) if rows == list(range(n)) else torch.tensor(rows, device=self.device)
         self._condition[index], self._condition[limit : limit + bucket][index] = positive, negative
         self._noise_in[index] = noise
-        embeds, audio = self.graphs[bucket].replay() if self.graphs else self._bucket_step(bucket)()
+        results = self.graphs[bucket].replay() if self.graphs else self._bucket_step(bucket)()
         for store, rows_saved in saved:
             store.restore(n, rows_saved)
-        return embeds[index], audio[index]
+        return tuple(t[index] for t in results)
 
     def step(self, step: RenderStep) -> RenderResult:
         """One Render step: join `starts`, render `ids`, then release `ends`.
@@ -437,7 +482,9 @@ class AcousticEngine:
                 self.end(s)
         for spec in step.starts:
             self.start(spec)
-        result = RenderResult(*self.render(step.ids, step.positive, step.negative)) if step.ids else RenderResult()
+        result = RenderResult()
+        if step.ids:
+            result = RenderResult(*self.render_frames(step.ids, step.positive, step.negative))
         for s in step.ends:
             if s in rendered:
                 self.end(s)

@@ -14,6 +14,7 @@ from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine
 from services.common.audio import MAX_VOICE_SECONDS, SAMPLE_RATE
+from services.common.checked_tensors import checked_rows
 from services.common.checkpoint import resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument
 from services.common.grpc_server import Service
@@ -54,6 +55,36 @@ def checked_voices(request: mesh_pb2.EncodeVoiceRequest) -> list[torch.Tensor]:
     return voices
 
 
+# Frames of one stream: more than any model's context holds (a resumed stream's, or an EmbedFrames call's).
+MAX_STREAM_FRAMES = 2**17
+
+
+def check_resumed_starts(request: mesh_pb2.RenderRequest, engine: AcousticEngine) -> None:
+    """A resumed stream's history must rebuild its state exactly: its latents' shape, and enough of them."""
+    for i, start in enumerate(request.starts):
+        if not start.frames_made and not start.HasField("replay_latents"):
+            continue
+        if start.frames_made > MAX_STREAM_FRAMES:
+            raise invalid_argument(f"starts[{i}].frames_made", f"{start.frames_made}; at most {MAX_STREAM_FRAMES}")
+        field = f"starts[{i}].replay_latents"
+        latents = checked_rows(start.replay_latents, field, engine.latent_size)
+        needed = min(start.frames_made, engine.replay_frames)
+        if not needed <= latents.shape[0] <= start.frames_made:
+            raise invalid_argument(
+                field,
+                f"{latents.shape[0]} frames for a stream resumed after {start.frames_made}; the decoder and semantic "
+                f"state need the last {needed}",
+            )
+
+
+def checked_frames(request: mesh_pb2.EmbedFramesRequest, engine: AcousticEngine) -> tuple[torch.Tensor, torch.Tensor]:
+    latents = checked_rows(request.latents, "latents", engine.latent_size)
+    if latents.shape[0] > MAX_STREAM_FRAMES:
+        raise invalid_argument("latents", f"{latents.shape[0]} frames; at most {MAX_STREAM_FRAMES} a call")
+    semantic = checked_rows(request.semantic, "semantic", engine.semantic_size, latents.shape[0])
+    return latents, semantic
+
+
 class Acoustic(mesh_pb2_grpc.AcousticServicer):
     def __init__(self, engine: AcousticEngine) -> None:
         self.engine = engine
@@ -78,6 +109,16 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
             embeddings, frames = await asyncio.to_thread(self.engine.encode_voices, voices, request.seed)
         return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
 
+    async def EmbedFrames(self, request, context):  # noqa: N802
+        try:
+            latents, semantic = checked_frames(request, self.engine)
+        except RequestError as e:
+            await abort(context, e)
+            return
+        async with self.encode_lock:
+            embeddings = await asyncio.to_thread(self.engine.embed_frames, latents, semantic)
+        return mesh_pb2.EmbedFramesResponse(embeddings=to_proto(embeddings), replay_frames=self.engine.replay_frames)
+
     def _step(
         self, conn: int, request: mesh_pb2.RenderRequest, shared: AcousticSharedMemory | None
     ) -> mesh_pb2.RenderResponse:
@@ -89,7 +130,8 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         t2 = time.perf_counter()
         response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
         if step.ids and shared is not None:
-            shared.publish(result.embeddings, result.audio)  # the llm waits for it on the GPU, not here
+            # the llm waits for it on the GPU, not here
+            shared.publish((result.embeddings, result.audio, result.latents, result.semantic))
         else:
             result.fill(response)
         t3 = time.perf_counter()
@@ -106,7 +148,11 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
             async for request in request_iterator:
                 if request.HasField("shared_offer"):
                     shared, why_not = await asyncio.to_thread(
-                        AcousticSharedMemory.accept, request.shared_offer, self.engine.device, self.engine.dtype
+                        AcousticSharedMemory.accept,
+                        request.shared_offer,
+                        self.engine.device,
+                        self.engine.dtype,
+                        (self.engine.latent_size, self.engine.semantic_size),
                     )
                     log.info("render stream %d: %s", conn, why_not or "tensors in shared GPU memory")
                     response = mesh_pb2.RenderResponse(step=request.step)
@@ -114,6 +160,11 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
                         response.shared_accept.CopyFrom(shared.answer())
                     yield response
                     continue
+                try:
+                    check_resumed_starts(request, self.engine)
+                except RequestError as e:
+                    await abort(context, e)
+                    return
                 started.update(s.stream_id for s in request.starts)
                 started.difference_update(request.ends)
                 yield await self._run(self._step, conn, request, shared)

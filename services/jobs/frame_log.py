@@ -1,9 +1,12 @@
-"""One job's audio on disk: fixed-size records, one per speech frame, appended as the frames are made.
+"""One job's frames on disk: fixed-size records, one per speech frame, appended as the frames are made.
 
 A record is the frame's index (uint64) and segment (uint32), then its 3200 float32 samples, little-endian:
 the model's samples unquantized, so any output format can be made from them later, and what a stream sends
 for the frame (its index and segment) is known without the job's run. Fixed sizes make frame k's offset
 k * RECORD_BYTES, and a file cut at a record boundary is always a valid log.
+
+Beside the audio, each frame's state (what a resume rebuilds the stream from) goes to the job's state log
+(services/jobs/state_log.py), record for record; `sync` makes both durable before a checkpoint counts them.
 
 Appends go to the page cache at once (a reader in the same process sees them); `sync` makes them durable.
 The store's record counts durable frames only, and opening a log cuts the file back to that count, so a
@@ -20,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from services.common.frames import SAMPLES_PER_FRAME
-from services.jobs.store import Store, StoreFull, is_disk_full
+from services.jobs import appends
+from services.jobs.state_log import FrameState, StateLog
+from services.jobs.store import Store
 
 _HEAD = struct.Struct("<QI")
 SAMPLE_BYTES = SAMPLES_PER_FRAME * 4
@@ -44,36 +49,23 @@ class FrameLog:
         store.release(size - checkpoint * RECORD_BYTES)
         self.frames = checkpoint
         self.synced = checkpoint
+        self.states = StateLog(store, store.state_path(job_id), checkpoint)
 
-    def append(self, index: int, segment: int, samples: np.ndarray) -> None:
+    def append(self, index: int, segment: int, samples: np.ndarray, state: FrameState | None = None) -> None:
         if index != self.frames:
             raise ValueError(f"frame {index} out of order: the log holds {self.frames}")
         record = _HEAD.pack(index, segment) + np.ascontiguousarray(samples, dtype="<f4").tobytes()
         if len(record) != RECORD_BYTES:
             raise ValueError(f"frame {index} has {(len(record) - _HEAD.size) // 4} samples, not {SAMPLES_PER_FRAME}")
-        self.store.reserve(RECORD_BYTES)
-        offset = self.frames * RECORD_BYTES
-        try:
-            written = 0
-            while written < RECORD_BYTES:
-                written += os.pwrite(self.fd, record[written:], offset + written)
-        except OSError as e:
-            self.store.release(RECORD_BYTES)
-            os.ftruncate(self.fd, offset)  # no partial record left behind
-            if is_disk_full(e):
-                raise StoreFull(f"the disk under the job store is full ({e.strerror})") from e
-            raise
+        appends.write_at(self.store, self.fd, self.frames * RECORD_BYTES, record)
         self.frames += 1
+        self.states.append(index, state)
 
     def sync(self) -> int:
         """Makes every appended frame durable; returns how many that is."""
         frames = self.frames
-        try:
-            os.fsync(self.fd)
-        except OSError as e:  # a file system that allocates late reports a full disk here
-            if is_disk_full(e):
-                raise StoreFull(f"the disk under the job store is full ({e.strerror})") from e
-            raise
+        appends.sync(self.fd)
+        self.states.sync()
         self.synced = frames
         return frames
 
@@ -82,9 +74,11 @@ class FrameLog:
         os.ftruncate(self.fd, 0)
         self.store.release(self.frames * RECORD_BYTES)
         self.frames = self.synced = 0
+        self.states.discard()
 
     def close(self) -> None:
         os.close(self.fd)
+        self.states.close()
 
 
 def read_frames(path: Path, start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:

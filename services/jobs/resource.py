@@ -79,6 +79,8 @@ def job(record: JobRecord, run: Run | None, segments: JobSegments) -> jobs_pb2.J
         audio_seconds=frames / FRAMES_PER_SECOND,
         resumes=record.resumes,
         pauses=record.pauses,
+        rebuilds=record.rebuilds,
+        frames_regenerated=record.frames_regenerated,
     )
     left = run.seconds_left(record.estimated_frames) if run is not None and record.state == states.RUNNING else None
     if left is not None:

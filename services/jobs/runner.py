@@ -8,13 +8,16 @@ service loses at most the frames after the last checkpoint.
 A job whose frames do not fit the store (its quota, or a full disk) fails with RESOURCE_EXHAUSTED and its
 frames are dropped, so the space it took goes back to the jobs still running; no other job's files change.
 
-Resume, as it is today: a job that was interrupted (the jobs service restarted, or the llm or the acoustic
-service went away: UNAVAILABLE) goes back to the queue and runs again from the start of the last segment its
-checkpoint reached (frame 0 for a script of one segment), with its stored request and seed. Frames the store
-already holds are skipped as they come, unchecked, and the new ones are appended after the last checkpoint.
-This is correct because a job's audio is deterministic given its script, voices and seed (README, "Seeds"),
-but it makes again the segment's frames up to the checkpoint; rebuilding the llm's and the
-acoustic service's state from stored frames would avoid that and is not done yet.
+Resume: a job that was interrupted (the jobs service restarted, or the llm or the acoustic service went away:
+UNAVAILABLE) goes back to the queue and goes on from its checkpoint, in the last segment the checkpoint reached,
+with its stored request and seed. Every frame's state is stored beside its audio (services/jobs/state_log.py),
+and the segment's llm stream is rebuilt from it (GenerateRequest.resume): the llm prefills its branches from the
+steps taken, the acoustic service replays the last frames' latents and skips their noise, and the frames after
+the checkpoint come next, equal to an uninterrupted run's. A job whose stored state does not cover the segment
+(stored before the state log existed) runs the segment again from its first frame: the frames the store
+already holds are skipped as they come, unchecked, and the new ones are appended after the checkpoint, which
+is correct because a job's audio is deterministic given its script, voices and seed (README, "Seeds"). The log
+says which path a resume took, and GetJob counts `rebuilds` and `frames_regenerated`.
 
 Live calls come first: when live Synthesize streams wait in the llm's queue (Capacity's `waiting_live`), jobs
 give their llm streams up, as many as streams wait, those with the fewest frames first (the least work to
@@ -30,6 +33,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 from google.rpc import code_pb2, status_pb2
 from vibevoice.mesh.v1 import mesh_pb2
 from vibevoice.tts.v1 import tts_pb2
@@ -40,14 +44,15 @@ from services.common.logs import escape
 from services.common.tensors import from_proto
 from services.jobs import store as states
 from services.jobs.checks import check_job_audio
-from services.jobs.frame_log import FrameLog
+from services.jobs.frame_log import FrameLog, read_frames
 from services.jobs.segments import JobSegments
 from services.jobs.spare import has_room
+from services.jobs.state_log import FrameState
 from services.jobs.store import JobRecord, Store, StoreFull
-from services.synthesis.backends import Backends, decode_voices
+from services.synthesis.backends import Backends, Prepared, decode_voices
 from services.synthesis.estimates import estimated_positions
-from services.synthesis.options import check_options
-from services.synthesis.segments import Finished, Progress, SegmentStart, run_segments
+from services.synthesis.options import Options, check_options
+from services.synthesis.segments import Finished, Progress, Resume, SegmentStart, run_segments
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,7 @@ class Run:
     frames_at_start: int = 0
     streaming: bool = False  # the llm has read its prompt (it counts in the llm's Capacity from then on)
     cancelled: bool = False
+    regenerated: int = 0  # frames the store held that came again (a resume that could not rebuild)
 
     def seconds_left(self, total: int) -> float | None:
         made = self.frames - self.frames_at_start
@@ -194,28 +200,18 @@ class Runner:
             else:  # planned anew (the llm's context changed): from the first segment
                 self.segments.plan(job_id, prepared.segments)
             log.info("job %s: running from frame %d", job_id, frame_log.frames)
-            async for event in run_segments(self.backends, prepared, options, voices, lambda: None, start):
-                if isinstance(event, SegmentStart):
-                    self.segments.started(job_id, event)
-                    log.info("job %s: segment %d starts at frame %d", job_id, event.index, event.first_frame)
-                elif isinstance(event, Progress):
-                    run.streaming = True
-                elif isinstance(event, mesh_pb2.GeneratedFrame) and event.index >= frame_log.frames:  # else stored
-                    samples = from_proto(event.audio).float().numpy()
-                    frame_log.append(event.index, event.segment_index, samples)
-                    run.frames = frame_log.frames
-                    if frame_log.frames - frame_log.synced >= CHECKPOINT_FRAMES:
-                        self.store.checkpoint(job_id, await _sync(frame_log))
-                    self.changed(job_id)
-                elif isinstance(event, Finished):
-                    self.store.checkpoint(job_id, await _sync(frame_log))
-                    await self._check(job_id, frame_log.frames)
-                    self.store.transition(
-                        job_id, states.SUCCEEDED, finish_reason=event.finish_reason, estimated_frames=frame_log.frames
-                    )
-                    log.info("job %s: succeeded, %d frames (%s)", job_id, frame_log.frames, event.finish_reason)
+            resume = self._resume(job_id, frame_log, start)
+            while True:
+                try:
+                    await self._follow(job_id, run, frame_log, prepared, options, voices, start, resume)
                     return
-            raise RequestError(status_pb2.Status(code=code_pb2.UNAVAILABLE, message="the llm's stream ended early"))
+                except RequestError as e:
+                    # An llm that cannot rebuild this history (another model, a smaller context) makes the
+                    # segment again instead.
+                    if resume is None or e.status.code != code_pb2.INVALID_ARGUMENT or run.frames > frame_log.synced:
+                        raise
+                    log.warning("job %s: the llm refused the rebuild (%s); the segment is made again", job_id, e)
+                    resume = None
         except StoreFull as e:
             # Its frames go too: a failed job has no file to give, and the space lets the other jobs go on.
             log.warning("job %s: failed: %s; its %d frames are dropped", job_id, e, run.frames)
@@ -237,9 +233,74 @@ class Runner:
         finally:
             if frame_log is not None:
                 frame_log.close()
+            if run.regenerated:
+                self.store.count_resume(job_id, rebuilt=False, frames_regenerated=run.regenerated)
             self.runs.pop(job_id, None)
             self.changed(job_id)
             self.wake.set()
+
+    def _resume(self, job_id: str, frame_log: FrameLog, start: SegmentStart | None) -> Resume | None:
+        """How the run goes on from the checkpoint: its segment's stream rebuilt from the stored frame states, or
+        (None) made again from the segment's first frame."""
+        if start is None or frame_log.frames <= start.first_frame:
+            return None
+        history, why_not = frame_log.states.history(start.first_frame, frame_log.frames)
+        if history is None:
+            log.info(
+                "job %s: resumes by making segment %d again from frame %d (%s)",
+                job_id,
+                start.index,
+                start.first_frame,
+                why_not,
+            )
+            return None
+        ((_, last_speech, _),) = read_frames(self.store.frames_path(job_id), frame_log.frames - 1, frame_log.frames)
+        log.info(
+            "job %s: resumes by rebuilding segment %d's stream from its %d stored frames",
+            job_id,
+            start.index,
+            frame_log.frames - start.first_frame,
+        )
+        return Resume(history, last_speech - start.first_speech)
+
+    async def _follow(
+        self,
+        job_id: str,
+        run: Run,
+        frame_log: FrameLog,
+        prepared: Prepared,
+        options: Options,
+        voices: list[np.ndarray],
+        start: SegmentStart | None,
+        resume: Resume | None,
+    ) -> None:
+        """Stores the script's frames as they come, checkpointing, until it has succeeded."""
+        async for event in run_segments(self.backends, prepared, options, voices, lambda: None, start, resume):
+            if isinstance(event, SegmentStart):
+                self.segments.started(job_id, event)
+                log.info("job %s: segment %d starts at frame %d", job_id, event.index, event.first_frame)
+            elif isinstance(event, Progress):
+                if resume is not None and not run.streaming:  # the llm took the history: a rebuild
+                    self.store.count_resume(job_id, rebuilt=True)
+                run.streaming = True
+            elif isinstance(event, mesh_pb2.GeneratedFrame) and event.index < frame_log.frames:
+                run.regenerated += 1  # stored already
+            elif isinstance(event, mesh_pb2.GeneratedFrame):
+                samples = from_proto(event.audio).float().numpy()
+                frame_log.append(event.index, event.segment_index, samples, FrameState.of(event))
+                run.frames = frame_log.frames
+                if frame_log.frames - frame_log.synced >= CHECKPOINT_FRAMES:
+                    self.store.checkpoint(job_id, await _sync(frame_log))
+                self.changed(job_id)
+            elif isinstance(event, Finished):
+                self.store.checkpoint(job_id, await _sync(frame_log))
+                await self._check(job_id, frame_log.frames)
+                self.store.transition(
+                    job_id, states.SUCCEEDED, finish_reason=event.finish_reason, estimated_frames=frame_log.frames
+                )
+                log.info("job %s: succeeded, %d frames (%s)", job_id, frame_log.frames, event.finish_reason)
+                return
+        raise RequestError(status_pb2.Status(code=code_pb2.UNAVAILABLE, message="the llm's stream ended early"))
 
     async def _check(self, job_id: str, frames: int) -> None:
         starts = [s.first_frame for s in self.segments.listed(job_id, frames)]

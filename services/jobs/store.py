@@ -3,6 +3,7 @@
     DATA_DIR/jobs.db                 the records (jobs.db-wal and jobs.db-shm beside it)
     DATA_DIR/jobs/JOB_ID/request.pb  the SynthesizeRequest, voices included, to run or resume the job from
     DATA_DIR/jobs/JOB_ID/frames      the audio, frame by frame (services/jobs/frame_log.py)
+    DATA_DIR/jobs/JOB_ID/state       each frame's state, what a resume rebuilds from (services/jobs/state_log.py)
 
 A record's `frames_done` is its durable checkpoint: it is written only after the frames file has been
 fsynced that far, so after any crash the file holds at least the frames the record counts. States move only
@@ -62,7 +63,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 """
 # Columns added since the first schema, for stores made before them.
-_ADDED_COLUMNS = {"pauses": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {
+    "pauses": "INTEGER NOT NULL DEFAULT 0",
+    "rebuilds": "INTEGER NOT NULL DEFAULT 0",
+    "frames_regenerated": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 class TransitionError(RuntimeError):
@@ -91,6 +96,8 @@ class JobRecord:
     finish_reason: str
     resumes: int
     pauses: int
+    rebuilds: int  # resumes that rebuilt the stream's state from the stored frames
+    frames_regenerated: int  # frames made again by resumes that could not
     create_time: float
     start_time: float | None
     end_time: float | None
@@ -141,6 +148,9 @@ class Store:
 
     def frames_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "frames"
+
+    def state_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "state"
 
     def reserve(self, nbytes: int) -> None:
         """Count nbytes about to be written; StoreFull (nothing counted) if they would pass the quota."""
@@ -237,6 +247,13 @@ class Store:
     def checkpoint(self, job_id: str, frames_done: int) -> None:
         """Record frames made durable (call after the frames file has been fsynced that far)."""
         self.db.execute("UPDATE jobs SET frames_done = ? WHERE job_id = ?", (frames_done, job_id))
+
+    def count_resume(self, job_id: str, rebuilt: bool, frames_regenerated: int = 0) -> None:
+        """A resume that rebuilt the stream, or the frames one made again."""
+        self.db.execute(
+            "UPDATE jobs SET rebuilds = rebuilds + ?, frames_regenerated = frames_regenerated + ? WHERE job_id = ?",
+            (int(rebuilt), frames_regenerated, job_id),
+        )
 
     def set_checks(self, job_id: str, checks: bytes) -> None:
         self.db.execute("UPDATE jobs SET checks = ? WHERE job_id = ?", (checks, job_id))

@@ -18,6 +18,9 @@ chooses it (its generation loop in `generation_vibevoice.py` is the specificatio
 
 The two final hidden states of the streams that chose the speech token go to the acoustic side.
 
+A resumed stream (a job going on from its checkpoint) is prefilled from the steps it took before instead of its
+prompt alone, to the positions an uninterrupted run holds after them (services/llm/prefill_plan.py).
+
 Stream state lives in persistent device buffers indexed by slot (next inputs, branch lengths, guidance), so
 the decode step has fixed shapes per batch bucket and is captured as a CUDA graph on the GPU. Keys and
 values live in pages (`services/llm/paged_kv.py`, `services/llm/block_manager.py`): a stream holds pages for
@@ -31,7 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModel
@@ -45,8 +48,16 @@ from services.llm.block_manager import SCRATCH_PAGE, BlockManager, StreamPages
 from services.llm.decoder import PagedDecoder
 from services.llm.memory_plan import BRANCHES, KVShape, planned_pages
 from services.llm.paged_kv import PAGE_SIZE, PagedKV
+from services.llm.prefill_plan import (
+    NEGATIVE,
+    POSITIVE,
+    UNCONDITIONAL,
+    PrefillPlan,
+    StepHistory,
+    new_stream,
+    resumed_stream,
+)
 
-POSITIVE, NEGATIVE, UNCONDITIONAL = 0, 1, 2
 IDLE_PREFILL_CHUNKS = 4  # a prefill chunk is this many times --prefill-chunk while no stream is decoding
 CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU at least, where there is no GPU budget to plan from
 
@@ -66,11 +77,17 @@ class LMStream:
     frames: int = 0
     segment: int = 0
     slot: int | None = None
-    prefilled: int = 0  # prompt tokens written to the KV cache (all but the last, which the first step reads)
+    history: StepHistory | None = None  # a resumed stream: the steps it took before, which it is rebuilt from
+    prefilled: int = 0  # positions of `plan` written to the KV cache
     positive_len: int = 0
     negative_len: int = 0
     unconditional_len: int = 0
-    prompt_embeds: torch.Tensor | None = None
+    plan: PrefillPlan | None = None  # from admission until it is prefilled
+    ready: bool = False  # prefilled: it decodes unless swapped out
+    # The tokens other than speech chosen since the last frame, and those that came before the last frame
+    # (what a resume replays).
+    tokens_since_frame: list[int] = field(default_factory=list)
+    tokens_before_frame: list[int] = field(default_factory=list)
     pages: StreamPages | None = None
     # While preempted: the pages each branch held, and their keys and values (every layer) on the host.
     swapped: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -79,7 +96,7 @@ class LMStream:
 
     @property
     def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt_ids) - 1 and self.prompt_embeds is None and self.swapped is None
+        return self.ready and self.swapped is None
 
     @property
     def lengths(self) -> tuple[int, int, int]:
@@ -251,7 +268,17 @@ class LMEngine:
             if stream.voice_embeddings is not None:
                 mask = (ids == self.audio_token_id)[:, None].expand_as(embeds)
                 embeds = embeds.masked_scatter(mask, stream.voice_embeddings.to(self.device, self.dtype))
-        stream.prompt_embeds = embeds
+        if stream.history is None:
+            stream.plan = new_stream(stream.prompt_ids, embeds)
+        else:
+            stream.plan = resumed_stream(
+                stream.prompt_ids,
+                embeds,
+                stream.history,
+                self.embed_tokens,
+                self.audio_token_id,
+                self.audio_bos_token_id,
+            )
         return True
 
     def _rows(self, slot: int) -> slice:
@@ -356,10 +383,11 @@ class LMEngine:
         stream.positive_len, stream.negative_len, stream.unconditional_len = lengths
         self.positions[stream.slot] = torch.tensor(lengths, device=self.device)
 
-    def _prompt_fits(self, stream: LMStream, positions: int) -> bool:
-        """Whether the pool can give the stream pages for its whole prompt now (its reservation or free pages), so
+    def _prompt_fits(self, stream: LMStream) -> bool:
+        """Whether the pool can give the stream pages for its whole prefill now (its reservation or free pages), so
         that a prefill started under a full pool is not undone by the next decode step's `make_room`."""
-        return self.blocks.pages_for(positions) - stream.pages.held <= stream.pages.reserved + self.blocks.available
+        needed = sum(self.blocks.pages_for(n) for n in stream.plan.lengths)
+        return needed - stream.pages.held <= stream.pages.reserved + self.blocks.available
 
     def _grow_next(self, stream: LMStream) -> bool:
         return all(self._grow(stream, branch, n + 1) for branch, n in enumerate(stream.lengths))
@@ -367,7 +395,8 @@ class LMEngine:
     def _restart_prefill(self, stream: LMStream) -> None:
         log.warning("KV pool full: a prompt's prefill (%d tokens so far) gives its pages back", stream.prefilled)
         self.kv.clear_rows(self._rows(stream.slot))
-        self.blocks.shrink(stream.pages, POSITIVE, 0)
+        for branch in range(BRANCHES):
+            self.blocks.shrink(stream.pages, branch, 0)
         stream.prefilled = 0
         self.preemptions += 1
 
@@ -419,30 +448,32 @@ class LMEngine:
         # With nothing playing, no step waits on the prefill: larger chunks bring the first audio sooner.
         chunk = self.prefill_chunk if self.decoding_count else IDLE_PREFILL_CHUNKS * self.prefill_chunk
         budget = chunk if budget is None else budget
-        for stream in [s for s in self.streams[self.decoding_count :] if s.prompt_embeds is not None]:
+        for stream in [s for s in self.streams[self.decoding_count :] if s.plan is not None]:
             if budget <= 0:
                 break
-            target = len(stream.prompt_ids) - 1
-            if stream.prefilled == 0 and not self._prompt_fits(stream, target):
+            plan = stream.plan
+            target = plan.positions
+            if stream.prefilled == 0 and not self._prompt_fits(stream):
                 break  # a prompt that gave its pages back starts again only when the whole of it fits
             while stream.prefilled < target and budget > 0:
-                a = stream.prefilled
-                b = min(target, a + chunk, a + budget)
-                if not self._grow(stream, POSITIVE, b):
+                branch, inputs, a = plan.locate(stream.prefilled)
+                b = min(inputs.shape[0], a + chunk, a + budget)
+                if not self._grow(stream, branch, b):
                     return ready  # the pool is full: the running streams come first
                 positions = torch.arange(a, b, device=self.device)[None]
-                rows = torch.tensor([BRANCHES * stream.slot + POSITIVE], device=self.device)
-                self.decoder.forward(stream.prompt_embeds[None, a:b], rows, positions, b, prompt_chunk=True)
-                stream.prefilled, budget = b, budget - (b - a)
+                rows = torch.tensor([BRANCHES * stream.slot + branch], device=self.device)
+                self.decoder.forward(inputs[None, a:b], rows, positions, b, prompt_chunk=True)
+                stream.prefilled, budget = stream.prefilled + (b - a), budget - (b - a)
             if stream.prefilled == target:
-                # The prompt's last token (audio_bos) is the first step's input for every branch; the
-                # unconditional one reads it as a token id, like every token after it.
-                self.next_inputs[stream.slot] = stream.prompt_embeds[-1]
-                last = torch.tensor(stream.prompt_ids[-1], device=self.device)
-                self.token_inputs[stream.slot] = self.embed_tokens(last)
-                stream.positive_len, stream.negative_len, stream.unconditional_len = target, 0, 0
-                self.positions[stream.slot] = torch.tensor([target, 0, 0], device=self.device)
-                stream.prompt_embeds = None
+                # The first step's input for every branch: a new stream's is the prompt's last token (audio_bos),
+                # which the unconditional branch reads as a token id, like every token after it.
+                self.next_inputs[stream.slot] = plan.next_input
+                self.token_inputs[stream.slot] = self.embed_tokens(torch.tensor(plan.next_token, device=self.device))
+                stream.positive_len, stream.negative_len, stream.unconditional_len = plan.lengths
+                stream.frames, stream.segment = plan.frames, plan.segment
+                self.positions[stream.slot] = torch.tensor(plan.lengths, device=self.device)
+                stream.plan = None
+                stream.ready = True
                 self._became_decoding(stream)
                 ready.append(stream)
         return ready
@@ -532,6 +563,7 @@ class LMEngine:
                 s.negative_len += 1
                 s.unconditional_len += 1
                 s.frames += 1
+                s.tokens_before_frame, s.tokens_since_frame = s.tokens_since_frame, []
             self._first_frames(decisions)
             return
         going_on = [d for d in decisions if d.finish is None]
@@ -553,7 +585,10 @@ class LMEngine:
             if d.speech:
                 s.negative_len += 1
                 s.frames += 1
-            elif d.token == self.audio_bos_token_id:
+                s.tokens_before_frame, s.tokens_since_frame = s.tokens_since_frame, []
+                continue
+            s.tokens_since_frame.append(d.token)
+            if d.token == self.audio_bos_token_id:
                 # A new speech segment: the negative branch starts again from nothing.
                 s.negative_len = 0
                 s.segment += 1

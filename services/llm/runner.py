@@ -50,6 +50,9 @@ class StepOutput:
     decisions: list[Decision]  # accepted in this step: every decoding stream's (plain) or a half's, in row order
     audio: torch.Tensor | None  # (speaking streams, samples) on the host, in the order of the speaking decisions
     phase_ms: dict[str, float]
+    # The frames' latents and semantic features on the host, in the same order: what a resume rebuilds from.
+    latents: torch.Tensor | None = None
+    semantic: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,7 +150,10 @@ class StepRunner:
                 await self.link.close()
             raise
         t3 = time.perf_counter()
-        audio = [result.audio.float().cpu() for half, result in accepted if any(d.speech for d in half.decisions)]
+        speaking = [result for half, result in accepted if any(d.speech for d in half.decisions)]
+        audio = [r.audio.float().cpu() for r in speaking]
+        latents = [r.latents.float().cpu() for r in speaking]
+        semantic = [r.semantic.float().cpu() for r in speaking]
         phases = {
             # Prefill's GPU work may end inside decode, whose choice copy waits for the device.
             "prefill": (prefilled - t0) * 1000,
@@ -157,7 +163,14 @@ class StepRunner:
             "to host": (time.perf_counter() - t3) * 1000,
         }
         decided = [d for half, _ in accepted for d in half.decisions]
-        return StepOutput(ready, decided, torch.cat(audio) if audio else None, phases)
+        return StepOutput(
+            ready,
+            decided,
+            torch.cat(audio) if audio else None,
+            phases,
+            torch.cat(latents) if latents else None,
+            torch.cat(semantic) if semantic else None,
+        )
 
     async def _pipelined(
         self, current: _Half, previous: _Half | None, message: RenderStep | None

@@ -40,6 +40,10 @@ class Frame:
     index: int
     segment: int
     audio: torch.Tensor
+    # What a resume rebuilds the stream from (GeneratedFrame's fields of the same names).
+    tokens_before: list[int] = field(default_factory=list)
+    latent: torch.Tensor | None = None
+    semantic: torch.Tensor | None = None
 
 
 @dataclass
@@ -217,7 +221,10 @@ class Scheduler:
         speech = [d for d in out.decisions if d.speech]
         for row, d in enumerate(speech):
             s = d.stream
-            by_stream[id(s)].events.put_nowait(Frame(s.frames - 1, s.segment, out.audio[row]))
+            frame = Frame(
+                s.frames - 1, s.segment, out.audio[row], s.tokens_before_frame, out.latents[row], out.semantic[row]
+            )
+            by_stream[id(s)].events.put_nowait(frame)
         now = time.monotonic()
         for d in out.decisions:
             job = by_stream[id(d.stream)]

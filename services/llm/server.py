@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -28,8 +29,9 @@ from services.common.model_info import model_info
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.llm.engine import LMEngine, LMStream
+from services.llm.resume import ResumeFrames, ResumeLimits, checked_resume, rebuild_history
 from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler, StillWorking
-from services.render.link import RenderLink
+from services.render.link import RenderLink, RenderUnavailable
 from services.render.shared_memory import LLMSharedMemory
 from services.render.values import StreamSpec
 from services.render.wire import WireLink
@@ -44,8 +46,11 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         self.allow_fixed_frames = allow_fixed_frames
         self.draining = False
         self.background: set[Job] = set()  # streams of GenerateRequest.background, while their calls last
+        cfg = engine.ckpt.config
+        self.between_frames = frozenset({cfg.audio_bos_token_id, cfg.audio_eos_token_id})
+        self.feature_sizes = cfg.audio_config.hidden_size, cfg.semantic_model_config.hidden_size
 
-    def _job(self, request: mesh_pb2.GenerateRequest) -> Job:
+    def _job(self, request: mesh_pb2.GenerateRequest) -> tuple[Job, ResumeFrames | None]:
         """Check an internal request as strictly as the public API checks its own: nothing reaches the step loop
         that could fail a step for every stream."""
         if request.fixed_frames and not self.allow_fixed_frames:
@@ -86,11 +91,30 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         if problem := diffusion_steps_problem(steps):
             raise invalid_argument("diffusion_steps", problem)
         voices = self._voices(request, sum(1 for t in prompt if t == self.engine.audio_token_id))
+        max_frames = min(request.max_frames or room, room)
+        resume = None
+        if request.HasField("resume"):
+            limits = ResumeLimits(
+                room,
+                max_frames,
+                request.fixed_frames,
+                self.engine.audio_token_id,
+                self.between_frames,
+                *self.feature_sizes,
+            )
+            resume = checked_resume(request.resume, limits)
+            taken = len(resume.tokens)
+            pages = sum(blocks.pages_for(n) for n in (len(prompt) + taken, taken + 1, resume.latents.shape[0] + 1))
+            if pages > blocks.usable:
+                raise invalid_argument(
+                    "resume.tokens_before",
+                    f"rebuilding {taken} steps takes {pages} KV pages; this server's pool holds {blocks.usable}",
+                )
         stream = LMStream(
             prompt_ids=prompt,
             voice_embeddings=voices,
             fixed_frames=request.fixed_frames,
-            max_frames=min(request.max_frames or room, room),
+            max_frames=max_frames,
             cfg_scale=cfg_scale,
             expected_frames=request.expected_frames,
         )
@@ -102,7 +126,20 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             voice_count=request.voice_count,
             voice_max_frames=request.voice_max_frames,
         )
-        return Job(stream=stream, spec=spec)
+        return Job(stream=stream, spec=spec), resume
+
+    async def _resumed(self, job: Job, resume: ResumeFrames) -> None:
+        """The stream rebuilds its state from the history instead of making its frames again."""
+        history, replay = await rebuild_history(self.scheduler.runner.link, resume, self.engine.hidden)
+        job.stream.history = history
+        job.spec = dataclasses.replace(job.spec, history=replay)
+        log.info(
+            "stream %d resumes after %d frames (%d steps): its state rebuilt, %d frames replayed on the acoustic side",
+            job.spec.stream_id,
+            replay.frames_made,
+            len(history.tokens),
+            replay.replay_latents.shape[0],
+        )
 
     def _voices(self, request: mesh_pb2.GenerateRequest, placeholders: int) -> torch.Tensor | None:
         """The voice embeddings for the prompt's placeholder positions, checked against the prompt."""
@@ -141,9 +178,14 @@ class LLM(mesh_pb2_grpc.LLMServicer):
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
         try:
-            job = self._job(request)
+            job, resume = self._job(request)
+            if resume is not None:
+                await self._resumed(job, resume)
         except RequestError as e:
             await abort(context, e)
+            return
+        except RenderUnavailable as e:
+            await abort(context, unavailable(str(e)))
             return
         if request.background:
             self.background.add(job)
@@ -154,7 +196,12 @@ class LLM(mesh_pb2_grpc.LLMServicer):
                 if isinstance(event, Frame):
                     yield mesh_pb2.GenerateResponse(
                         frame=mesh_pb2.GeneratedFrame(
-                            index=event.index, segment_index=event.segment, audio=to_proto(event.audio)
+                            index=event.index,
+                            segment_index=event.segment,
+                            audio=to_proto(event.audio),
+                            tokens_before=event.tokens_before,
+                            latent=to_proto(event.latent),
+                            semantic=to_proto(event.semantic),
                         )
                     )
                 elif isinstance(event, PromptDone | StillWorking):

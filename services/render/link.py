@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import torch
+
 from services.render.values import RenderResult, RenderStep
 
 
@@ -16,11 +18,21 @@ class RenderEngine(Protocol):
 
     def step(self, step: RenderStep) -> RenderResult: ...
 
+    def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def replay_frames(self) -> int: ...
+
 
 class RenderLink(Protocol):
     """How the llm reaches a RenderEngine: in its own process or over a Render stream."""
 
     async def step(self, step: RenderStep) -> RenderResult: ...
+
+    async def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Frames made earlier -> the input embeddings they gave the llm, and how many of a resumed stream's last
+        frames' latents its start must carry to rebuild the conv state (RenderUnavailable if it cannot)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
+
 from services.render.link import RenderEngine
 from services.render.values import RenderResult, RenderStep
 
@@ -14,6 +16,9 @@ class LocalLink:
 
     async def step(self, step: RenderStep) -> RenderResult:
         return await asyncio.to_thread(self.engine.step, step)
+
+    async def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return await asyncio.to_thread(self.engine.embed_frames, latents, semantic), self.engine.replay_frames
 
     async def close(self) -> None:
         pass

@@ -31,8 +31,7 @@ class LLMSharedMemory:
         self.device = device
         self.conditions = torch.zeros(2, rows, hidden, device=device, dtype=dtype)
         self.ready = new_event()
-        self.embeddings: torch.Tensor | None = None
-        self.audio: torch.Tensor | None = None
+        self.results: tuple[torch.Tensor, ...] = ()  # embeddings, audio, latents, semantic features
         self.done: torch.cuda.Event | None = None
 
     def offer(self) -> mesh_pb2.SharedMemoryOffer:
@@ -43,13 +42,14 @@ class LLMSharedMemory:
         )
 
     def accepted(self, msg: mesh_pb2.SharedMemoryAccept) -> None:
-        self.embeddings = open_tensor(msg.embeddings, self.device)
-        self.audio = open_tensor(msg.audio, self.device)
+        self.results = tuple(
+            open_tensor(t, self.device) for t in (msg.embeddings, msg.audio, msg.latents, msg.semantic)
+        )
         self.done = open_event(msg.done_event, self.device)
 
     def forget(self) -> None:
         """The acoustic side went away: its buffers are no longer ours to read."""
-        self.embeddings = self.audio = self.done = None
+        self.results, self.done = (), None
 
     @property
     def active(self) -> bool:
@@ -61,27 +61,31 @@ class LLMSharedMemory:
         self.conditions[1, :n].copy_(negative)
         self.ready.record(torch.cuda.current_stream(self.device))
 
-    def receive(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's results, readable in order on the current stream until the next `send`."""
+    def receive(self, n: int) -> tuple[torch.Tensor, ...]:
+        """This step's results (embeddings, audio, latents, semantic features), readable in order on the current
+        stream until the next `send`."""
         torch.cuda.current_stream(self.device).wait_event(self.done)
-        return self.embeddings[:n], self.audio[:n]
+        return tuple(t[:n] for t in self.results)
 
 
 class AcousticSharedMemory:
     """The acoustic service's half: maps the llm's conditions, owns the results buffers and the `done` event."""
 
-    def __init__(self, offer: mesh_pb2.SharedMemoryOffer, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, offer: mesh_pb2.SharedMemoryOffer, device: torch.device, dtype: torch.dtype, features: tuple[int, int]
+    ) -> None:
         self.device = device
         self.conditions = open_tensor(offer.conditions, device)
         self.ready = open_event(offer.ready_event, device)
         rows, hidden = self.conditions.shape[1], self.conditions.shape[2]
-        self.embeddings = torch.zeros(rows, hidden, device=device, dtype=dtype)
-        self.audio = torch.zeros(rows, SAMPLES_PER_FRAME, device=device, dtype=dtype)
+        # embeddings, audio, and each frame's latent and semantic features (`features`: their widths)
+        widths = (hidden, SAMPLES_PER_FRAME, *features)
+        self.results = tuple(torch.zeros(rows, w, device=device, dtype=dtype) for w in widths)
         self.done = new_event()
 
     @classmethod
     def accept(
-        cls, offer: mesh_pb2.SharedMemoryOffer, device: torch.device, dtype: torch.dtype
+        cls, offer: mesh_pb2.SharedMemoryOffer, device: torch.device, dtype: torch.dtype, features: tuple[int, int]
     ) -> tuple[AcousticSharedMemory | None, str]:
         """Maps the offer if this process runs on the offering GPU; else (None, why not)."""
         if device.type != "cuda":
@@ -89,15 +93,14 @@ class AcousticSharedMemory:
         if offer.device_uuid != device_uuid(device):
             return None, "the llm runs on another GPU"
         try:
-            return cls(offer, device, dtype), ""
+            return cls(offer, device, dtype, features), ""
         except (RuntimeError, ValueError) as e:  # e.g. separate containers without a shared IPC namespace
             return None, f"cannot map the llm's GPU memory: {e}"
 
     def answer(self) -> mesh_pb2.SharedMemoryAccept:
+        embeddings, audio, latents, semantic = (share_tensor(t) for t in self.results)
         return mesh_pb2.SharedMemoryAccept(
-            embeddings=share_tensor(self.embeddings),
-            audio=share_tensor(self.audio),
-            done_event=self.done.ipc_handle(),
+            embeddings=embeddings, audio=audio, latents=latents, semantic=semantic, done_event=self.done.ipc_handle()
         )
 
     def conditions_for(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +108,8 @@ class AcousticSharedMemory:
         torch.cuda.current_stream(self.device).wait_event(self.ready)
         return self.conditions[0, :n], self.conditions[1, :n]
 
-    def publish(self, embeddings: torch.Tensor, audio: torch.Tensor) -> None:
-        n = embeddings.shape[0]
-        self.embeddings[:n].copy_(embeddings)
-        self.audio[:n].copy_(audio)
+    def publish(self, results: tuple[torch.Tensor, ...]) -> None:
+        """A step's embeddings, audio, latents and semantic features, rows [0, N)."""
+        for buffer, part in zip(self.results, results, strict=True):
+            buffer[: part.shape[0]].copy_(part)
         self.done.record(torch.cuda.current_stream(self.device))

@@ -12,6 +12,16 @@ from services.common.tensors import from_proto, to_proto
 
 
 @dataclass(frozen=True)
+class StreamHistory:
+    """A stream that resumes after `frames_made` frames: its noise generator skips their draws, and its decoder
+    and semantic-encoder state is rebuilt from `replay_latents`, the last frames' latents (W, latent), oldest
+    first."""
+
+    frames_made: int
+    replay_latents: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     """What the acoustic side needs to know about a stream when it joins."""
 
@@ -21,9 +31,10 @@ class StreamSpec:
     diffusion_steps: int
     voice_count: int = 0
     voice_max_frames: int = 0
+    history: StreamHistory | None = None  # a resumed stream
 
     def to_proto(self) -> mesh_pb2.StreamStart:
-        return mesh_pb2.StreamStart(
+        start = mesh_pb2.StreamStart(
             stream_id=self.stream_id,
             seed=self.seed,
             cfg_scale=self.cfg_scale,
@@ -31,11 +42,25 @@ class StreamSpec:
             voice_count=self.voice_count,
             voice_max_frames=self.voice_max_frames,
         )
+        if self.history is not None:
+            start.frames_made = self.history.frames_made
+            start.replay_latents.CopyFrom(to_proto(self.history.replay_latents))
+        return start
 
     @classmethod
     def from_proto(cls, msg: mesh_pb2.StreamStart, key: Callable[[int], int]) -> StreamSpec:
+        """ValueError or RuntimeError when the replay latents are not a tensor (the caller says which field)."""
+        history = None
+        if msg.frames_made or msg.HasField("replay_latents"):
+            history = StreamHistory(msg.frames_made, from_proto(msg.replay_latents))
         return cls(
-            key(msg.stream_id), msg.seed, msg.cfg_scale, msg.diffusion_steps, msg.voice_count, msg.voice_max_frames
+            key(msg.stream_id),
+            msg.seed,
+            msg.cfg_scale,
+            msg.diffusion_steps,
+            msg.voice_count,
+            msg.voice_max_frames,
+            history,
         )
 
 
@@ -83,19 +108,24 @@ class RenderStep:
 
 @dataclass
 class RenderResult:
-    """Next-step input embeddings (N, hidden) and the frames' audio (N, 3200) of the rendered streams."""
+    """Next-step input embeddings (N, hidden) and the frames' audio (N, 3200) of the rendered streams, and what a
+    resume rebuilds them from: each frame's latent (N, latent) and semantic features (N, semantic)."""
 
     embeddings: torch.Tensor | None = None
     audio: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    semantic: torch.Tensor | None = None
 
     def fill(self, response: mesh_pb2.RenderResponse) -> mesh_pb2.RenderResponse:
         if self.embeddings is not None:
             response.embeddings.CopyFrom(to_proto(self.embeddings))
             response.audio.CopyFrom(to_proto(self.audio))
+            response.latents.CopyFrom(to_proto(self.latents))
+            response.semantic.CopyFrom(to_proto(self.semantic))
         return response
 
     @classmethod
     def from_proto(cls, msg: mesh_pb2.RenderResponse) -> RenderResult:
         if not msg.HasField("embeddings"):
             return cls()
-        return cls(from_proto(msg.embeddings), from_proto(msg.audio))
+        return cls(*(from_proto(t) for t in (msg.embeddings, msg.audio, msg.latents, msg.semantic)))

@@ -14,9 +14,11 @@ from collections import deque
 from typing import NoReturn
 
 import grpc
+import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.tensors import from_proto, to_proto
 from services.render.link import RenderUnavailable
 from services.render.shared_memory import LLMSharedMemory
 from services.render.values import RenderResult, RenderStep
@@ -24,6 +26,7 @@ from services.render.values import RenderResult, RenderStep
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
+EMBED_TIMEOUT_S = 30.0
 
 
 class WireLink:
@@ -122,6 +125,17 @@ class WireLink:
     async def _failed(self, e: grpc.aio.AioRpcError) -> NoReturn:
         await self.close()
         raise RenderUnavailable(f"acoustic service at {self.address} failed: {e.code().name}: {e.details()}") from e
+
+    async def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> tuple[torch.Tensor, int]:
+        request = mesh_pb2.EmbedFramesRequest(latents=to_proto(latents), semantic=to_proto(semantic))
+        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            try:
+                response = await mesh_pb2_grpc.AcousticStub(channel).EmbedFrames(
+                    request, timeout=EMBED_TIMEOUT_S, wait_for_ready=True
+                )
+            except grpc.aio.AioRpcError as e:
+                raise RenderUnavailable(f"acoustic service at {self.address} failed: {e.code().name}") from e
+        return from_proto(response.embeddings), response.replay_frames
 
     async def close(self) -> None:
         if self.call is not None:

@@ -49,6 +49,15 @@ class SegmentStart:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """The first segment's llm stream goes on after the frames it made (a job resuming): the history its state is
+    rebuilt from, and the speech segment of its last frame, numbered within that segment's stream."""
+
+    history: mesh_pb2.ResumeHistory
+    last_speech: int
+
+
+@dataclass(frozen=True)
 class Progress:
     prompt_tokens_done: int  # of the whole script's
 
@@ -81,8 +90,10 @@ async def run_segments(
     voices: list[np.ndarray],
     time_remaining: Callable[[], float | None],
     start: SegmentStart | None = None,
+    resume: Resume | None = None,
 ) -> AsyncIterator[Event]:
-    """The script's events, from segment `start` (a job resuming; default: the first) to a Finished event.
+    """The script's events, from segment `start` (a job resuming; default: the first) to a Finished event. With
+    `resume`, segment `start` goes on after the frames in its history instead of making them again.
 
     Leaving the loop early ends the segment's llm stream there. Frames come as the llm's GeneratedFrame
     messages, renumbered within the whole script.
@@ -105,6 +116,9 @@ async def run_segments(
         await backends.encode_voices(generate, list(segment.voice_order), voices, time_remaining())
         done: mesh_pb2.GenerateDone | None = None
         last_speech = -1
+        if resume is not None and index == start.index:
+            generate.resume.CopyFrom(resume.history)
+            last_speech = resume.last_speech
         async for event in backends.generate(generate, time_remaining()):
             kind = event.WhichOneof("event")
             if kind == "progress":

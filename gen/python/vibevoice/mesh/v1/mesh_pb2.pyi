@@ -146,6 +146,22 @@ class EncodeVoiceResponse(_message.Message):
     frames: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., frames: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class EmbedFramesRequest(_message.Message):
+    __slots__ = ("latents", "semantic")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
+    latents: Tensor
+    semantic: Tensor
+    def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EmbedFramesResponse(_message.Message):
+    __slots__ = ("embeddings", "replay_frames")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    embeddings: Tensor
+    replay_frames: int
+    def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., replay_frames: _Optional[int] = ...) -> None: ...
+
 class RenderRequest(_message.Message):
     __slots__ = ("step", "starts", "stream_ids", "positive", "negative", "ends", "shared_offer")
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -201,44 +217,56 @@ class SharedMemoryOffer(_message.Message):
     def __init__(self, device_uuid: _Optional[str] = ..., conditions: _Optional[_Union[SharedTensor, _Mapping]] = ..., ready_event: _Optional[bytes] = ...) -> None: ...
 
 class SharedMemoryAccept(_message.Message):
-    __slots__ = ("embeddings", "audio", "done_event")
+    __slots__ = ("embeddings", "audio", "done_event", "latents", "semantic")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     DONE_EVENT_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     embeddings: SharedTensor
     audio: SharedTensor
     done_event: bytes
-    def __init__(self, embeddings: _Optional[_Union[SharedTensor, _Mapping]] = ..., audio: _Optional[_Union[SharedTensor, _Mapping]] = ..., done_event: _Optional[bytes] = ...) -> None: ...
+    latents: SharedTensor
+    semantic: SharedTensor
+    def __init__(self, embeddings: _Optional[_Union[SharedTensor, _Mapping]] = ..., audio: _Optional[_Union[SharedTensor, _Mapping]] = ..., done_event: _Optional[bytes] = ..., latents: _Optional[_Union[SharedTensor, _Mapping]] = ..., semantic: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
 
 class StreamStart(_message.Message):
-    __slots__ = ("stream_id", "seed", "cfg_scale", "diffusion_steps", "voice_count", "voice_max_frames")
+    __slots__ = ("stream_id", "seed", "cfg_scale", "diffusion_steps", "voice_count", "voice_max_frames", "frames_made", "replay_latents")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     DIFFUSION_STEPS_FIELD_NUMBER: _ClassVar[int]
     VOICE_COUNT_FIELD_NUMBER: _ClassVar[int]
     VOICE_MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_MADE_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_LATENTS_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
     seed: int
     cfg_scale: float
     diffusion_steps: int
     voice_count: int
     voice_max_frames: int
-    def __init__(self, stream_id: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ...) -> None: ...
+    frames_made: int
+    replay_latents: Tensor
+    def __init__(self, stream_id: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., frames_made: _Optional[int] = ..., replay_latents: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
-    __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept")
+    __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept", "latents", "semantic")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     SHARED_ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     step: int
     stream_ids: _containers.RepeatedScalarFieldContainer[int]
     embeddings: Tensor
     audio: Tensor
     shared_accept: SharedMemoryAccept
-    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., shared_accept: _Optional[_Union[SharedMemoryAccept, _Mapping]] = ...) -> None: ...
+    latents: Tensor
+    semantic: Tensor
+    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., shared_accept: _Optional[_Union[SharedMemoryAccept, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class AcousticDescribeModelRequest(_message.Message):
     __slots__ = ()
@@ -283,7 +311,7 @@ class CapacityResponse(_message.Message):
     def __init__(self, slots: _Optional[int] = ..., active: _Optional[int] = ..., waiting: _Optional[int] = ..., max_positions: _Optional[int] = ..., step_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages: _Optional[int] = ..., kv_pages_available: _Optional[int] = ..., page_size: _Optional[int] = ..., expected_positions: _Optional[int] = ..., preemptions: _Optional[int] = ..., waiting_live: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "voice_embeddings", "voice_count", "voice_max_frames", "cfg_scale", "diffusion_steps", "seed", "max_frames", "fixed_frames", "expected_frames", "background")
+    __slots__ = ("request_id", "prompt_ids", "voice_embeddings", "voice_count", "voice_max_frames", "cfg_scale", "diffusion_steps", "seed", "max_frames", "fixed_frames", "expected_frames", "background", "resume")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     VOICE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +324,7 @@ class GenerateRequest(_message.Message):
     FIXED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     voice_embeddings: Tensor
@@ -308,7 +337,20 @@ class GenerateRequest(_message.Message):
     fixed_frames: int
     expected_frames: int
     background: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., voice_embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_frames: _Optional[int] = ..., fixed_frames: _Optional[int] = ..., expected_frames: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
+    resume: ResumeHistory
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., voice_embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_frames: _Optional[int] = ..., fixed_frames: _Optional[int] = ..., expected_frames: _Optional[int] = ..., background: _Optional[bool] = ..., resume: _Optional[_Union[ResumeHistory, _Mapping]] = ...) -> None: ...
+
+class ResumeHistory(_message.Message):
+    __slots__ = ("tokens_before", "tokens", "latents", "semantic")
+    TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
+    tokens_before: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    latents: Tensor
+    semantic: Tensor
+    def __init__(self, tokens_before: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("frame", "progress", "done")
@@ -321,14 +363,20 @@ class GenerateResponse(_message.Message):
     def __init__(self, frame: _Optional[_Union[GeneratedFrame, _Mapping]] = ..., progress: _Optional[_Union[GenerateProgress, _Mapping]] = ..., done: _Optional[_Union[GenerateDone, _Mapping]] = ...) -> None: ...
 
 class GeneratedFrame(_message.Message):
-    __slots__ = ("index", "segment_index", "audio")
+    __slots__ = ("index", "segment_index", "audio", "tokens_before", "latent", "semantic")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     index: int
     segment_index: int
     audio: Tensor
-    def __init__(self, index: _Optional[int] = ..., segment_index: _Optional[int] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tokens_before: _containers.RepeatedScalarFieldContainer[int]
+    latent: Tensor
+    semantic: Tensor
+    def __init__(self, index: _Optional[int] = ..., segment_index: _Optional[int] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., tokens_before: _Optional[_Iterable[int]] = ..., latent: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GenerateProgress(_message.Message):
     __slots__ = ("prompt_tokens_done", "prompt_tokens")

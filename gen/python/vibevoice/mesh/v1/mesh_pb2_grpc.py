@@ -165,6 +165,11 @@ class AcousticStub:
                 request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EncodeVoiceRequest.SerializeToString,
                 response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EncodeVoiceResponse.FromString,
                 _registered_method=True)
+        self.EmbedFrames = channel.unary_unary(
+                '/vibevoice.mesh.v1.Acoustic/EmbedFrames',
+                request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EmbedFramesRequest.SerializeToString,
+                response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EmbedFramesResponse.FromString,
+                _registered_method=True)
         self.Render = channel.stream_stream(
                 '/vibevoice.mesh.v1.Acoustic/Render',
                 request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.RenderRequest.SerializeToString,
@@ -184,6 +189,14 @@ class AcousticServicer:
 
     def EncodeVoice(self, request, context):
         """Voice prompts -> input embeddings for their placeholder positions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmbedFrames(self, request, context):
+        """Frames already made (their latents and semantic features) -> the input embeddings they gave the llm, to
+        rebuild a resumed stream's positions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,6 +222,11 @@ def add_AcousticServicer_to_server(servicer, server):
                     servicer.EncodeVoice,
                     request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EncodeVoiceRequest.FromString,
                     response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EncodeVoiceResponse.SerializeToString,
+            ),
+            'EmbedFrames': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedFrames,
+                    request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EmbedFramesRequest.FromString,
+                    response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EmbedFramesResponse.SerializeToString,
             ),
             'Render': grpc.stream_stream_rpc_method_handler(
                     servicer.Render,
@@ -250,6 +268,33 @@ class Acoustic:
             '/vibevoice.mesh.v1.Acoustic/EncodeVoice',
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EncodeVoiceRequest.SerializeToString,
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EncodeVoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedFrames(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vibevoice.mesh.v1.Acoustic/EmbedFrames',
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EmbedFramesRequest.SerializeToString,
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.EmbedFramesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,47 +28,47 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from vibevoice.tts.v1 import tts_pb2 as vibevoice_dot_tts_dot_v1_dot_tts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvibevoice/tts/v1/jobs.proto\x12\x10vibevoice.tts.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1avibevoice/tts/v1/tts.proto\"\x8f\x07\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05owner\x18\x02 \x01(\tR\x05owner\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32\x1a.vibevoice.tts.v1.JobStateR\x05state\x12\x1d\n\nrequest_id\x18\x04 \x01(\tR\trequestId\x12\x35\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x1d.vibevoice.tts.v1.AudioFormatR\x06\x66ormat\x12\x12\n\x04seed\x18\x06 \x01(\x04R\x04seed\x12\x1f\n\x0b\x66rames_done\x18\x07 \x01(\x04R\nframesDone\x12/\n\x13\x66rames_checkpointed\x18\x08 \x01(\x04R\x12\x66ramesCheckpointed\x12)\n\x10\x65stimated_frames\x18\t \x01(\x04R\x0f\x65stimatedFrames\x12)\n\x10progress_percent\x18\n \x01(\x02R\x0fprogressPercent\x12I\n\x13\x65stimated_time_left\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationR\x11\x65stimatedTimeLeft\x12;\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12\x39\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x38\n\x08segments\x18\x0f \x03(\x0b\x32\x1c.vibevoice.tts.v1.JobSegmentR\x08segments\x12(\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x12.google.rpc.StatusR\x05\x65rror\x12@\n\x0c\x61udio_checks\x18\x11 \x01(\x0b\x32\x1d.vibevoice.tts.v1.AudioChecksR\x0b\x61udioChecks\x12#\n\rfinish_reason\x18\x12 \x01(\tR\x0c\x66inishReason\x12#\n\raudio_seconds\x18\x13 \x01(\x01R\x0c\x61udioSeconds\x12\x18\n\x07resumes\x18\x14 \x01(\rR\x07resumes\x12\x16\n\x06pauses\x18\x15 \x01(\rR\x06pauses\"\xb5\x01\n\nJobSegment\x12\x14\n\x05index\x18\x01 \x01(\rR\x05index\x12\x1d\n\nfirst_turn\x18\x02 \x01(\rR\tfirstTurn\x12\x14\n\x05turns\x18\x03 \x01(\rR\x05turns\x12#\n\rprompt_tokens\x18\x04 \x01(\rR\x0cpromptTokens\x12\x1f\n\x0b\x66irst_frame\x18\x05 \x01(\x04R\nfirstFrame\x12\x16\n\x06\x66rames\x18\x06 \x01(\x04R\x06\x66rames\"\xcf\x02\n\x0b\x41udioChecks\x12\x36\n\x17longest_silence_seconds\x18\x01 \x01(\x01R\x15longestSilenceSeconds\x12\'\n\x0f\x63lipped_samples\x18\x02 \x01(\x04R\x0e\x63lippedSamples\x12=\n\x18integrated_loudness_lufs\x18\x03 \x01(\x01H\x00R\x16integratedLoudnessLufs\x88\x01\x01\x12-\n\x13gap_over_one_second\x18\x04 \x01(\x08R\x10gapOverOneSecond\x12.\n\x13longest_gap_seconds\x18\x05 \x01(\x01R\x11longestGapSeconds\x12$\n\x0egap_at_seconds\x18\x06 \x01(\x01R\x0cgapAtSecondsB\x1b\n\x19_integrated_loudness_lufs\"h\n\x10\x43reateJobRequest\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12=\n\x07request\x18\x02 \x01(\x0b\x32#.vibevoice.tts.v1.SynthesizeRequestR\x07request\"<\n\x11\x43reateJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x15.vibevoice.tts.v1.JobR\x03job\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"9\n\x0eGetJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x15.vibevoice.tts.v1.JobR\x03job\"M\n\x0fListJobsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"e\n\x10ListJobsResponse\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.vibevoice.tts.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"<\n\x11\x43\x61ncelJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x15.vibevoice.tts.v1.JobR\x03job\"&\n\x10\x44\x65leteJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x13\n\x11\x44\x65leteJobResponse\"D\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n\nfrom_frame\x18\x02 \x01(\x04R\tfromFrame\"_\n\x12GetJobAudioRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x35\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1d.vibevoice.tts.v1.AudioFormatR\x06\x66ormat\"i\n\x13GetJobAudioResponse\x12\x12\n\x04\x64\x61ta\x18\x01 \x01(\x0cR\x04\x64\x61ta\x12\x1d\n\nmedia_type\x18\x02 \x01(\tR\tmediaType\x12\x1f\n\x0btotal_bytes\x18\x03 \x01(\x04R\ntotalBytes*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xdd\x04\n\x04Jobs\x12T\n\tCreateJob\x12\".vibevoice.tts.v1.CreateJobRequest\x1a#.vibevoice.tts.v1.CreateJobResponse\x12K\n\x06GetJob\x12\x1f.vibevoice.tts.v1.GetJobRequest\x1a .vibevoice.tts.v1.GetJobResponse\x12Q\n\x08ListJobs\x12!.vibevoice.tts.v1.ListJobsRequest\x1a\".vibevoice.tts.v1.ListJobsResponse\x12T\n\tCancelJob\x12\".vibevoice.tts.v1.CancelJobRequest\x1a#.vibevoice.tts.v1.CancelJobResponse\x12T\n\tDeleteJob\x12\".vibevoice.tts.v1.DeleteJobRequest\x1a#.vibevoice.tts.v1.DeleteJobResponse\x12U\n\x08WatchJob\x12!.vibevoice.tts.v1.WatchJobRequest\x1a$.vibevoice.tts.v1.SynthesizeResponse0\x01\x12\\\n\x0bGetJobAudio\x12$.vibevoice.tts.v1.GetJobAudioRequest\x1a%.vibevoice.tts.v1.GetJobAudioResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvibevoice/tts/v1/jobs.proto\x12\x10vibevoice.tts.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1avibevoice/tts/v1/tts.proto\"\xda\x07\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05owner\x18\x02 \x01(\tR\x05owner\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32\x1a.vibevoice.tts.v1.JobStateR\x05state\x12\x1d\n\nrequest_id\x18\x04 \x01(\tR\trequestId\x12\x35\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x1d.vibevoice.tts.v1.AudioFormatR\x06\x66ormat\x12\x12\n\x04seed\x18\x06 \x01(\x04R\x04seed\x12\x1f\n\x0b\x66rames_done\x18\x07 \x01(\x04R\nframesDone\x12/\n\x13\x66rames_checkpointed\x18\x08 \x01(\x04R\x12\x66ramesCheckpointed\x12)\n\x10\x65stimated_frames\x18\t \x01(\x04R\x0f\x65stimatedFrames\x12)\n\x10progress_percent\x18\n \x01(\x02R\x0fprogressPercent\x12I\n\x13\x65stimated_time_left\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationR\x11\x65stimatedTimeLeft\x12;\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12\x39\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x38\n\x08segments\x18\x0f \x03(\x0b\x32\x1c.vibevoice.tts.v1.JobSegmentR\x08segments\x12(\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x12.google.rpc.StatusR\x05\x65rror\x12@\n\x0c\x61udio_checks\x18\x11 \x01(\x0b\x32\x1d.vibevoice.tts.v1.AudioChecksR\x0b\x61udioChecks\x12#\n\rfinish_reason\x18\x12 \x01(\tR\x0c\x66inishReason\x12#\n\raudio_seconds\x18\x13 \x01(\x01R\x0c\x61udioSeconds\x12\x18\n\x07resumes\x18\x14 \x01(\rR\x07resumes\x12\x16\n\x06pauses\x18\x15 \x01(\rR\x06pauses\x12\x1a\n\x08rebuilds\x18\x16 \x01(\rR\x08rebuilds\x12-\n\x12\x66rames_regenerated\x18\x17 \x01(\x04R\x11\x66ramesRegenerated\"\xb5\x01\n\nJobSegment\x12\x14\n\x05index\x18\x01 \x01(\rR\x05index\x12\x1d\n\nfirst_turn\x18\x02 \x01(\rR\tfirstTurn\x12\x14\n\x05turns\x18\x03 \x01(\rR\x05turns\x12#\n\rprompt_tokens\x18\x04 \x01(\rR\x0cpromptTokens\x12\x1f\n\x0b\x66irst_frame\x18\x05 \x01(\x04R\nfirstFrame\x12\x16\n\x06\x66rames\x18\x06 \x01(\x04R\x06\x66rames\"\xcf\x02\n\x0b\x41udioChecks\x12\x36\n\x17longest_silence_seconds\x18\x01 \x01(\x01R\x15longestSilenceSeconds\x12\'\n\x0f\x63lipped_samples\x18\x02 \x01(\x04R\x0e\x63lippedSamples\x12=\n\x18integrated_loudness_lufs\x18\x03 \x01(\x01H\x00R\x16integratedLoudnessLufs\x88\x01\x01\x12-\n\x13gap_over_one_second\x18\x04 \x01(\x08R\x10gapOverOneSecond\x12.\n\x13longest_gap_seconds\x18\x05 \x01(\x01R\x11longestGapSeconds\x12$\n\x0egap_at_seconds\x18\x06 \x01(\x01R\x0cgapAtSecondsB\x1b\n\x19_integrated_loudness_lufs\"h\n\x10\x43reateJobRequest\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12=\n\x07request\x18\x02 \x01(\x0b\x32#.vibevoice.tts.v1.SynthesizeRequestR\x07request\"<\n\x11\x43reateJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x15.vibevoice.tts.v1.JobR\x03job\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"9\n\x0eGetJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x15.vibevoice.tts.v1.JobR\x03job\"M\n\x0fListJobsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"e\n\x10ListJobsResponse\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.vibevoice.tts.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"<\n\x11\x43\x61ncelJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x15.vibevoice.tts.v1.JobR\x03job\"&\n\x10\x44\x65leteJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x13\n\x11\x44\x65leteJobResponse\"D\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n\nfrom_frame\x18\x02 \x01(\x04R\tfromFrame\"_\n\x12GetJobAudioRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x35\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1d.vibevoice.tts.v1.AudioFormatR\x06\x66ormat\"i\n\x13GetJobAudioResponse\x12\x12\n\x04\x64\x61ta\x18\x01 \x01(\x0cR\x04\x64\x61ta\x12\x1d\n\nmedia_type\x18\x02 \x01(\tR\tmediaType\x12\x1f\n\x0btotal_bytes\x18\x03 \x01(\x04R\ntotalBytes*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xdd\x04\n\x04Jobs\x12T\n\tCreateJob\x12\".vibevoice.tts.v1.CreateJobRequest\x1a#.vibevoice.tts.v1.CreateJobResponse\x12K\n\x06GetJob\x12\x1f.vibevoice.tts.v1.GetJobRequest\x1a .vibevoice.tts.v1.GetJobResponse\x12Q\n\x08ListJobs\x12!.vibevoice.tts.v1.ListJobsRequest\x1a\".vibevoice.tts.v1.ListJobsResponse\x12T\n\tCancelJob\x12\".vibevoice.tts.v1.CancelJobRequest\x1a#.vibevoice.tts.v1.CancelJobResponse\x12T\n\tDeleteJob\x12\".vibevoice.tts.v1.DeleteJobRequest\x1a#.vibevoice.tts.v1.DeleteJobResponse\x12U\n\x08WatchJob\x12!.vibevoice.tts.v1.WatchJobRequest\x1a$.vibevoice.tts.v1.SynthesizeResponse0\x01\x12\\\n\x0bGetJobAudio\x12$.vibevoice.tts.v1.GetJobAudioRequest\x1a%.vibevoice.tts.v1.GetJobAudioResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vibevoice.tts.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2487
-  _globals['_JOBSTATE']._serialized_end=2641
+  _globals['_JOBSTATE']._serialized_start=2562
+  _globals['_JOBSTATE']._serialized_end=2716
   _globals['_JOB']._serialized_start=168
-  _globals['_JOB']._serialized_end=1079
-  _globals['_JOBSEGMENT']._serialized_start=1082
-  _globals['_JOBSEGMENT']._serialized_end=1263
-  _globals['_AUDIOCHECKS']._serialized_start=1266
-  _globals['_AUDIOCHECKS']._serialized_end=1601
-  _globals['_CREATEJOBREQUEST']._serialized_start=1603
-  _globals['_CREATEJOBREQUEST']._serialized_end=1707
-  _globals['_CREATEJOBRESPONSE']._serialized_start=1709
-  _globals['_CREATEJOBRESPONSE']._serialized_end=1769
-  _globals['_GETJOBREQUEST']._serialized_start=1771
-  _globals['_GETJOBREQUEST']._serialized_end=1806
-  _globals['_GETJOBRESPONSE']._serialized_start=1808
-  _globals['_GETJOBRESPONSE']._serialized_end=1865
-  _globals['_LISTJOBSREQUEST']._serialized_start=1867
-  _globals['_LISTJOBSREQUEST']._serialized_end=1944
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1946
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2047
-  _globals['_CANCELJOBREQUEST']._serialized_start=2049
-  _globals['_CANCELJOBREQUEST']._serialized_end=2087
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2089
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2149
-  _globals['_DELETEJOBREQUEST']._serialized_start=2151
-  _globals['_DELETEJOBREQUEST']._serialized_end=2189
-  _globals['_DELETEJOBRESPONSE']._serialized_start=2191
-  _globals['_DELETEJOBRESPONSE']._serialized_end=2210
-  _globals['_WATCHJOBREQUEST']._serialized_start=2212
-  _globals['_WATCHJOBREQUEST']._serialized_end=2280
-  _globals['_GETJOBAUDIOREQUEST']._serialized_start=2282
-  _globals['_GETJOBAUDIOREQUEST']._serialized_end=2377
-  _globals['_GETJOBAUDIORESPONSE']._serialized_start=2379
-  _globals['_GETJOBAUDIORESPONSE']._serialized_end=2484
-  _globals['_JOBS']._serialized_start=2644
-  _globals['_JOBS']._serialized_end=3249
+  _globals['_JOB']._serialized_end=1154
+  _globals['_JOBSEGMENT']._serialized_start=1157
+  _globals['_JOBSEGMENT']._serialized_end=1338
+  _globals['_AUDIOCHECKS']._serialized_start=1341
+  _globals['_AUDIOCHECKS']._serialized_end=1676
+  _globals['_CREATEJOBREQUEST']._serialized_start=1678
+  _globals['_CREATEJOBREQUEST']._serialized_end=1782
+  _globals['_CREATEJOBRESPONSE']._serialized_start=1784
+  _globals['_CREATEJOBRESPONSE']._serialized_end=1844
+  _globals['_GETJOBREQUEST']._serialized_start=1846
+  _globals['_GETJOBREQUEST']._serialized_end=1881
+  _globals['_GETJOBRESPONSE']._serialized_start=1883
+  _globals['_GETJOBRESPONSE']._serialized_end=1940
+  _globals['_LISTJOBSREQUEST']._serialized_start=1942
+  _globals['_LISTJOBSREQUEST']._serialized_end=2019
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2021
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2122
+  _globals['_CANCELJOBREQUEST']._serialized_start=2124
+  _globals['_CANCELJOBREQUEST']._serialized_end=2162
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2164
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2224
+  _globals['_DELETEJOBREQUEST']._serialized_start=2226
+  _globals['_DELETEJOBREQUEST']._serialized_end=2264
+  _globals['_DELETEJOBRESPONSE']._serialized_start=2266
+  _globals['_DELETEJOBRESPONSE']._serialized_end=2285
+  _globals['_WATCHJOBREQUEST']._serialized_start=2287
+  _globals['_WATCHJOBREQUEST']._serialized_end=2355
+  _globals['_GETJOBAUDIOREQUEST']._serialized_start=2357
+  _globals['_GETJOBAUDIOREQUEST']._serialized_end=2452
+  _globals['_GETJOBAUDIORESPONSE']._serialized_start=2454
+  _globals['_GETJOBAUDIORESPONSE']._serialized_end=2559
+  _globals['_JOBS']._serialized_start=2719
+  _globals['_JOBS']._serialized_end=3324
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class Job(_message.Message):
-    __slots__ = ("name", "owner", "state", "request_id", "format", "seed", "frames_done", "frames_checkpointed", "estimated_frames", "progress_percent", "estimated_time_left", "create_time", "start_time", "end_time", "segments", "error", "audio_checks", "finish_reason", "audio_seconds", "resumes", "pauses")
+    __slots__ = ("name", "owner", "state", "request_id", "format", "seed", "frames_done", "frames_checkpointed", "estimated_frames", "progress_percent", "estimated_time_left", "create_time", "start_time", "end_time", "segments", "error", "audio_checks", "finish_reason", "audio_seconds", "resumes", "pauses", "rebuilds", "frames_regenerated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class Job(_message.Message):
     AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RESUMES_FIELD_NUMBER: _ClassVar[int]
     PAUSES_FIELD_NUMBER: _ClassVar[int]
+    REBUILDS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_REGENERATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     owner: str
     state: JobState
@@ -72,7 +74,9 @@ class Job(_message.Message):
     audio_seconds: float
     resumes: int
     pauses: int
-    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request_id: _Optional[str] = ..., format: _Optional[_Union[_tts_pb2.AudioFormat, str]] = ..., seed: _Optional[int] = ..., frames_done: _Optional[int] = ..., frames_checkpointed: _Optional[int] = ..., estimated_frames: _Optional[int] = ..., progress_percent: _Optional[float] = ..., estimated_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[JobSegment, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., audio_checks: _Optional[_Union[AudioChecks, _Mapping]] = ..., finish_reason: _Optional[str] = ..., audio_seconds: _Optional[float] = ..., resumes: _Optional[int] = ..., pauses: _Optional[int] = ...) -> None: ...
+    rebuilds: int
+    frames_regenerated: int
+    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request_id: _Optional[str] = ..., format: _Optional[_Union[_tts_pb2.AudioFormat, str]] = ..., seed: _Optional[int] = ..., frames_done: _Optional[int] = ..., frames_checkpointed: _Optional[int] = ..., estimated_frames: _Optional[int] = ..., progress_percent: _Optional[float] = ..., estimated_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[JobSegment, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., audio_checks: _Optional[_Union[AudioChecks, _Mapping]] = ..., finish_reason: _Optional[str] = ..., audio_seconds: _Optional[float] = ..., resumes: _Optional[int] = ..., pauses: _Optional[int] = ..., rebuilds: _Optional[int] = ..., frames_regenerated: _Optional[int] = ...) -> None: ...
 
 class JobSegment(_message.Message):
     __slots__ = ("index", "first_turn", "turns", "prompt_tokens", "first_frame", "frames")

@@ -1,0 +1,100 @@
+"""What a stream's three branches read before its first decode step, for a new stream and for a resumed one.
+
+A new stream prefills its prompt but the last token (audio_bos) into the positive branch; that token is the
+first step's input for every branch. A resumed stream is rebuilt from every step it took before (its tokens,
+and each speech step's frame embedding), to exactly the positions an uninterrupted run holds after those
+steps (services/llm/engine.py describes the branches):
+
+- positive: the prompt, then every step's input but the last (a frame's embedding after speech, the token's
+  embedding otherwise);
+- unconditional: the prompt's last token, then every token chosen but the last;
+- negative: the inputs of the speech steps since the last audio_bos (the steps that chose it, or speech);
+
+and the next step reads the last step's input (and token). The three are prefilled one after the other in
+chunks, through the same paged path as prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from services.llm.memory_plan import BRANCHES
+
+POSITIVE, NEGATIVE, UNCONDITIONAL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class StepHistory:
+    """Every step a stream took, in order: its tokens (speech steps as the audio token), and per speech step the
+    frame's input embedding, (frames, hidden). It ends with a speech step."""
+
+    tokens: list[int]
+    frame_embeddings: torch.Tensor
+
+
+@dataclass
+class PrefillPlan:
+    parts: list[tuple[int, torch.Tensor]]  # (branch, inputs (n, hidden) it writes from position 0), in order
+    next_input: torch.Tensor  # (hidden,): the positive and negative branches' next input
+    next_token: int  # the unconditional branch reads this token's embedding next
+    frames: int = 0  # frames made before
+    segment: int = 0  # audio_bos chosen before
+
+    @property
+    def positions(self) -> int:
+        return sum(inputs.shape[0] for _, inputs in self.parts)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Positions per branch once prefilled."""
+        lengths = [0] * BRANCHES
+        for branch, inputs in self.parts:
+            lengths[branch] = inputs.shape[0]
+        return tuple(lengths)
+
+    def locate(self, done: int) -> tuple[int, torch.Tensor, int]:
+        """The part that position `done` of the whole prefill falls in: (branch, inputs, offset within them)."""
+        for branch, inputs in self.parts:
+            if done < inputs.shape[0]:
+                return branch, inputs, done
+            done -= inputs.shape[0]
+        raise IndexError("the prefill is complete")
+
+
+def new_stream(prompt_ids: list[int], prompt_embeds: torch.Tensor) -> PrefillPlan:
+    return PrefillPlan([(POSITIVE, prompt_embeds[:-1])], prompt_embeds[-1], prompt_ids[-1])
+
+
+def resumed_stream(
+    prompt_ids: list[int],
+    prompt_embeds: torch.Tensor,
+    history: StepHistory,
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+    audio_token_id: int,
+    audio_bos_token_id: int,
+) -> PrefillPlan:
+    tokens = history.tokens
+    device = prompt_embeds.device
+    token_embeds = embed_tokens(torch.tensor(tokens, device=device))
+    speech = torch.tensor([t == audio_token_id for t in tokens], device=device)
+    # x[t] is the input of step t: the prompt's last token first, then what each step's choice gave.
+    following = token_embeds.clone()
+    following[speech] = history.frame_embeddings.to(device, prompt_embeds.dtype)
+    inputs = torch.cat([prompt_embeds[-1:], following])
+    last_bos = max((t for t, token in enumerate(tokens) if token == audio_bos_token_id), default=-1)
+    negative = [t for t in range(last_bos + 1, len(tokens)) if tokens[t] == audio_token_id]
+    unconditional = torch.cat([embed_tokens(torch.tensor(prompt_ids[-1:], device=device)), token_embeds[:-1]])
+    return PrefillPlan(
+        parts=[
+            (POSITIVE, torch.cat([prompt_embeds[:-1], inputs[:-1]])),
+            (UNCONDITIONAL, unconditional),
+            (NEGATIVE, inputs[torch.tensor(negative, dtype=torch.long, device=device)]),
+        ],
+        next_input=inputs[-1],
+        next_token=tokens[-1],
+        frames=int(speech.sum()),
+        segment=sum(1 for t in tokens if t == audio_bos_token_id),
+    )
