@@ -257,8 +257,8 @@ def pages_short(engine: LMEngine) -> int:
             return engine.blocks.usable + 1
         if stream.decoding:
             positions = [n + 1 for n in stream.lengths]
-        elif stream.prompt_embeds is not None:
-            positions = [len(stream.prompt_ids) - 1, 0, 0]
+        elif stream.plan is not None:
+            positions = list(stream.plan.lengths)
         else:
             continue
         short += engine.blocks.short(stream.pages, positions)
