@@ -92,6 +92,19 @@ def test_a_killed_llm_resumes_its_job_to_the_same_audio_frame_for_frame(two_rows
     assert_close(samples(two_rows, job.name), uninterrupted)
 
 
+def test_a_killed_acoustic_service_resumes_its_job_to_the_same_audio(two_rows, uninterrupted):
+    """The acoustic service holds every stream's convolution state and noise generator: killed, the job goes on
+    from its checkpoint with both rebuilt in the new process."""
+    job = create(two_rows, "acoustic-killed", request(FRAMES, seed=SEED))
+    wait_for(two_rows, job.name, lambda j: j.frames_checkpointed >= 30)
+    restart(two_rows, "acoustic")
+    done = wait_for(two_rows, job.name, succeeded)
+    assert done.resumes >= 1 and done.frames_done == FRAMES
+    assert (done.rebuilds, done.frames_regenerated) == (done.resumes, 0)
+    assert stored_indices(two_rows, "acoustic-killed") == list(range(FRAMES))
+    assert_close(samples(two_rows, job.name), uninterrupted)
+
+
 OWN_SEED = 0  # the tiny model's own decisions: 8 frames in four speech segments, audio_eos and audio_bos between
 OWN_CUT = 6  # after the frames that followed audio_bos; audio_eos, audio_bos and two more frames to come
 
