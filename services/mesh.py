@@ -98,6 +98,7 @@ class LLMConfig:
     compile: bool = True
     shared_gpu_memory: bool = True
     pipelined_steps: bool = True  # over the wire: one half of the batch renders while the other decodes
+    profile_dir: str | None = None  # a profile of the first steps with a prompt chunk under load goes here
 
     def argv(self) -> list[str]:
         return _argv(self)

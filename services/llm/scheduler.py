@@ -29,6 +29,7 @@ import torch
 from services.common.step_stats import StepStats
 from services.llm.engine import LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
+from services.llm.step_profile import StepProfile
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.values import StreamSpec
 
@@ -87,9 +88,15 @@ class Job:
 
 class Scheduler:
     def __init__(
-        self, engine: LMEngine, link: RenderLink, prefill_budget: int | None = None, pipelined: bool = False
+        self,
+        engine: LMEngine,
+        link: RenderLink,
+        prefill_budget: int | None = None,
+        pipelined: bool = False,
+        profile: StepProfile | None = None,
     ) -> None:
         self.engine = engine
+        self.profile = profile or StepProfile(None)
         self.runner = StepRunner(engine, link)
         self.prefill_budget = prefill_budget
         self.pipelined = pipelined  # split steps in two halves whenever the link can hold one in flight
@@ -157,7 +164,9 @@ class Scheduler:
 
     async def _one_step(self) -> None:
         started = time.perf_counter()
-        plan = await self._step_once()
+        prefilling = any(s.plan is not None for s in self.engine.streams)
+        with self.profile.around(prefilling, self.engine.decoding_count):
+            plan = await self._step_once()
         if self.active:
             elapsed_ms = (time.perf_counter() - started) * 1000
             if not plan.pipelined:

@@ -31,6 +31,7 @@ from services.common.tensors import from_proto, to_proto
 from services.llm.engine import LMEngine, LMStream
 from services.llm.resume import ResumeFrames, ResumeLimits, checked_resume, rebuild_history
 from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler, StillWorking
+from services.llm.step_profile import StepProfile
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.shared_memory import LLMSharedMemory
 from services.render.values import StreamSpec
@@ -282,6 +283,11 @@ def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
     )
     p.add_argument("--drain-grace", type=float, default=120.0, help="seconds running streams get after SIGTERM")
     p.add_argument(
+        "--profile-dir",
+        default=None,
+        help="profile the first steps that carry a prompt chunk while streams play, into this folder",
+    )
+    p.add_argument(
         "--allow-fixed-frames",
         action="store_true",
         help="accept the fixed_frames request option, a test and benchmark option that overrides the model's decisions",
@@ -324,7 +330,7 @@ async def serve(
 ) -> None:
     """Serve LLM until SIGTERM, and the services in `extra` (full name -> what adds its servicer)."""
     # prefills one --prefill-chunk a step (more while nothing plays); pipelines where the link can
-    scheduler = Scheduler(engine, link, pipelined=not args.no_pipelined_steps)
+    scheduler = Scheduler(engine, link, pipelined=not args.no_pipelined_steps, profile=StepProfile(args.profile_dir))
     names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name, *(extra or {})]
     service = Service("llm", args.host, args.port, names)
     for add in (extra or {}).values():

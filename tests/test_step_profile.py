@@ -1,0 +1,37 @@
+"""The llm's one-shot step profile: it records the first steps with a prompt chunk under load, then stops."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from services.llm.step_profile import StepProfile
+
+
+def test_the_first_steps_with_a_chunk_under_load_are_profiled_once(tmp_path):
+    profile = StepProfile(str(tmp_path), steps=2, min_playing=2)
+    x = torch.randn(32, 32)
+    with profile.around(prefilling=True, playing=1):  # too few streams playing
+        torch.sin(x)
+    with profile.around(prefilling=False, playing=4):  # no prompt chunk
+        torch.cos(x)
+    assert not list(tmp_path.iterdir())
+    with profile.around(prefilling=True, playing=4):
+        torch.mm(x, x)
+    with profile.around(prefilling=False, playing=0):  # once begun, the following steps count whatever they carry
+        torch.tanh(x)
+    with profile.around(prefilling=True, playing=4):  # one shot: nothing after the steps asked for
+        torch.exp(x)
+    table = (tmp_path / "llm-steps.txt").read_text()
+    assert "aten::mm" in table and "aten::tanh" in table
+    assert "aten::sin" not in table and "aten::cos" not in table and "aten::exp" not in table
+    trace = json.loads((tmp_path / "llm-steps.json").read_text())
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+
+
+def test_without_a_folder_nothing_is_profiled():
+    profile = StepProfile(None)
+    with profile.around(prefilling=True, playing=100):
+        torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+    assert profile.left == 0
