@@ -3,13 +3,17 @@ what Acoustic.StreamAudio gives equals, bit for bit, what the llm gives for the 
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
+from google.rpc import code_pb2
 from grpc_status import rpc_status
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from services.common.errors import bad_request_fields
+from services.common.errors import RequestError, bad_request_fields
 from services.common.tensors import from_proto
+from services.synthesis.backends import Backends
 
 FRAMES = 5
 
@@ -56,3 +60,29 @@ def test_bad_audio_keys_are_refused_with_the_field(stubs):
             call()
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [f for f, _ in bad_request_fields(rpc_status.from_call(e.value))] == ["audio_key"]
+
+
+class EndedAudio:
+    """An audio stream that has ended (or failed with `error`) before the llm's frame."""
+
+    def __init__(self, error: grpc.aio.AioRpcError | None = None) -> None:
+        self.error = error
+
+    async def read(self):
+        if self.error is not None:
+            raise self.error
+        return grpc.aio.EOF
+
+
+@pytest.mark.parametrize("code", [None, grpc.StatusCode.INTERNAL, grpc.StatusCode.NOT_FOUND])
+def test_audio_stream_that_ends_or_fails_first_is_unavailable_naming_acoustic(code):
+    error = None if code is None else grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+
+    async def main():
+        backends = Backends("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+        with pytest.raises(RequestError) as e:
+            await backends._with_audio(mesh_pb2.GeneratedFrame(index=3), EndedAudio(error))
+        assert e.value.status.code == code_pb2.UNAVAILABLE
+        assert "acoustic service at 127.0.0.1:2" in e.value.status.message
+
+    asyncio.run(main())
