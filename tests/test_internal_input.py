@@ -288,6 +288,13 @@ METHODS = {
         mesh_pb2.EmbedFramesRequest,
         "uu",
     ),
+    "acoustic stream audio": (
+        "acoustic",
+        "acoustic",
+        "/vibevoice.mesh.v1.Acoustic/StreamAudio",
+        mesh_pb2.StreamAudioRequest,
+        "us",
+    ),
     "llm generate": ("llm", "llm", "/vibevoice.mesh.v1.LLM/Generate", mesh_pb2.GenerateRequest, "us"),
     "llm capacity": ("llm", "llm", "/vibevoice.mesh.v1.LLM/Capacity", mesh_pb2.CapacityRequest, "uu"),
 }

@@ -8,6 +8,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
@@ -16,7 +17,7 @@ from services.acoustic.engine import AcousticEngine
 from services.common.audio import MAX_VOICE_SECONDS, SAMPLE_RATE
 from services.common.checked_tensors import checked_rows
 from services.common.checkpoint import resolve_checkpoint
-from services.common.errors import RequestError, abort, invalid_argument
+from services.common.errors import RequestError, abort, invalid_argument, unavailable
 from services.common.grpc_server import Service
 from services.common.limits import MAX_VOICES
 from services.common.logs import mark_random_weights, setup_logging
@@ -25,6 +26,7 @@ from services.common.model_info import model_info
 from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
+from services.render.audio_out import AudioRouter, Routed, checked_key
 from services.render.shared_memory import AcousticSharedMemory
 from services.render.values import RenderStep
 
@@ -77,6 +79,15 @@ def check_resumed_starts(request: mesh_pb2.RenderRequest, engine: AcousticEngine
             )
 
 
+def check_audio_keys(request: mesh_pb2.RenderRequest) -> None:
+    for i, start in enumerate(request.starts):
+        if start.audio_key:
+            try:
+                checked_key(start.audio_key)
+            except RequestError:
+                raise invalid_argument(f"starts[{i}].audio_key", "1 to 64 letters, digits, '-' or '_'") from None
+
+
 def checked_frames(request: mesh_pb2.EmbedFramesRequest, engine: AcousticEngine) -> tuple[torch.Tensor, torch.Tensor]:
     latents = checked_rows(request.latents, "latents", engine.latent_size)
     if latents.shape[0] > MAX_STREAM_FRAMES:
@@ -86,18 +97,15 @@ def checked_frames(request: mesh_pb2.EmbedFramesRequest, engine: AcousticEngine)
 
 
 class Acoustic(mesh_pb2_grpc.AcousticServicer):
-    def __init__(self, engine: AcousticEngine) -> None:
+    def __init__(self, engine: AcousticEngine, audio_out: AudioRouter | None = None) -> None:
         self.engine = engine
+        self.audio_out = audio_out or AudioRouter()  # keyed streams' frames, for StreamAudio
         # Steps run one at a time, off the event loop. Voice encoding uses other weights and its own CUDA
         # stream, so a new request's voices never hold up the frames of streams already playing.
         self.lock = asyncio.Lock()
         self.encode_lock = asyncio.Lock()
         self._connections = itertools.count(1)
         self.stats = StepStats(log, "render step")
-
-    async def _run(self, fn, *args):
-        async with self.lock:
-            return await asyncio.to_thread(fn, *args)
 
     async def EncodeVoice(self, request, context):  # noqa: N802
         try:
@@ -121,23 +129,25 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
 
     def _step(
         self, conn: int, request: mesh_pb2.RenderRequest, shared: AcousticSharedMemory | None
-    ) -> mesh_pb2.RenderResponse:
+    ) -> tuple[mesh_pb2.RenderResponse, Routed]:
         t0 = time.perf_counter()
         conditions = shared.conditions_for(len(request.stream_ids)) if request.stream_ids and shared else None
         step = RenderStep.from_proto(request, lambda s: _key(conn, s), conditions)
         t1 = time.perf_counter()
         result = self.engine.step(step)
         t2 = time.perf_counter()
+        routed = self.audio_out.take(step, result)
         response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
         if step.ids and shared is not None:
             # the llm waits for it on the GPU, not here
             shared.publish((result.embeddings, result.audio, result.latents, result.semantic))
         else:
-            result.fill(response)
+            # a step whose every stream is keyed sends the llm only what it needs: the embeddings
+            result.fill(response, frames=len(routed.frames) < len(step.ids))
         t3 = time.perf_counter()
         phases = {"unpack": (t1 - t0) * 1000, "render": (t2 - t1) * 1000, "pack": (t3 - t2) * 1000}
         self.stats.add(len(step.ids), phases, context=f" ({len(step.starts)} joining)")
-        return response
+        return response, routed
 
     async def Render(self, request_iterator: AsyncIterator, context) -> AsyncIterator:  # noqa: N802
         conn = next(self._connections)
@@ -162,17 +172,36 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
                     continue
                 try:
                     check_resumed_starts(request, self.engine)
+                    check_audio_keys(request)
                 except RequestError as e:
                     await abort(context, e)
                     return
                 started.update(s.stream_id for s in request.starts)
                 started.difference_update(request.ends)
-                yield await self._run(self._step, conn, request, shared)
+                async with self.lock:
+                    response, routed = await asyncio.to_thread(self._step, conn, request, shared)
+                    self.audio_out.deliver(routed)
+                yield response
         finally:
-            # The llm went away: release whatever its streams held.
+            # The llm went away: release whatever its streams held, and tell their audio's subscribers.
+            lost = unavailable(f"the llm's render stream {conn} closed mid-stream")
             for s in started:
                 self.engine.end(_key(conn, s))
+                self.audio_out.end(_key(conn, s), lost)
             log.info("render stream %d closed (%d streams released)", conn, len(started))
+
+    async def StreamAudio(self, request, context):  # noqa: N802
+        try:
+            async with aclosing(self.audio_out.subscribe(request.audio_key)) as frames:
+                async for frame in frames:
+                    yield mesh_pb2.StreamAudioResponse(
+                        index=frame.index,
+                        audio=to_proto(frame.audio),
+                        latent=to_proto(frame.latent),
+                        semantic=to_proto(frame.semantic),
+                    )
+        except RequestError as e:
+            await abort(context, e)
 
     async def DescribeModel(self, request, context):  # noqa: N802
         return mesh_pb2.AcousticDescribeModelResponse(info=model_info(self.engine, str(self.engine.ckpt.path)))

@@ -48,11 +48,21 @@ class StepPlan:
 class StepOutput:
     ready: list[LMStream]  # prompts that finished prefilling
     decisions: list[Decision]  # accepted in this step: every decoding stream's (plain) or a half's, in row order
-    audio: torch.Tensor | None  # (speaking streams, samples) on the host, in the order of the speaking decisions
+    # Per speaking decision, in order, on the host: its frame's audio (samples,), and its latent and semantic
+    # features (what a resume rebuilds from); None where they went from the acoustic side to the consumer.
+    audio: list[torch.Tensor | None]
     phase_ms: dict[str, float]
-    # The frames' latents and semantic features on the host, in the same order: what a resume rebuilds from.
-    latents: torch.Tensor | None = None
-    semantic: torch.Tensor | None = None
+    latents: list[torch.Tensor | None] = field(default_factory=list)
+    semantic: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def _rows(results: list[RenderResult], part: str) -> list[torch.Tensor | None]:
+    """One part of the results' frames, row by row on the host (None for a result that came without it)."""
+    rows: list[torch.Tensor | None] = []
+    for r in results:
+        t = getattr(r, part)
+        rows += [None] * r.embeddings.shape[0] if t is None else list(t.float().cpu())
+    return rows
 
 
 @dataclass
@@ -151,9 +161,7 @@ class StepRunner:
             raise
         t3 = time.perf_counter()
         speaking = [result for half, result in accepted if any(d.speech for d in half.decisions)]
-        audio = [r.audio.float().cpu() for r in speaking]
-        latents = [r.latents.float().cpu() for r in speaking]
-        semantic = [r.semantic.float().cpu() for r in speaking]
+        audio, latents, semantic = (_rows(speaking, part) for part in ("audio", "latents", "semantic"))
         phases = {
             # Prefill's GPU work may end inside decode, whose choice copy waits for the device.
             "prefill": (prefilled - t0) * 1000,
@@ -166,10 +174,10 @@ class StepRunner:
         return StepOutput(
             ready,
             decided,
-            torch.cat(audio) if audio else None,
+            audio,
             phases,
-            torch.cat(latents) if latents else None,
-            torch.cat(semantic) if semantic else None,
+            latents,
+            semantic,
         )
 
     async def _pipelined(

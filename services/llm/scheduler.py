@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class Frame:
     index: int
     segment: int
-    audio: torch.Tensor
+    audio: torch.Tensor | None  # None: it went from the acoustic side straight to the consumer (a keyed stream)
     # What a resume rebuilds the stream from (GeneratedFrame's fields of the same names).
     tokens_before: list[int] = field(default_factory=list)
     latent: torch.Tensor | None = None

@@ -32,6 +32,7 @@ from services.llm.engine import LMEngine, LMStream
 from services.llm.resume import ResumeFrames, ResumeLimits, checked_resume, rebuild_history
 from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler, StillWorking
 from services.llm.step_profile import StepProfile
+from services.render.audio_out import checked_key
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.shared_memory import LLMSharedMemory
 from services.render.values import StreamSpec
@@ -85,6 +86,8 @@ class LLM(mesh_pb2_grpc.LLMServicer):
                 "options.fixed_frames",
                 f"{request.fixed_frames} frames do not fit: the prompt leaves room for {room} in the model's context",
             )
+        if request.audio_key:
+            checked_key(request.audio_key)  # before it reaches the acoustic side, where it would fail the step
         cfg_scale = request.cfg_scale or DEFAULT_CFG_SCALE
         if problem := cfg_scale_problem(cfg_scale):
             raise invalid_argument("cfg_scale", problem)
@@ -126,6 +129,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             diffusion_steps=steps,
             voice_count=request.voice_count,
             voice_max_frames=request.voice_max_frames,
+            audio_key=request.audio_key,
         )
         return Job(stream=stream, spec=spec), resume
 
@@ -195,16 +199,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             while True:
                 event = await job.events.get()
                 if isinstance(event, Frame):
-                    yield mesh_pb2.GenerateResponse(
-                        frame=mesh_pb2.GeneratedFrame(
-                            index=event.index,
-                            segment_index=event.segment,
-                            audio=to_proto(event.audio),
-                            tokens_before=event.tokens_before,
-                            latent=to_proto(event.latent),
-                            semantic=to_proto(event.semantic),
-                        )
-                    )
+                    yield mesh_pb2.GenerateResponse(frame=generated_frame(event, keyed=bool(request.audio_key)))
                 elif isinstance(event, PromptDone | StillWorking):
                     tokens = len(job.stream.prompt_ids)
                     yield mesh_pb2.GenerateResponse(
@@ -242,6 +237,17 @@ class LLM(mesh_pb2_grpc.LLMServicer):
 
     async def DescribeModel(self, request, context):  # noqa: N802
         return mesh_pb2.LLMDescribeModelResponse(info=model_info(self.engine, str(self.engine.ckpt.path)))
+
+
+def generated_frame(frame: Frame, keyed: bool) -> mesh_pb2.GeneratedFrame:
+    """The llm's part of a frame; a keyed stream's audio, latent and semantic features reach its consumer from the
+    acoustic side (Acoustic.StreamAudio), so they never pass through here."""
+    out = mesh_pb2.GeneratedFrame(index=frame.index, segment_index=frame.segment, tokens_before=frame.tokens_before)
+    if not keyed:
+        out.audio.CopyFrom(to_proto(frame.audio))
+        out.latent.CopyFrom(to_proto(frame.latent))
+        out.semantic.CopyFrom(to_proto(frame.semantic))
+    return out
 
 
 def shared_memory(engine: LMEngine) -> LLMSharedMemory | None:

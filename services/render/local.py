@@ -6,16 +6,29 @@ import asyncio
 
 import torch
 
+from services.render.audio_out import AudioRouter, Routed
 from services.render.link import RenderEngine
 from services.render.values import RenderResult, RenderStep
 
 
 class LocalLink:
-    def __init__(self, engine: RenderEngine) -> None:
+    """With `audio_out`, keyed streams' frames go to their mailboxes, which this process serves (StreamAudio)."""
+
+    def __init__(self, engine: RenderEngine, audio_out: AudioRouter | None = None) -> None:
         self.engine = engine
+        self.audio_out = audio_out
 
     async def step(self, step: RenderStep) -> RenderResult:
-        return await asyncio.to_thread(self.engine.step, step)
+        if self.audio_out is None:
+            return await asyncio.to_thread(self.engine.step, step)
+
+        def render() -> tuple[RenderResult, Routed]:
+            result = self.engine.step(step)
+            return result, self.audio_out.take(step, result)
+
+        result, routed = await asyncio.to_thread(render)
+        self.audio_out.deliver(routed)
+        return result
 
     async def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> tuple[torch.Tensor, int]:
         return await asyncio.to_thread(self.engine.embed_frames, latents, semantic), self.engine.replay_frames

@@ -32,6 +32,7 @@ class StreamSpec:
     voice_count: int = 0
     voice_max_frames: int = 0
     history: StreamHistory | None = None  # a resumed stream
+    audio_key: str = ""  # set: its frames go to Acoustic.StreamAudio's subscriber for this key (`audio_out`)
 
     def to_proto(self) -> mesh_pb2.StreamStart:
         start = mesh_pb2.StreamStart(
@@ -41,6 +42,7 @@ class StreamSpec:
             diffusion_steps=self.diffusion_steps,
             voice_count=self.voice_count,
             voice_max_frames=self.voice_max_frames,
+            audio_key=self.audio_key,
         )
         if self.history is not None:
             start.frames_made = self.history.frames_made
@@ -61,6 +63,7 @@ class StreamSpec:
             msg.voice_count,
             msg.voice_max_frames,
             history,
+            msg.audio_key,
         )
 
 
@@ -116,16 +119,20 @@ class RenderResult:
     latents: torch.Tensor | None = None
     semantic: torch.Tensor | None = None
 
-    def fill(self, response: mesh_pb2.RenderResponse) -> mesh_pb2.RenderResponse:
+    def fill(self, response: mesh_pb2.RenderResponse, frames: bool = True) -> mesh_pb2.RenderResponse:
+        """The response; without the frames (audio, latents, semantic) when they all went to their consumers."""
         if self.embeddings is not None:
             response.embeddings.CopyFrom(to_proto(self.embeddings))
-            response.audio.CopyFrom(to_proto(self.audio))
-            response.latents.CopyFrom(to_proto(self.latents))
-            response.semantic.CopyFrom(to_proto(self.semantic))
+            if frames:
+                response.audio.CopyFrom(to_proto(self.audio))
+                response.latents.CopyFrom(to_proto(self.latents))
+                response.semantic.CopyFrom(to_proto(self.semantic))
         return response
 
     @classmethod
     def from_proto(cls, msg: mesh_pb2.RenderResponse) -> RenderResult:
         if not msg.HasField("embeddings"):
             return cls()
+        if not msg.HasField("audio"):  # every stream of the step is keyed: its frames went straight to consumers
+            return cls(from_proto(msg.embeddings))
         return cls(*(from_proto(t) for t in (msg.embeddings, msg.audio, msg.latents, msg.semantic)))

@@ -3,6 +3,7 @@ carried back in the caller's terms (the failing hop named, its status kept)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -189,12 +190,35 @@ class Backends:
     async def generate(
         self, generate: mesh_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[mesh_pb2.GenerateResponse]:
-        """The llm's events for one stream; leaving the loop early ends the stream there (its row is freed)."""
+        """The llm's events for one stream, each frame with its audio, latent and semantic features, which come
+        straight from the acoustic service (StreamAudio, by a fresh key) and are paired with the llm's frames by
+        order. Leaving the loop early ends the stream there (its row is freed, both calls cancelled)."""
+        generate.audio_key = secrets.token_hex(16)
+        audio = self.acoustic.StreamAudio(mesh_pb2.StreamAudioRequest(audio_key=generate.audio_key), timeout=timeout)
         call = self.llm.Generate(generate, timeout=timeout)
         try:
             async for event in call:
+                if event.WhichOneof("event") == "frame":
+                    await self._with_audio(event.frame, audio)
                 yield event
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"llm service at {self.addresses['llm']}") from e
         finally:
             call.cancel()
+            audio.cancel()
+
+    async def _with_audio(self, frame: mesh_pb2.GeneratedFrame, audio: grpc.aio.UnaryStreamCall) -> None:
+        """Fills the llm's frame from the next frame of the audio stream; UNAVAILABLE naming the acoustic service
+        when that stream fails or ends first."""
+        where = f"acoustic service at {self.addresses['acoustic']}"
+        try:
+            part = await audio.read()
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                raise from_rpc_error(e, where) from e
+            raise unavailable(f"{where}: audio stream failed: {e.code().name}: {e.details()}") from e
+        if part is grpc.aio.EOF:
+            raise unavailable(f"{where}: audio stream ended before frame {frame.index}")
+        frame.audio.CopyFrom(part.audio)
+        frame.latent.CopyFrom(part.latent)
+        frame.semantic.CopyFrom(part.semantic)

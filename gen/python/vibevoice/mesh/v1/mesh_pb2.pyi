@@ -231,7 +231,7 @@ class SharedMemoryAccept(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[SharedTensor, _Mapping]] = ..., audio: _Optional[_Union[SharedTensor, _Mapping]] = ..., done_event: _Optional[bytes] = ..., latents: _Optional[_Union[SharedTensor, _Mapping]] = ..., semantic: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
 
 class StreamStart(_message.Message):
-    __slots__ = ("stream_id", "seed", "cfg_scale", "diffusion_steps", "voice_count", "voice_max_frames", "frames_made", "replay_latents")
+    __slots__ = ("stream_id", "seed", "cfg_scale", "diffusion_steps", "voice_count", "voice_max_frames", "frames_made", "replay_latents", "audio_key")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class StreamStart(_message.Message):
     VOICE_MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FRAMES_MADE_FIELD_NUMBER: _ClassVar[int]
     REPLAY_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_KEY_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
     seed: int
     cfg_scale: float
@@ -248,7 +249,26 @@ class StreamStart(_message.Message):
     voice_max_frames: int
     frames_made: int
     replay_latents: Tensor
-    def __init__(self, stream_id: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., frames_made: _Optional[int] = ..., replay_latents: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    audio_key: str
+    def __init__(self, stream_id: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., frames_made: _Optional[int] = ..., replay_latents: _Optional[_Union[Tensor, _Mapping]] = ..., audio_key: _Optional[str] = ...) -> None: ...
+
+class StreamAudioRequest(_message.Message):
+    __slots__ = ("audio_key",)
+    AUDIO_KEY_FIELD_NUMBER: _ClassVar[int]
+    audio_key: str
+    def __init__(self, audio_key: _Optional[str] = ...) -> None: ...
+
+class StreamAudioResponse(_message.Message):
+    __slots__ = ("index", "audio", "latent", "semantic")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    audio: Tensor
+    latent: Tensor
+    semantic: Tensor
+    def __init__(self, index: _Optional[int] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., latent: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
     __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept", "latents", "semantic")
@@ -311,7 +331,7 @@ class CapacityResponse(_message.Message):
     def __init__(self, slots: _Optional[int] = ..., active: _Optional[int] = ..., waiting: _Optional[int] = ..., max_positions: _Optional[int] = ..., step_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages: _Optional[int] = ..., kv_pages_available: _Optional[int] = ..., page_size: _Optional[int] = ..., expected_positions: _Optional[int] = ..., preemptions: _Optional[int] = ..., waiting_live: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "voice_embeddings", "voice_count", "voice_max_frames", "cfg_scale", "diffusion_steps", "seed", "max_frames", "fixed_frames", "expected_frames", "background", "resume")
+    __slots__ = ("request_id", "prompt_ids", "voice_embeddings", "voice_count", "voice_max_frames", "cfg_scale", "diffusion_steps", "seed", "max_frames", "fixed_frames", "expected_frames", "background", "resume", "audio_key")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     VOICE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +345,7 @@ class GenerateRequest(_message.Message):
     EXPECTED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_KEY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     voice_embeddings: Tensor
@@ -338,7 +359,8 @@ class GenerateRequest(_message.Message):
     expected_frames: int
     background: bool
     resume: ResumeHistory
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., voice_embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_frames: _Optional[int] = ..., fixed_frames: _Optional[int] = ..., expected_frames: _Optional[int] = ..., background: _Optional[bool] = ..., resume: _Optional[_Union[ResumeHistory, _Mapping]] = ...) -> None: ...
+    audio_key: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., voice_embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., seed: _Optional[int] = ..., max_frames: _Optional[int] = ..., fixed_frames: _Optional[int] = ..., expected_frames: _Optional[int] = ..., background: _Optional[bool] = ..., resume: _Optional[_Union[ResumeHistory, _Mapping]] = ..., audio_key: _Optional[str] = ...) -> None: ...
 
 class ResumeHistory(_message.Message):
     __slots__ = ("tokens_before", "tokens", "latents", "semantic")

@@ -175,6 +175,11 @@ class AcousticStub:
                 request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.RenderRequest.SerializeToString,
                 response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.StreamAudio = channel.unary_stream(
+                '/vibevoice.mesh.v1.Acoustic/StreamAudio',
+                request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.StreamAudioRequest.SerializeToString,
+                response_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.StreamAudioResponse.FromString,
+                _registered_method=True)
         self.DescribeModel = channel.unary_unary(
                 '/vibevoice.mesh.v1.Acoustic/DescribeModel',
                 request_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.AcousticDescribeModelRequest.SerializeToString,
@@ -209,6 +214,16 @@ class AcousticServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAudio(self, request, context):
+        """The frames of the stream started with this `audio_key`, in order, straight to their consumer (the gateway or
+        the jobs service) rather than through the llm; the call ends after the stream's last frame. Subscribe before
+        or after the stream starts: frames wait in the key's mailbox for a while (NOT_FOUND when no stream with the
+        key starts in time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DescribeModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -232,6 +247,11 @@ def add_AcousticServicer_to_server(servicer, server):
                     servicer.Render,
                     request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.RenderRequest.FromString,
                     response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.RenderResponse.SerializeToString,
+            ),
+            'StreamAudio': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamAudio,
+                    request_deserializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.StreamAudioRequest.FromString,
+                    response_serializer=vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.StreamAudioResponse.SerializeToString,
             ),
             'DescribeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeModel,
@@ -322,6 +342,33 @@ class Acoustic:
             '/vibevoice.mesh.v1.Acoustic/Render',
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.RenderRequest.SerializeToString,
             vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAudio(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vibevoice.mesh.v1.Acoustic/StreamAudio',
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.StreamAudioRequest.SerializeToString,
+            vibevoice_dot_mesh_dot_v1_dot_mesh__pb2.StreamAudioResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,164 @@
+"""Per-key mailboxes of rendered frames, so audio leaves the acoustic side for its consumer, not through the llm.
+
+A stream started with an `audio_key` has its frames put, in render order, in that key's mailbox; the
+consumer's Acoustic.StreamAudio call reads them. Either may come first: a subscriber waits for the stream to
+start, and a started stream's frames wait for their subscriber. Nothing is left behind: a mailbox goes when
+its subscriber leaves, or after `ttl_s` when nobody subscribes; an unread mailbox holds at most `cap` frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from google.rpc import code_pb2
+
+from services.common.errors import RequestError, invalid_argument, status_error
+from services.render.values import RenderResult, RenderStep
+
+KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TTL_S = 30.0
+UNREAD_CAP = 4096  # frames (about 9 minutes of audio) an unsubscribed mailbox holds
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    """One frame of a keyed stream, on the host in float32."""
+
+    index: int
+    audio: torch.Tensor
+    latent: torch.Tensor
+    semantic: torch.Tensor
+
+
+@dataclass
+class _Mailbox:
+    created: float
+    frames: deque[AudioFrame] = field(default_factory=deque)
+    started: bool = False
+    ended: bool = False
+    error: RequestError | None = None  # the stream failed or its frames were dropped
+    subscribed: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, frame: AudioFrame, cap: int) -> None:
+        if self.error is not None or self.ended:
+            return
+        self.frames.append(frame)
+        if not self.subscribed and len(self.frames) > cap:
+            self.frames.clear()
+            self.error = status_error(code_pb2.RESOURCE_EXHAUSTED, f"more than {cap} frames unread; dropped")
+        self.wake.set()
+
+    def close(self, error: RequestError | None = None) -> None:
+        self.ended = True
+        self.error = self.error or error
+        self.wake.set()
+
+
+def checked_key(key: str) -> str:
+    if not KEY.fullmatch(key):
+        raise invalid_argument("audio_key", f"{key[:80]!r}; 1 to 64 letters, digits, '-' or '_'")
+    return key
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A step's keyed frames, made on the render thread (host copies), delivered on the event loop."""
+
+    starts: list[tuple[int, str, int]]  # engine stream id, audio key, index of its first frame
+    frames: list[tuple[int, AudioFrame]]  # their indices are set at delivery
+    ends: list[int]
+
+
+class AudioRouter:
+    """Keyed streams' frames by key. Its methods run on the event loop, except `take` (any thread)."""
+
+    def __init__(self, ttl_s: float = TTL_S, cap: int = UNREAD_CAP) -> None:
+        self.ttl_s, self.cap = ttl_s, cap
+        self.boxes: dict[str, _Mailbox] = {}
+        self.keys: dict[int, str] = {}  # engine stream id -> its audio key, while it runs
+        self.counts: dict[int, int] = {}  # engine stream id -> the index of its next frame
+
+    def take(self, step: RenderStep, result: RenderResult) -> Routed:
+        """What of a rendered step goes to mailboxes: its keyed starts, frames and ends. Reads `keys` only (a
+        stream starts in an earlier delivery or in this step), so it may run off the loop between deliveries."""
+        starts = [
+            (s.stream_id, s.audio_key, s.history.frames_made if s.history else 0) for s in step.starts if s.audio_key
+        ]
+        keyed = set(self.keys.copy()) | {s for s, _, _ in starts}
+        rows = [(row, s) for row, s in enumerate(step.ids) if s in keyed]
+        frames = []
+        if rows and result.audio is not None:
+            index = torch.tensor([row for row, _ in rows], device=result.audio.device)
+            parts = [t.index_select(0, index).float().cpu() for t in (result.audio, result.latents, result.semantic)]
+            frames = [(s, AudioFrame(-1, *(p[i] for p in parts))) for i, (_, s) in enumerate(rows)]
+        return Routed(starts, frames, [s for s in step.ends if s in keyed])
+
+    def deliver(self, routed: Routed) -> None:
+        self.sweep()
+        for stream, key, first in routed.starts:
+            self.keys[stream] = key
+            self.counts[stream] = first
+            box = self.boxes.setdefault(key, _Mailbox(time.monotonic()))
+            box.started = True
+            box.wake.set()
+        for stream, frame in routed.frames:
+            index = self.counts[stream]
+            self.counts[stream] = index + 1
+            box = self.boxes.get(self.keys[stream])
+            if box is not None:
+                box.put(AudioFrame(index, frame.audio, frame.latent, frame.semantic), self.cap)
+        for stream in routed.ends:
+            self.end(stream)
+
+    def end(self, stream: int, error: RequestError | None = None) -> None:
+        """The stream is done (or lost, with `error`): its mailbox closes after the frames it holds."""
+        key = self.keys.pop(stream, None)
+        self.counts.pop(stream, None)
+        box = self.boxes.get(key) if key is not None else None
+        if box is not None:
+            box.close(error)
+
+    def sweep(self) -> None:
+        """Mailboxes nobody subscribed to within the TTL are dropped."""
+        now = time.monotonic()
+        for key in [k for k, b in self.boxes.items() if not b.subscribed and now - b.created > self.ttl_s]:
+            del self.boxes[key]
+
+    async def subscribe(self, key: str) -> AsyncIterator[AudioFrame]:
+        """The key's frames in order, until its stream ends. RequestError: a bad key, a second subscriber, no
+        stream with the key started within the TTL, or the stream failed."""
+        checked_key(key)
+        self.sweep()
+        box = self.boxes.setdefault(key, _Mailbox(time.monotonic()))
+        if box.subscribed:
+            raise invalid_argument("audio_key", "the key already has a subscriber")
+        box.subscribed = True
+        try:
+            while True:
+                if box.frames:
+                    yield box.frames.popleft()
+                    continue
+                if box.error is not None:
+                    raise box.error
+                if box.ended:
+                    return
+                box.wake.clear()
+                if box.started:
+                    await box.wake.wait()
+                    continue
+                try:
+                    await asyncio.wait_for(box.wake.wait(), box.created + self.ttl_s - time.monotonic())
+                except TimeoutError:
+                    raise status_error(
+                        code_pb2.NOT_FOUND, f"audio_key: no stream with this key started within {self.ttl_s:.0f} s"
+                    ) from None
+        finally:
+            if self.boxes.get(key) is box:
+                del self.boxes[key]

@@ -1,0 +1,155 @@
+"""The acoustic side's per-key mailboxes (services/render/audio_out.py), without a mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import pytest
+import torch
+from google.rpc import code_pb2
+
+from services.common.errors import RequestError
+from services.render.audio_out import AudioRouter
+from services.render.values import RenderResult, RenderStep, StreamHistory, StreamSpec
+
+
+def spec(stream_id: int, key: str = "", history: StreamHistory | None = None) -> StreamSpec:
+    return StreamSpec(stream_id, seed=1, cfg_scale=1.3, diffusion_steps=2, history=history, audio_key=key)
+
+
+def result(ids: list[int], step: int) -> RenderResult:
+    """Rows whose values say which stream and step made them."""
+    n = len(ids)
+    base = torch.tensor([[s * 1000.0 + step] for s in ids]).reshape(n, 1)
+    return RenderResult(torch.zeros(n, 4), base.expand(n, 6), base.expand(n, 2) + 0.5, base.expand(n, 3) + 0.25)
+
+
+def render(router: AudioRouter, step: int, ids: list[int], starts=(), ends=()) -> None:
+    rs = RenderStep(step, list(starts), ids, ends=list(ends))
+    router.deliver(router.take(rs, result(ids, step)))
+
+
+async def collect(router: AudioRouter, key: str) -> list:
+    return [f async for f in router.subscribe(key)]
+
+
+async def waiting(router: AudioRouter, key: str) -> asyncio.Task:
+    """A subscriber that has subscribed and waits for frames."""
+    task = asyncio.create_task(collect(router, key))
+    await asyncio.sleep(0.01)
+    assert router.boxes[key].subscribed
+    return task
+
+
+def on_loop(test):
+    """Runs an async test on a fresh event loop."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+@on_loop
+async def test_subscribe_before_and_after_start_and_unkeyed_streams_ignored():
+    router = AudioRouter()
+    early = await waiting(router, "early")
+    render(router, 0, [1, 2], starts=[spec(1, "early"), spec(2)])  # stream 2 has no key
+    render(router, 1, [1, 2, 3], starts=[spec(3, "late")])
+    render(router, 2, [2, 3], ends=[1])
+    render(router, 3, [3], ends=[3])
+    frames = await early
+    assert [f.index for f in frames] == [0, 1]
+    assert [f.audio[0].item() for f in frames] == [1000.0, 1001.0]
+    assert frames[1].latent.tolist() == [1001.5] * 2 and frames[1].semantic.tolist() == [1001.25] * 3
+    late = await collect(router, "late")  # after its stream ended: its frames waited
+    assert [(f.index, f.audio[0].item()) for f in late] == [(0, 3001.0), (1, 3002.0), (2, 3003.0)]
+    assert router.boxes == {} and router.keys == {} and router.counts == {}
+
+
+@on_loop
+async def test_resumed_stream_counts_on_and_mixed_steps_mark_rows():
+    router = AudioRouter()
+    history = StreamHistory(frames_made=7, replay_latents=torch.zeros(2, 2))
+    step = RenderStep(0, [spec(4, "k", history), spec(5)], [5, 4], ends=[4])
+    routed = router.take(step, result([5, 4], 0))
+    assert [s for s, _ in routed.frames] == [4]  # only the keyed row is copied out
+    router.deliver(routed)
+    assert [(f.index, f.audio[0].item()) for f in await collect(router, "k")] == [(7, 4000.0)]
+
+
+@on_loop
+async def test_subscriber_leaving_removes_the_mailbox_and_later_frames_are_dropped():
+    router = AudioRouter()
+    render(router, 0, [1], starts=[spec(1, "gone")])
+    frames = router.subscribe("gone")
+    assert (await anext(frames)).index == 0
+    await frames.aclose()  # the consumer cancelled
+    assert "gone" not in router.boxes
+    render(router, 1, [1], ends=[1])
+    assert router.boxes == {} and router.keys == {}
+
+
+@on_loop
+async def test_cancelled_waiting_subscriber_leaves_nothing():
+    router = AudioRouter()
+    task = await waiting(router, "never")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert router.boxes == {}
+
+
+@on_loop
+async def test_ttl_unsubscribed_mailbox_dropped_and_unknown_key_not_found():
+    router = AudioRouter(ttl_s=0.05)
+    render(router, 0, [1], starts=[spec(1, "orphan")])
+    await asyncio.sleep(0.1)
+    render(router, 1, [1])  # a delivery sweeps the stale mailbox; the frame has nowhere to go
+    assert router.boxes == {}
+    with pytest.raises(RequestError) as e:
+        await collect(router, "orphan")  # its stream started too long ago: as good as unknown
+    assert e.value.status.code == code_pb2.NOT_FOUND and "audio_key" in e.value.status.message
+    assert router.boxes == {}
+    render(router, 2, [], ends=[1])
+    assert router.keys == {} and router.counts == {}
+
+
+@on_loop
+async def test_unread_cap_and_lost_stream():
+    router = AudioRouter(cap=3)
+    render(router, 0, [1, 2], starts=[spec(1, "slow"), spec(2, "lost")])
+    for step in range(1, 4):
+        render(router, step, [1])
+    assert len(router.boxes["slow"].frames) == 0  # over the cap: dropped, not kept growing
+    with pytest.raises(RequestError) as e:
+        await collect(router, "slow")
+    assert e.value.status.code == code_pb2.RESOURCE_EXHAUSTED
+    lost = router.subscribe("lost")
+    assert (await anext(lost)).index == 0
+    router.end(2, RequestError(e.value.status))  # e.g. the llm's render stream closed
+    with pytest.raises(RequestError):
+        await anext(lost)
+    assert router.boxes == {}
+
+
+@pytest.mark.parametrize("key", ["", "x" * 65, "bad key", "é"])
+@on_loop
+async def test_bad_key_is_invalid_argument(key):
+    router = AudioRouter()
+    with pytest.raises(RequestError) as e:
+        await collect(router, key)
+    assert e.value.status.code == code_pb2.INVALID_ARGUMENT and e.value.status.message.startswith("audio_key")
+
+
+@on_loop
+async def test_second_subscriber_refused():
+    router = AudioRouter()
+    first = await waiting(router, "one")
+    with pytest.raises(RequestError) as e:
+        await collect(router, "one")
+    assert e.value.status.code == code_pb2.INVALID_ARGUMENT
+    render(router, 0, [1], starts=[spec(1, "one")], ends=[1])
+    assert len(await first) == 1
