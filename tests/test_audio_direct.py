@@ -38,7 +38,7 @@ def frames(events) -> list[mesh_pb2.GeneratedFrame]:
 def test_keyed_audio_bypasses_the_llm_and_equals_the_unkeyed_path(stubs):
     llm, acoustic = stubs
     plain = frames(llm.Generate(request(), timeout=60))
-    audio = acoustic.StreamAudio(mesh_pb2.StreamAudioRequest(audio_key="direct-1"), timeout=60)
+    audio = acoustic.StreamAudio(mesh_pb2.StreamAudioRequest(audio_key="direct-1", frame_states=True), timeout=60)
     keyed = frames(llm.Generate(request(audio_key="direct-1"), timeout=60))
     direct = list(audio)  # the call ends after the stream's last frame
     assert len(plain) == len(keyed) == len(direct) == FRAMES
@@ -48,6 +48,16 @@ def test_keyed_audio_bypasses_the_llm_and_equals_the_unkeyed_path(stubs):
         assert d.index == p.index
         for name in ("audio", "latent", "semantic"):
             assert from_proto(getattr(d, name)).equal(from_proto(getattr(p, name))), name
+
+
+def test_a_live_call_gets_the_audio_alone(stubs):
+    """Only a job keeps each frame's latent and semantic features; a live call's frames carry the audio alone."""
+    llm, acoustic = stubs
+    audio = acoustic.StreamAudio(mesh_pb2.StreamAudioRequest(audio_key="live-1"), timeout=60)
+    frames(llm.Generate(request(audio_key="live-1"), timeout=60))
+    direct = list(audio)
+    assert len(direct) == FRAMES
+    assert all(d.HasField("audio") and not (d.HasField("latent") or d.HasField("semantic")) for d in direct)
 
 
 def test_bad_audio_keys_are_refused_with_the_field(stubs):

@@ -82,10 +82,7 @@ def check_resumed_starts(request: mesh_pb2.RenderRequest, engine: AcousticEngine
 def check_audio_keys(request: mesh_pb2.RenderRequest) -> None:
     for i, start in enumerate(request.starts):
         if start.audio_key:
-            try:
-                checked_key(start.audio_key)
-            except RequestError:
-                raise invalid_argument(f"starts[{i}].audio_key", "1 to 64 letters, digits, '-' or '_'") from None
+            checked_key(start.audio_key, f"starts[{i}].audio_key")
 
 
 def checked_frames(request: mesh_pb2.EmbedFramesRequest, engine: AcousticEngine) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,12 +191,11 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         try:
             async with aclosing(self.audio_out.subscribe(request.audio_key)) as frames:
                 async for frame in frames:
-                    yield mesh_pb2.StreamAudioResponse(
-                        index=frame.index,
-                        audio=to_proto(frame.audio),
-                        latent=to_proto(frame.latent),
-                        semantic=to_proto(frame.semantic),
-                    )
+                    response = mesh_pb2.StreamAudioResponse(index=frame.index, audio=to_proto(frame.audio))
+                    if request.frame_states:
+                        response.latent.CopyFrom(to_proto(frame.latent))
+                        response.semantic.CopyFrom(to_proto(frame.semantic))
+                    yield response
         except RequestError as e:
             await abort(context, e)
 

@@ -293,7 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     async def run() -> None:
         store = Store(Path(args.data_dir), args.max_data_bytes)
         runner = Runner(
-            store, Backends(args.text_parser, args.acoustic, args.llm), args.max_running, args.reserve_fraction
+            store,
+            Backends(args.text_parser, args.acoustic, args.llm, frame_states=True),
+            args.max_running,
+            args.reserve_fraction,
         )
         runner.recover()
         service = Service("jobs", args.host, args.port, [jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name])

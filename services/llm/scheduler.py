@@ -164,8 +164,9 @@ class Scheduler:
 
     async def _one_step(self) -> None:
         started = time.perf_counter()
-        prefilling = any(s.plan is not None for s in self.engine.streams)
-        with self.profile.around(prefilling, self.engine.decoding_count):
+        # Only while the profile waits: otherwise a step does not look at every stream for it.
+        prefilling = self.profile.waiting and any(s.plan is not None for s in self.engine.streams)
+        with self.profile.around(prefilling, self.engine.decoding_count if prefilling else 0):
             plan = await self._step_once()
         if self.active:
             elapsed_ms = (time.perf_counter() - started) * 1000

@@ -33,10 +33,15 @@ class StepProfile:
         self.left = steps if directory else 0  # steps still to record
         self._profile: profile | None = None
 
+    @property
+    def waiting(self) -> bool:
+        """Whether it still waits for its first step (so the caller need not look at its streams otherwise)."""
+        return self._profile is None and self.left > 0
+
     @contextlib.contextmanager
     def around(self, prefilling: bool, playing: int) -> Iterator[None]:
         """Run one step, recorded if the profile waits for a step like it or has begun."""
-        if self._profile is None and self.left and prefilling and playing >= self.min_playing:
+        if self.waiting and prefilling and playing >= self.min_playing:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self._profile = profile(activities=activities, record_shapes=True)
             self._profile.__enter__()

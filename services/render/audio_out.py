@@ -61,9 +61,9 @@ class _Mailbox:
         self.wake.set()
 
 
-def checked_key(key: str) -> str:
+def checked_key(key: str, field: str = "audio_key") -> str:
     if not KEY.fullmatch(key):
-        raise invalid_argument("audio_key", f"{key[:80]!r}; 1 to 64 letters, digits, '-' or '_'")
+        raise invalid_argument(field, f"{key[:80]!r}; 1 to 64 letters, digits, '-' or '_'")
     return key
 
 

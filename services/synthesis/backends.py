@@ -67,7 +67,10 @@ class Prepared:
 
 
 class Backends:
-    def __init__(self, text_parser: str, acoustic: str, llm: str) -> None:
+    def __init__(self, text_parser: str, acoustic: str, llm: str, frame_states: bool = False) -> None:
+        # frame_states: each frame also carries its latent and semantic features (the jobs service keeps them
+        # to rebuild a stream on resume; live calls need only the audio).
+        self.frame_states = frame_states
         self.addresses = {"text_parser": text_parser, "acoustic": acoustic, "llm": llm}
         self.parser = mesh_pb2_grpc.TextParserStub(insecure_channel(text_parser))
         self.acoustic = mesh_pb2_grpc.AcousticStub(insecure_channel(acoustic))
@@ -190,11 +193,14 @@ class Backends:
     async def generate(
         self, generate: mesh_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[mesh_pb2.GenerateResponse]:
-        """The llm's events for one stream, each frame with its audio, latent and semantic features, which come
-        straight from the acoustic service (StreamAudio, by a fresh key) and are paired with the llm's frames by
-        order. Leaving the loop early ends the stream there (its row is freed, both calls cancelled)."""
+        """The llm's events for one stream, each frame with its audio (and, with `frame_states`, its latent and
+        semantic features), which come straight from the acoustic service (StreamAudio, by a fresh key) and are
+        paired with the llm's frames by order. Leaving the loop early ends the stream there (its row is freed, both
+        calls cancelled)."""
         generate.audio_key = secrets.token_hex(16)
-        audio = self.acoustic.StreamAudio(mesh_pb2.StreamAudioRequest(audio_key=generate.audio_key), timeout=timeout)
+        audio = self.acoustic.StreamAudio(
+            mesh_pb2.StreamAudioRequest(audio_key=generate.audio_key, frame_states=self.frame_states), timeout=timeout
+        )
         call = self.llm.Generate(generate, timeout=timeout)
         try:
             async for event in call:
@@ -220,5 +226,6 @@ class Backends:
         if part is grpc.aio.EOF:
             raise unavailable(f"{where}: audio stream ended before frame {frame.index}")
         frame.audio.CopyFrom(part.audio)
-        frame.latent.CopyFrom(part.latent)
-        frame.semantic.CopyFrom(part.semantic)
+        if part.HasField("latent"):  # asked for (frame_states)
+            frame.latent.CopyFrom(part.latent)
+            frame.semantic.CopyFrom(part.semantic)

@@ -253,10 +253,12 @@ class StreamStart(_message.Message):
     def __init__(self, stream_id: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., voice_count: _Optional[int] = ..., voice_max_frames: _Optional[int] = ..., frames_made: _Optional[int] = ..., replay_latents: _Optional[_Union[Tensor, _Mapping]] = ..., audio_key: _Optional[str] = ...) -> None: ...
 
 class StreamAudioRequest(_message.Message):
-    __slots__ = ("audio_key",)
+    __slots__ = ("audio_key", "frame_states")
     AUDIO_KEY_FIELD_NUMBER: _ClassVar[int]
+    FRAME_STATES_FIELD_NUMBER: _ClassVar[int]
     audio_key: str
-    def __init__(self, audio_key: _Optional[str] = ...) -> None: ...
+    frame_states: bool
+    def __init__(self, audio_key: _Optional[str] = ..., frame_states: _Optional[bool] = ...) -> None: ...
 
 class StreamAudioResponse(_message.Message):
     __slots__ = ("index", "audio", "latent", "semantic")
