@@ -5,9 +5,11 @@ when live calls wait for room (services/jobs/runner.py), so the gaps should stay
     python bench/jobs_bench.py --shape tiny --device cpu     # the tiny model, a few minutes on a CPU
     python bench/jobs_bench.py --shape 1.5b                  # one GPU
 
-With `--kill-at N` it measures a resume instead: one job of `--job-frames` frames, the llm killed (SIGKILL) once
-N frames are checkpointed and started again, then the time until the job has made its first frame after the
-checkpoint (the llm's own start-up counted apart), how it resumed (rebuilt or made again) and the frames lost.
+With `--kill-at N` it runs one long job instead, watched from its first frame by a client: its wall time and
+real-time factor, each GPU service's peak memory, and a resume: the llm killed (SIGKILL) once N frames are
+checkpointed and started again, the time until the job made its first frame after the checkpoint (the llm's own
+start-up counted apart), how it resumed (rebuilt or made again), the frames lost, and whether the stored file
+equals the audio the client received.
 
     python bench/jobs_bench.py --shape 1.5b --job-frames 40500 --kill-at 20000
 
@@ -18,18 +20,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 
 import common
 import grpc
+from gpu_memory import GpuMemorySampler
 from mesh_bench import stream
 from vibevoice.tts.v1 import jobs_pb2, jobs_pb2_grpc, tts_pb2, tts_pb2_grpc
 
 from services.client import build_request
-from services.common.frames import FRAME_MS
+from services.common.frames import FRAME_MS, SAMPLES_PER_FRAME
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.mesh import Mesh, Ports
 
@@ -105,41 +110,111 @@ async def run(address: str, args: argparse.Namespace) -> dict:
     }
 
 
+class Watcher(threading.Thread):
+    """Follows a job with WatchJob from its first frame, as a client would: after a broken stream it asks again
+    from the frame after the last it has. It keeps a hash of the audio in order, to hold against the file."""
+
+    def __init__(self, address: str, name: str) -> None:
+        super().__init__(daemon=True)
+        self.address, self.name = address, name
+        self.audio = hashlib.sha256()
+        self.bytes = 0
+        self.next_frame = 0
+        self.reconnects = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS) as ch:
+            stub = jobs_pb2_grpc.JobsStub(ch)
+            while True:
+                request = jobs_pb2.WatchJobRequest(name=self.name, from_frame=self.next_frame)
+                try:
+                    for r in stub.WatchJob(request, metadata=OWNER):
+                        if r.WhichOneof("event") == "audio":
+                            if r.audio.frame_index != self.next_frame:
+                                self.error = f"frame {r.audio.frame_index} came where {self.next_frame} was due"
+                                return
+                            self.audio.update(r.audio.data)
+                            self.bytes += len(r.audio.data)
+                            self.next_frame += 1
+                    return
+                except grpc.RpcError as e:
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                        self.error = f"{e.code().name}: {e.details()}"
+                        return
+                    self.reconnects += 1
+                    time.sleep(0.5)
+
+
 def resume_after_kill(mesh: Mesh, args: argparse.Namespace) -> dict:
-    """One job, the llm killed at a checkpoint of `--kill-at` frames: how long the job takes to go on."""
-    stub = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"127.0.0.1:{mesh.ports.envoy}", options=CHANNEL_OPTIONS))
+    """One long job through Envoy, the llm killed (SIGKILL) at a checkpoint of `--kill-at` frames and started
+    again: the job's wall time, each GPU service's peak memory, how long the job took to go on, the frames lost,
+    and whether the file equals the audio a client watching from the start received."""
+    address = f"127.0.0.1:{mesh.ports.envoy}"
+    stub = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
 
     def job(name: str) -> jobs_pb2.Job:
         return stub.GetJob(jobs_pb2.GetJobRequest(name=name), metadata=OWNER, timeout=30).job
 
     def wait(name: str, done, what: str, timeout_s: float = 7200) -> jobs_pb2.Job:
         deadline = time.monotonic() + timeout_s
+        said = time.monotonic()
         while not done(current := job(name)):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what}: {current}")
+            if time.monotonic() - said > 30:
+                print(f"  {current.frames_done} frames done, {current.frames_checkpointed} checkpointed", flush=True)
+                said = time.monotonic()
             time.sleep(0.05)
         return current
 
-    name = stub.CreateJob(jobs_pb2.CreateJobRequest(request=request(args.job_frames, 7)), metadata=OWNER).job.name
-    wait(name, lambda j: j.frames_checkpointed >= args.kill_at, f"no checkpoint of {args.kill_at} frames")
-    killed = time.monotonic()
-    mesh.stop_service("llm", sig=signal.SIGKILL)
-    checkpoint = job(name).frames_checkpointed
-    mesh.start_service("llm")
-    mesh.wait_ready(600, ["llm"])
-    llm_ready = time.monotonic()
-    wait(name, lambda j: j.frames_done > checkpoint, "the job did not go on")
-    going_on = time.monotonic()
-    done = wait(name, lambda j: j.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED), "not done")
+    def pids() -> dict[int, str]:
+        return {p.pid: name for name, p in mesh.processes.items() if name in ("llm", "acoustic")}
+
+    with GpuMemorySampler(pids) as memory:
+        created = time.monotonic()
+        name = stub.CreateJob(jobs_pb2.CreateJobRequest(request=request(args.job_frames, 7)), metadata=OWNER).job.name
+        watcher = Watcher(address, name)
+        watcher.start()
+        wait(name, lambda j: j.frames_checkpointed >= args.kill_at, f"no checkpoint of {args.kill_at} frames")
+        killed = time.monotonic()
+        mesh.stop_service("llm", sig=signal.SIGKILL)
+        checkpoint = job(name).frames_checkpointed
+        mesh.start_service("llm")
+        mesh.wait_ready(600, ["llm"])
+        llm_ready = time.monotonic()
+        wait(name, lambda j: j.frames_done > checkpoint, "the job did not go on")
+        going_on = time.monotonic()
+        done = wait(name, lambda j: j.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED), "not done")
+        finished = time.monotonic()
+    watcher.join(120)
+    parts = list(stub.GetJobAudio(jobs_pb2.GetJobAudioRequest(name=name), metadata=OWNER, timeout=600))
+    stored = b"".join(p.data for p in parts)
+    frame_bytes = SAMPLES_PER_FRAME * 2  # PCM16
+    watched = watcher.audio.digest()
+    wall_s = finished - created
+    audio_s = done.frames_done * FRAME_MS / 1000
     return {
         "job_frames": args.job_frames,
+        "state": jobs_pb2.JobState.Name(done.state),
+        "wall_s": wall_s,
+        "real_time_factor": wall_s / audio_s,
+        # Without the llm's outage: from the kill until the job made a frame past the checkpoint.
+        "wall_s_without_outage": wall_s - (going_on - killed),
+        "real_time_factor_without_outage": (wall_s - (going_on - killed)) / audio_s,
+        **memory.report(),
         "killed_at_checkpoint": checkpoint,
         "llm_start_s": llm_ready - killed,  # the llm process's own start-up: weights, KV pool, graphs
         "resume_s": going_on - llm_ready,  # from a ready llm to the first frame after the checkpoint
         "resumed_by": "rebuild" if done.rebuilds else "making the segment again",
+        "rebuilds": done.rebuilds,
         "frames_regenerated": done.frames_regenerated,
-        "frames_lost": args.job_frames - done.frames_done,
-        "state": jobs_pb2.JobState.Name(done.state),
+        "frames_in_file": len(stored) // frame_bytes,
+        "frames_lost": args.job_frames - len(stored) // frame_bytes,
+        "watched_frames": watcher.next_frame,
+        "watch_reconnects": watcher.reconnects,
+        "watch_error": watcher.error,
+        "file_equals_watched_audio": watcher.error is None and hashlib.sha256(stored).digest() == watched,
     }
 
 
@@ -173,9 +248,13 @@ def main() -> None:
             result = resume_after_kill(mesh, args)
         result.update(shape=args.shape, device=args.device)
         print(
-            f"llm killed at checkpoint {result['killed_at_checkpoint']}: the job went on "
-            f"{result['resume_s']:.1f} s after the llm was ready ({result['llm_start_s']:.1f} s to start), by "
-            f"{result['resumed_by']}; {result['frames_regenerated']} frames made again, {result['frames_lost']} lost",
+            f"{result['job_frames']} frames in {result['wall_s']:.0f} s (real-time factor "
+            f"{result['real_time_factor']:.3f}; {result['real_time_factor_without_outage']:.3f} without the llm's "
+            f"outage); peak GiB {result['peak_gib_by_service']} (whole GPU {result['peak_gib_whole_gpu']}); llm killed "
+            f"at checkpoint {result['killed_at_checkpoint']}: the job went on {result['resume_s']:.1f} s after the llm "
+            f"was ready ({result['llm_start_s']:.1f} s to start), by {result['resumed_by']}; "
+            f"{result['frames_regenerated']} frames made again, {result['frames_lost']} lost; file equals the watched "
+            f"audio: {result['file_equals_watched_audio']}",
             flush=True,
         )
         common.save(f"jobs-resume-{args.shape}", result)

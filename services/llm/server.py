@@ -31,7 +31,7 @@ from services.common.tensors import from_proto, to_proto
 from services.llm.engine import LMEngine, LMStream
 from services.llm.resume import ResumeFrames, ResumeLimits, checked_resume, rebuild_history
 from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler, StillWorking
-from services.llm.step_profile import StepProfile
+from services.llm.step_profile import MIN_PLAYING, StepProfile
 from services.render.audio_out import checked_key
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.shared_memory import LLMSharedMemory
@@ -294,6 +294,12 @@ def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
         help="profile the first steps that carry a prompt chunk while streams play, into this folder",
     )
     p.add_argument(
+        "--profile-min-playing",
+        type=int,
+        default=None,
+        help=f"streams playing for a step with a prompt chunk to start the profile (default {MIN_PLAYING})",
+    )
+    p.add_argument(
         "--allow-fixed-frames",
         action="store_true",
         help="accept the fixed_frames request option, a test and benchmark option that overrides the model's decisions",
@@ -336,7 +342,12 @@ async def serve(
 ) -> None:
     """Serve LLM until SIGTERM, and the services in `extra` (full name -> what adds its servicer)."""
     # prefills one --prefill-chunk a step (more while nothing plays); pipelines where the link can
-    scheduler = Scheduler(engine, link, pipelined=not args.no_pipelined_steps, profile=StepProfile(args.profile_dir))
+    scheduler = Scheduler(
+        engine,
+        link,
+        pipelined=not args.no_pipelined_steps,
+        profile=StepProfile(args.profile_dir, min_playing=args.profile_min_playing or MIN_PLAYING),
+    )
     names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name, *(extra or {})]
     service = Service("llm", args.host, args.port, names)
     for add in (extra or {}).values():
