@@ -69,9 +69,9 @@ def reference_ms_per_step(model, ids: list[int]) -> float:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def user_defaults() -> argparse.Namespace:
-    """What `vvmesh up` gives the llm on this machine (the server's own parser and defaults)."""
-    return llm_parser().parse_args(["--device", DEVICE])
+def user_defaults(*more: str) -> argparse.Namespace:
+    """What `vvmesh up` gives the llm on this machine (the server's own parser and defaults), and `more` options."""
+    return llm_parser().parse_args(["--device", DEVICE, *more])
 
 
 def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_streams: int | None = None):
@@ -91,6 +91,7 @@ def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_s
         memory_fraction=defaults.gpu_memory_fraction,
         cuda_graphs=graphs,
         torch_compile=compiled,
+        prefill_graphs=defaults.prefill_graphs,
     )
     print(f"engines built in {time.perf_counter() - t:.0f} s", flush=True)
     return lm, acoustic
@@ -311,6 +312,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the one 90-minute job's peak memory")
     p.add_argument("--playing", type=int, default=64, help="streams playing while the long prompts arrive")
+    p.add_argument("--prefill-graphs", action="store_true", help="the llm's --prefill-graphs")
     args = p.parse_args()
     path = common.checkpoint(args.shape)
     ckpt = resolve_checkpoint(str(path))
@@ -334,7 +336,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    defaults = user_defaults()
+    defaults = user_defaults(*(["--prefill-graphs"] if args.prefill_graphs else []))
     lm, acoustic = build(ckpt, defaults)
     results["configuration"] = {
         "max_context": lm.kv.max_len,
@@ -342,6 +344,7 @@ def main() -> None:
         "gpu_memory_fraction": defaults.gpu_memory_fraction,
         "prefill_chunk": lm.prefill_chunk,
         "cuda_graphs": bool(lm.graphs),
+        "prefill_graphs": bool(lm.chunk_graphs),
         "compiled": lm._compiled,
         "page_size": lm.blocks.page_size,
         "kv_pages": lm.blocks.usable,

@@ -29,12 +29,22 @@ def prompt(ckpt, text_tokens: int, seed: int) -> list[int]:
     return body + [ckpt.config.audio_bos_token_id]
 
 
-def run(ckpt, requests: list[dict], max_streams: int = 8, prefill_chunk: int = 512) -> list[np.ndarray]:
+def run(
+    ckpt,
+    requests: list[dict],
+    max_streams: int = 8,
+    prefill_chunk: int = 512,
+    device: str = "cpu",
+    padded_chunks: bool = False,
+    **engine_options,
+) -> list[np.ndarray]:
     """Run requests through the scheduler together; returns each one's audio."""
 
     async def main():
-        lm = LMEngine(ckpt, max_streams=max_streams, prefill_chunk=prefill_chunk)
-        scheduler = Scheduler(lm, LocalLink(AcousticEngine(ckpt, max_streams=max_streams)), prefill_chunk)
+        lm = LMEngine(ckpt, device, max_streams=max_streams, prefill_chunk=prefill_chunk, **engine_options)
+        lm.padded_chunks = lm.padded_chunks or padded_chunks
+        acoustic = AcousticEngine(ckpt, device, max_streams=max_streams)
+        scheduler = Scheduler(lm, LocalLink(acoustic), prefill_chunk)
         jobs = []
         for r in requests:
             stream = LMStream(
@@ -54,7 +64,7 @@ def run(ckpt, requests: list[dict], max_streams: int = 8, prefill_chunk: int = 5
             while True:
                 event = await job.events.get()
                 if isinstance(event, Frame):
-                    frames.append(event.audio.numpy())
+                    frames.append(event.audio.cpu().numpy())
                 elif isinstance(event, Finished):
                     return np.concatenate(frames)
                 elif isinstance(event, Failed):
@@ -101,6 +111,37 @@ def test_chunked_prefill_and_slot_reuse_keep_the_audio(ckpt):
     )
     assert np.abs(chunked[1] - whole).max() < 1e-5
     assert np.abs(chunked[2] - whole).max() < 1e-5
+
+
+def test_padded_prompt_chunks_give_the_audio_of_exact_ones(ckpt):
+    """The step the GPU's chunk graphs capture (each chunk padded to 256 queries over keys up to a multiple of
+    2,048), run eagerly, against chunks of exactly their tokens: prompts over several chunks, one ending inside a
+    chunk, two streams prefilled in the same steps, and a third arriving while they play."""
+    requests = [
+        {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
+        {"prompt": prompt(ckpt, 90, 22), "frames": 6, "seed": 2},
+        {"prompt": prompt(ckpt, 300, 23), "frames": 4, "seed": 3},
+    ]
+    exact = run(ckpt, requests, max_streams=2, prefill_chunk=256)
+    padded = run(ckpt, requests, max_streams=2, prefill_chunk=256, padded_chunks=True)
+    for a, b in zip(exact, padded, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt):
+    """Prompt chunks replayed as graphs (keys in buckets of 2,048) against the same chunks launched (buckets of
+    256): prompts over several chunks, one ending inside a chunk, two streams prefilled in the same steps."""
+    requests = [
+        {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
+        {"prompt": prompt(ckpt, 90, 22), "frames": 6, "seed": 2},
+    ]
+    launched = run(ckpt, requests, prefill_chunk=256, device="cuda", cuda_graphs=False)
+    captured = run(ckpt, requests, prefill_chunk=256, device="cuda", cuda_graphs=False, prefill_graphs=True)
+    for a, b in zip(launched, captured, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
 
 
 def test_streams_keep_their_state_when_rows_are_repacked(ckpt):

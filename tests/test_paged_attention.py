@@ -1,5 +1,6 @@
-"""The paged decode kernel and the prompt-chunk attention equal plain masked attention over the same page table:
-any page size, any split count, rows of very different lengths, pages scattered over the pool."""
+"""The paged decode kernel and the prompt chunks' attention equal plain attention over the same page table: any
+page size, any split count, rows of very different lengths, pages scattered over the pool, captured chunks padded
+to a fixed size over keys in buckets."""
 
 from __future__ import annotations
 
@@ -55,9 +56,42 @@ def test_splits_fill_the_gpu_and_never_exceed_a_rows_blocks():
     assert paged_attention.splits_for(rows=3, kv_heads=2, max_len=300, sm_count=132) == 2
 
 
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], scale: float):
+    """q (heads, T, d) at `positions` over a row's keys k, v (kv_heads, keys, d), written out by hand."""
+    k, v = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0), v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
+    out = torch.empty_like(q)
+    for t, p in enumerate(positions):
+        weights = torch.softmax((q[:, t : t + 1] @ k[:, : p + 1].transpose(1, 2)) * scale, dim=-1)
+        out[:, t] = (weights @ v[:, : p + 1])[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("page_size", [4, 128])
+def test_a_padded_prompt_chunk_attends_causally_to_its_row_only(page_size):
+    """A chunk of 45 tokens padded to 64 queries, over the row's keys up to a bucket past its end (pages it does
+    not hold read the scratch page): its real queries get exactly the attention of the chunk over its row."""
+    kv, _ = filled_pool(page_size, [300, 200], heads=6, kv_heads=2, head_dim=32, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 64, 32, generator=g).to(DEVICE)
+    real = torch.arange(64, device=DEVICE) < 45
+    positions = (255 + torch.where(real, torch.arange(64, device=DEVICE), 0))[None]
+    bucket = 512
+    out = gathered(
+        q,
+        kv.k[0],
+        kv.v[0],
+        kv.gather_index(torch.tensor([0], device=DEVICE), bucket),
+        causal_visibility(bucket, positions),
+        0.3,
+    )
+    row = kv.gather_index(torch.tensor([0], device=DEVICE), 300)[0]
+    expected = plain_attention(q[0, :, :45], kv.k[0][0][:, row], kv.v[0][0][:, row], list(range(255, 300)), 0.3)
+    assert torch.allclose(out[0, :, :45], expected, atol=1e-5, rtol=1e-4), (out[0, :, :45] - expected).abs().max()
+
+
 @pytest.mark.parametrize("page_size", [4, 128])
 def test_a_prompt_chunk_attends_causally_to_its_row_only(page_size):
-    """A prefill chunk (the last T of a row's first `keys` positions) equals masked attention over the row."""
+    """A launched prefill chunk (the last T of a row's first `keys` positions) equals masked attention over the row."""
     kv, _ = filled_pool(page_size, [300, 200], heads=6, kv_heads=2, head_dim=32, dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 6, 45, 32, generator=g).to(DEVICE)

@@ -61,13 +61,14 @@ class PagedDecoder:
         (`paged_decode` over the page table). `prompt_chunk`: one row whose positions are the last T of its
         first `keys` (a chunk of its prompt), attended with an implicit lower-right causal mask. Returns the final-norm
         hidden states (R, T, hidden). `compiled` runs the layers' other parts through `compiled_parts` (the
-        decode step's graphs; prefill stays eager, its shapes change with every chunk). `writes` (R,) bool: rows
-        whose keys and values are kept; the others write to the scratch page.
+        decode step's graphs). `writes` (R,) or (R, T) bool: the rows, or the positions, whose keys and values are
+        kept; the others write to the scratch page.
         """
         cos, sin = self.lm.rotary_emb(x, positions)
         write = self.kv.pool_index(rows, positions)
         if writes is not None:
-            write = torch.where(writes[:, None], write, SCRATCH_PAGE * self.kv.page_size)
+            keep = writes if writes.dim() == 2 else writes[:, None]
+            write = torch.where(keep, write, SCRATCH_PAGE * self.kv.page_size)
         if keys is None:
             table, lengths = self.kv.page_table[rows], (positions[:, 0] + 1).to(torch.int32)
 

@@ -58,12 +58,13 @@ from services.llm.prefill_plan import (
     resumed_stream,
 )
 
-IDLE_PREFILL_CHUNKS = 4  # a prefill chunk is this many times --prefill-chunk while no stream is decoding
+IDLE_PREFILL_CHUNKS = 4  # prompt chunks a step while no stream is decoding (one while streams play)
 CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU at least, where there is no GPU budget to plan from
 
 log = logging.getLogger(__name__)
 
 KEY_BLOCK = 256  # eager attention reads keys up to the next multiple of this
+CHUNK_KEY_BUCKET = 2048  # a captured prompt chunk reads keys up to the next multiple of this: one graph each
 
 
 @dataclass(eq=False)  # compared by identity: two identical requests are two streams
@@ -139,6 +140,7 @@ class LMEngine:
         memory_fraction: float = 0.9,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
+        prefill_graphs: bool = False,
     ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
@@ -213,12 +215,26 @@ class LMEngine:
         self._counting = torch.arange(BRANCHES * slots, device=self.device)
         with torch.inference_mode():
             self.audio_token_embedding = self.embed_tokens(torch.tensor(self.audio_token_id, device=self.device))
+        # A prompt chunk's tokens, row, first position and token count live in device buffers, so that a graph
+        # can replay any chunk (`_chunk_step`).
+        longest = IDLE_PREFILL_CHUNKS * prefill_chunk
+        self.chunk_inputs = torch.zeros(longest, self.hidden, device=self.device, dtype=dtype)
+        self.chunk_row = torch.zeros(1, device=self.device, dtype=torch.long)
+        self.chunk_start = torch.zeros((), device=self.device, dtype=torch.long)
+        self.chunk_tokens = torch.zeros((), device=self.device, dtype=torch.long)
+        self._chunk_offsets = torch.arange(longest, device=self.device)
         self.graphs: dict[int, CapturedStep] = {}
+        # Captured chunks are padded to `prefill_chunk` queries over keys in buckets; `padded_chunks` without
+        # graphs runs the same step eagerly (a CPU test of what the graphs replay).
+        self.padded_chunks = False
+        self.chunk_graphs: dict[int, CapturedStep] = {}
         self._compiled = torch_compile and cuda_graphs and self.device.type == "cuda"
         if self._compiled:
             self.decoder.compile()
         if cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
+        if prefill_graphs and self.device.type == "cuda":
+            self._capture_chunk_graphs()
 
     # ------------------------------------------------------------------ description
 
@@ -445,8 +461,8 @@ class LMEngine:
             if not self._swap_in(stream):
                 break  # in slot order: a later stream does not overtake one that waits for pages
         ready = []
-        # With nothing playing, no step waits on the prefill: larger chunks bring the first audio sooner.
-        chunk = self.prefill_chunk if self.decoding_count else IDLE_PREFILL_CHUNKS * self.prefill_chunk
+        # With nothing playing, no step waits on the prefill: more chunks a step bring the first audio sooner.
+        chunk = self.prefill_chunk * (1 if self.decoding_count else IDLE_PREFILL_CHUNKS)
         budget = chunk if budget is None else budget
         for stream in [s for s in self.streams[self.decoding_count :] if s.plan is not None]:
             if budget <= 0:
@@ -457,12 +473,11 @@ class LMEngine:
                 break  # a prompt that gave its pages back starts again only when the whole of it fits
             while stream.prefilled < target and budget > 0:
                 branch, inputs, a = plan.locate(stream.prefilled)
-                b = min(inputs.shape[0], a + chunk, a + budget)
+                # A captured chunk has `prefill_chunk` queries; a launched one takes the step's whole budget.
+                b = min(inputs.shape[0], a + (self.prefill_chunk if self.padded_chunks else chunk), a + budget)
                 if not self._grow(stream, branch, b):
                     return ready  # the pool is full: the running streams come first
-                positions = torch.arange(a, b, device=self.device)[None]
-                rows = torch.tensor([BRANCHES * stream.slot + branch], device=self.device)
-                self.decoder.forward(inputs[None, a:b], rows, positions, b, prompt_chunk=True)
+                self._write_chunk(inputs[a:b], BRANCHES * stream.slot + branch, a)
                 stream.prefilled, budget = stream.prefilled + (b - a), budget - (b - a)
             if stream.prefilled == target:
                 # The first step's input for every branch: a new stream's is the prompt's last token (audio_bos),
@@ -477,6 +492,47 @@ class LMEngine:
                 self._became_decoding(stream)
                 ready.append(stream)
         return ready
+
+    def _write_chunk(self, inputs: torch.Tensor, row: int, start: int) -> None:
+        """The keys and values of `inputs` (tokens, hidden), KV row `row`'s positions from `start` on."""
+        tokens = inputs.shape[0]
+        self.chunk_inputs[:tokens] = inputs
+        self.chunk_row.fill_(row)
+        self.chunk_start.fill_(start)
+        self.chunk_tokens.fill_(tokens)
+        if not self.padded_chunks:
+            self._chunk_step(tokens, start + tokens)
+        elif graph := self.chunk_graphs.get(keys := self._chunk_keys(start + tokens)):
+            graph.replay()
+        else:
+            self._chunk_step(self.prefill_chunk, keys, padded=True)
+
+    def _chunk_keys(self, upto: int) -> int:
+        """The key bucket of a captured chunk whose last position is `upto` - 1."""
+        return min(self.kv.max_len, -(-upto // CHUNK_KEY_BUCKET) * CHUNK_KEY_BUCKET)
+
+    def _chunk_step(self, queries: int, keys: int, padded: bool = False) -> torch.Tensor:
+        """The prompt chunk the buffers hold, as `queries` queries over its row's first `keys` positions.
+
+        Launched (on every device without chunk graphs), it has exactly its tokens as queries and the positions
+        up to its last as keys, attended with an implicit causal mask. `padded` (what a chunk graph captures):
+        `queries` is the full chunk size, the queries past its tokens are padding that writes to the scratch
+        page, and `keys` is a bucket's end, the keys past the chunk masked out."""
+        offsets = self._chunk_offsets[:queries]
+        real = offsets < self.chunk_tokens
+        positions = (self.chunk_start + torch.where(real, offsets, 0))[None]
+        x = self.chunk_inputs[None, :queries]
+        return self.decoder.forward(x, self.chunk_row, positions, keys, writes=real[None], prompt_chunk=not padded)
+
+    def _capture_chunk_graphs(self) -> None:
+        self.padded_chunks = True
+        pool = torch.cuda.graph_pool_handle()  # not the decode graphs': their outputs outlive a chunk
+        buckets = sorted({self._chunk_keys(n) for n in range(1, self.kv.max_len + 1, CHUNK_KEY_BUCKET)})
+        for keys in buckets:
+            step = functools.partial(self._chunk_step, self.prefill_chunk, keys, padded=True)
+            with torch.inference_mode():
+                self.chunk_graphs[keys] = CapturedStep(step, pool)
+        log.info("captured prompt-chunk graphs of %d tokens for %d key buckets", self.prefill_chunk, len(buckets))
 
     # ------------------------------------------------------------------ decode
 

@@ -9,8 +9,9 @@ hold point at the scratch page 0.
 Two attention implementations read the same pool and page table:
 
 - `gathered` (here): plain PyTorch. It gathers each row's first `keys` positions and runs SDPA with a causal
-  mask over logical positions. The CPU and eager GPU decode steps use it; prefill chunks use `prompt_chunk`,
-  the same gather with the mask left implicit.
+  mask over logical positions. The CPU and eager GPU decode steps use it, and so do captured prompt chunks
+  (fixed shapes: a chunk padded to its full size over keys up to a bucket's end); launched prompt chunks use
+  `prompt_chunk`, the same gather of exactly the keys they need, with the mask left implicit.
 - `paged_attention.paged_decode`: a Triton kernel for one query per row that reads only the pages the row
   holds, so a decode step costs what the streams' real lengths cost, not the configured context. Its launch
   depends only on the batch size, so the GPU's captured decode graphs use it.
@@ -26,7 +27,9 @@ from torch.nn.attention.bias import causal_lower_right
 from services.llm.block_manager import SCRATCH_PAGE, pages_for
 
 PAGE_SIZE = 128  # positions per page: the unit a stream takes from the pool and gives back
-CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Never cuDNN's attention over gathered keys: it builds a plan for every new shape, and these change with every
+# chunk (on an H100, 35-900 ms per new key length against 0.1-0.3 ms for the flash kernel).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class PagedKV:
@@ -104,10 +107,17 @@ def gathered(
     visible: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q (R, heads, T, head_dim) over pool positions `index` (R, keys), where `visible` (R, 1, T, keys)."""
+    """q (R, heads, T, head_dim) over pool positions `index` (R, keys), where `visible` (R, 1, T, keys).
+
+    The key and value heads are repeated to the query heads rather than left to SDPA's `enable_gqa`: with a
+    mask, grouped heads send SDPA to its math kernel, which holds every score (for a 512-query chunk over
+    65,536 keys, 0.8 GB a layer); repeated, the memory-efficient kernel takes the mask."""
     k = k_pool[0][:, index].transpose(0, 1)  # (R, kv_heads, keys, head_dim)
     v = v_pool[0][:, index].transpose(0, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    with sdpa_kernel(SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
 
 
 def prompt_chunk(
@@ -120,9 +130,7 @@ def prompt_chunk(
     k = k_pool[0][:, index].transpose(0, 1)
     v = v_pool[0][:, index].transpose(0, 1)
     mask = causal_lower_right(q.shape[2], k.shape[2])
-    # Never cuDNN's attention here: it builds a plan for every new shape, and chunk shapes change with every
-    # chunk (on an H100, 35-900 ms per new key length against 0.1-0.3 ms for the flash kernel).
-    with sdpa_kernel(CHUNK_BACKENDS):
+    with sdpa_kernel(SDPA_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
