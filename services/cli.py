@@ -33,6 +33,7 @@ from services.mesh import (
     LLMConfig,
     Mesh,
     Ports,
+    sigterm_as_interrupt,
 )
 
 SERVICES = ("text_parser", "acoustic", "llm", "gateway", "jobs")
@@ -191,10 +192,6 @@ def _busy_ports(mesh: Mesh) -> list[str]:
     return busy
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def _start(mesh: Mesh) -> None:
     busy = _busy_ports(mesh)
     if busy:
@@ -225,7 +222,7 @@ def _print_ports(mesh: Mesh) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     mesh = mesh_from_args(args)
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the mesh as Ctrl-C does
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # SIGTERM stops the mesh as Ctrl-C does
     try:
         _start(mesh)
         _print_ports(mesh)
@@ -244,7 +241,7 @@ def _up(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     args.allow_fixed_frames = True
     mesh = mesh_from_args(args)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         _start(mesh)
         voices = Path(args.voices)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -55,6 +56,11 @@ class Ports:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def sigterm_as_interrupt(*_) -> None:
+    """A SIGTERM handler: stop as Ctrl-C does, so that what is open is closed."""
+    raise KeyboardInterrupt
 
 
 def free_ports(n: int) -> list[int]:
@@ -203,6 +209,7 @@ class Mesh:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _envoy_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
     _jobs_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+    _sigterm: tuple | None = field(default=None, init=False, repr=False)  # (the handler before the mesh opened,)
 
     def __post_init__(self) -> None:
         # Copies, so a config shared between meshes is not changed under another one.
@@ -342,12 +349,21 @@ class Mesh:
         return statuses
 
     def __enter__(self) -> Mesh:
+        # The services run in sessions of their own, so a signal to this process does not reach them: while the
+        # mesh is open, SIGTERM (a `timeout`, a job scheduler) stops it as Ctrl-C does instead of leaving them.
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = (signal.signal(signal.SIGTERM, sigterm_as_interrupt),)
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm[0] or signal.SIG_DFL)
+                self._sigterm = None
