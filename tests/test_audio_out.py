@@ -103,6 +103,19 @@ async def test_cancelled_waiting_subscriber_leaves_nothing():
 
 
 @on_loop
+async def test_a_subscriber_waits_past_the_ttl_for_a_stream_the_llm_keeps_queued():
+    """The consumer subscribes when it calls Generate; the stream starts when the llm admits it, which under load
+    may be long after. Only the call's own deadline ends that wait, not the TTL of unread mailboxes."""
+    router = AudioRouter(ttl_s=0.05)
+    queued = await waiting(router, "queued")
+    await asyncio.sleep(0.15)
+    render(router, 0, [1], starts=[spec(1, "queued")])
+    render(router, 1, [1], ends=[1])
+    assert [f.index for f in await queued] == [0, 1]
+    assert router.boxes == {}
+
+
+@on_loop
 async def test_ttl_unsubscribed_mailbox_dropped_and_unknown_key_not_found():
     router = AudioRouter(ttl_s=0.05)
     render(router, 0, [1], starts=[spec(1, "orphan")])

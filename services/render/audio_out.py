@@ -2,8 +2,9 @@
 
 A stream started with an `audio_key` has its frames put, in render order, in that key's mailbox; the
 consumer's Acoustic.StreamAudio call reads them. Either may come first: a subscriber waits for the stream to
-start, and a started stream's frames wait for their subscriber. Nothing is left behind: a mailbox goes when
-its subscriber leaves, or after `ttl_s` when nobody subscribes; an unread mailbox holds at most `cap` frames.
+start (as long as the llm keeps it queued: only the call's own deadline or cancellation ends that wait), and a
+started stream's frames wait for their subscriber. Nothing is left behind: a mailbox goes when its subscriber
+leaves, or after `ttl_s` when nobody subscribes; an unread mailbox holds at most `cap` frames.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class AudioRouter:
         self.boxes: dict[str, _Mailbox] = {}
         self.keys: dict[int, str] = {}  # engine stream id -> its audio key, while it runs
         self.counts: dict[int, int] = {}  # engine stream id -> the index of its next frame
+        # Keys whose mailbox went unread past the TTL, and when: a late subscriber is told, not left waiting.
+        self.expired: dict[str, float] = {}
 
     def take(self, step: RenderStep, result: RenderResult) -> Routed:
         """What of a rendered step goes to mailboxes: its keyed starts, frames and ends. Reads `keys` only (a
@@ -130,12 +133,19 @@ class AudioRouter:
         now = time.monotonic()
         for key in [k for k, b in self.boxes.items() if not b.subscribed and now - b.created > self.ttl_s]:
             del self.boxes[key]
+            self.expired[key] = now
+        for key in [k for k, t in self.expired.items() if now - t > self.ttl_s]:
+            del self.expired[key]
 
     async def subscribe(self, key: str) -> AsyncIterator[AudioFrame]:
-        """The key's frames in order, until its stream ends. RequestError: a bad key, a second subscriber, no
-        stream with the key started within the TTL, or the stream failed."""
+        """The key's frames in order, until its stream ends. RequestError: a bad key, a second subscriber, a key
+        whose stream started and went unread past the TTL, or the stream failed."""
         checked_key(key)
         self.sweep()
+        if key in self.expired:
+            raise status_error(
+                code_pb2.NOT_FOUND, f"audio_key: its stream started over {self.ttl_s:.0f} s ago with nobody reading"
+            )
         box = self.boxes.setdefault(key, _Mailbox(time.monotonic()))
         if box.subscribed:
             raise invalid_argument("audio_key", "the key already has a subscriber")
@@ -150,15 +160,7 @@ class AudioRouter:
                 if box.ended:
                     return
                 box.wake.clear()
-                if box.started:
-                    await box.wake.wait()
-                    continue
-                try:
-                    await asyncio.wait_for(box.wake.wait(), box.created + self.ttl_s - time.monotonic())
-                except TimeoutError:
-                    raise status_error(
-                        code_pb2.NOT_FOUND, f"audio_key: no stream with this key started within {self.ttl_s:.0f} s"
-                    ) from None
+                await box.wake.wait()
         finally:
             if self.boxes.get(key) is box:
                 del self.boxes[key]
