@@ -15,8 +15,10 @@ from collections.abc import Callable
 
 def _query(args: list[str]) -> list[list[str]]:
     try:
-        out = subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True, text=True)
-    except OSError:  # no NVIDIA driver: nothing to sample
+        out = subprocess.run(
+            ["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):  # no NVIDIA driver, or it hangs: this sample is skipped
         return []
     return [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
 

@@ -169,7 +169,8 @@ def resume_after_kill(mesh: Mesh, args: argparse.Namespace) -> dict:
         return current
 
     def pids() -> dict[int, str]:
-        return {p.pid: name for name, p in mesh.processes.items() if name in ("llm", "acoustic")}
+        # A copy: the main thread replaces the llm's process while the sampler's thread reads this.
+        return {p.pid: name for name, p in list(mesh.processes.items()) if name in ("llm", "acoustic")}
 
     with GpuMemorySampler(pids) as memory:
         created = time.monotonic()
@@ -177,9 +178,11 @@ def resume_after_kill(mesh: Mesh, args: argparse.Namespace) -> dict:
         watcher = Watcher(address, name)
         watcher.start()
         wait(name, lambda j: j.frames_checkpointed >= args.kill_at, f"no checkpoint of {args.kill_at} frames")
+        resumes = job(name).resumes
         killed = time.monotonic()
         mesh.stop_service("llm", sig=signal.SIGKILL)
-        checkpoint = job(name).frames_checkpointed
+        # Once the jobs service has seen the llm go, it has checkpointed every frame it holds and queued the job.
+        checkpoint = wait(name, lambda j: j.resumes > resumes, "the job was not queued to resume").frames_checkpointed
         mesh.start_service("llm")
         mesh.wait_ready(600, ["llm"])
         llm_ready = time.monotonic()

@@ -113,8 +113,8 @@ def run_streams(pool, address: str, plans: list[tuple[bytes, float, float, str]]
 
 
 def gaps_ms(chunks: list[float], start: float = 0.0, end: float = float("inf")) -> list[float]:
-    ts = [t for t in chunks if start <= t <= end]
-    return [(b - a) * 1000 for a, b in zip(ts, ts[1:], strict=False)]
+    """The gaps between consecutive chunks that overlap [start, end], those across its edges included."""
+    return [(b - a) * 1000 for a, b in zip(chunks, chunks[1:], strict=False) if b >= start and a <= end]
 
 
 def lateness_ms(chunks: list[float]) -> float:
