@@ -35,3 +35,14 @@ def test_without_a_folder_nothing_is_profiled():
     with profile.around(prefilling=True, playing=100):
         torch.mm(torch.ones(2, 2), torch.ones(2, 2))
     assert profile.left == 0
+
+
+def test_a_profile_that_cannot_be_written_leaves_the_step_alone(tmp_path, caplog):
+    """A diagnostic: a folder that cannot be made is logged, and the step it ended on returns normally."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    profile = StepProfile(str(blocked / "profile"), steps=1, min_playing=1)
+    with profile.around(prefilling=True, playing=1):
+        done = torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+    assert done.sum().item() == 8.0 and profile.left == 0
+    assert "not written" in caplog.text

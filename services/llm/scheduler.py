@@ -268,7 +268,8 @@ def pages_short(engine: LMEngine) -> int:
         if stream.decoding:
             positions = [n + 1 for n in stream.lengths]
         elif stream.plan is not None:
-            positions = list(stream.plan.lengths)
+            # It may finish its prompt and decode in the same step: one more position in each branch.
+            positions = [n + 1 for n in stream.plan.lengths]
         else:
             continue
         short += engine.blocks.short(stream.pages, positions)

@@ -352,7 +352,9 @@ async def serve(
         engine,
         link,
         pipelined=not args.no_pipelined_steps,
-        profile=StepProfile(args.profile_dir, min_playing=args.profile_min_playing or MIN_PLAYING),
+        profile=StepProfile(
+            args.profile_dir, min_playing=MIN_PLAYING if args.profile_min_playing is None else args.profile_min_playing
+        ),
     )
     names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name, *(extra or {})]
     service = Service("llm", args.host, args.port, names)

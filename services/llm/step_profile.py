@@ -57,6 +57,12 @@ class StepProfile:
     def _finish(self) -> None:
         recorded, self._profile = self._profile, None
         recorded.__exit__(None, None, None)
+        try:
+            self._write(recorded)
+        except OSError as e:  # a diagnostic: the streams go on without it
+            log.warning("profile of %d llm steps not written to %s: %s", self.steps, self.directory, e)
+
+    def _write(self, recorded: profile) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         recorded.export_chrome_trace(str(self.directory / "llm-steps.json"))
         averages = recorded.key_averages()
