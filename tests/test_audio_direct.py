@@ -7,12 +7,13 @@ import asyncio
 
 import grpc
 import pytest
+import torch
 from google.rpc import code_pb2
 from grpc_status import rpc_status
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.common.errors import RequestError, bad_request_fields
-from services.common.tensors import from_proto
+from services.common.tensors import from_proto, to_proto
 from services.synthesis.backends import Backends
 
 FRAMES = 5
@@ -94,5 +95,26 @@ def test_audio_stream_that_ends_or_fails_first_is_unavailable_naming_acoustic(co
             await backends._with_audio(mesh_pb2.GeneratedFrame(index=3), EndedAudio(error))
         assert e.value.status.code == code_pb2.UNAVAILABLE
         assert "acoustic service at 127.0.0.1:2" in e.value.status.message
+
+    asyncio.run(main())
+
+
+class OneAudioPart:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    async def read(self):
+        return mesh_pb2.StreamAudioResponse(index=self.index, audio=to_proto(torch.zeros(4)))
+
+
+def test_audio_of_another_frame_is_never_paired_with_a_frame():
+    async def main():
+        backends = Backends("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+        frame = mesh_pb2.GeneratedFrame(index=3)
+        await backends._with_audio(frame, OneAudioPart(3))
+        assert frame.HasField("audio")
+        with pytest.raises(RequestError) as e:
+            await backends._with_audio(mesh_pb2.GeneratedFrame(index=4), OneAudioPart(5))
+        assert e.value.status.code == code_pb2.UNAVAILABLE and "frame 5 came for frame 4" in e.value.status.message
 
     asyncio.run(main())

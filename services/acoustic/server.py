@@ -121,7 +121,8 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
             await abort(context, e)
             return
         async with self.encode_lock:
-            embeddings = await asyncio.to_thread(self.engine.embed_frames, latents, semantic)
+            # Copied to the host off the event loop, which the render streams' messages wait on.
+            embeddings = await asyncio.to_thread(lambda: self.engine.embed_frames(latents, semantic).cpu())
         return mesh_pb2.EmbedFramesResponse(embeddings=to_proto(embeddings), replay_frames=self.engine.replay_frames)
 
     def _step(

@@ -295,6 +295,7 @@ class LMEngine:
                 self.audio_token_id,
                 self.audio_bos_token_id,
             )
+            stream.history = None  # the plan holds what its prefill reads; the frames' embeddings can go
         return True
 
     def _rows(self, slot: int) -> slice:

@@ -134,7 +134,9 @@ class WireLink:
                     request, timeout=EMBED_TIMEOUT_S, wait_for_ready=True
                 )
             except grpc.aio.AioRpcError as e:
-                raise RenderUnavailable(f"acoustic service at {self.address} failed: {e.code().name}") from e
+                raise RenderUnavailable(
+                    f"acoustic service at {self.address} failed: {e.code().name}: {e.details()}"
+                ) from e
         return from_proto(response.embeddings), response.replay_frames
 
     async def close(self) -> None:

@@ -225,6 +225,8 @@ class Backends:
             raise unavailable(f"{where}: audio stream failed: {e.code().name}: {e.details()}") from e
         if part is grpc.aio.EOF:
             raise unavailable(f"{where}: audio stream ended before frame {frame.index}")
+        if part.index != frame.index:  # the two streams fell out of step: never pair a frame with another's audio
+            raise unavailable(f"{where}: audio of frame {part.index} came for frame {frame.index}")
         frame.audio.CopyFrom(part.audio)
         if part.HasField("latent"):  # asked for (frame_states)
             frame.latent.CopyFrom(part.latent)
