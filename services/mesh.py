@@ -209,7 +209,7 @@ class Mesh:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _envoy_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
     _jobs_tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
-    _sigterm: tuple | None = field(default=None, init=False, repr=False)  # (the handler before the mesh opened,)
+    _sigterm: object = field(default=None, init=False, repr=False)  # SIGTERM's handler before the mesh opened
 
     def __post_init__(self) -> None:
         # Copies, so a config shared between meshes is not changed under another one.
@@ -352,7 +352,8 @@ class Mesh:
         # The services run in sessions of their own, so a signal to this process does not reach them: while the
         # mesh is open, SIGTERM (a `timeout`, a job scheduler) stops it as Ctrl-C does instead of leaving them.
         if threading.current_thread() is threading.main_thread():
-            self._sigterm = (signal.signal(signal.SIGTERM, sigterm_as_interrupt),)
+            # None from signal.signal: a handler not set from Python, which the default stands for here.
+            self._sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt) or signal.SIG_DFL
         try:
             self.start()
         except BaseException:
@@ -365,5 +366,5 @@ class Mesh:
             self.stop()
         finally:
             if self._sigterm is not None:
-                signal.signal(signal.SIGTERM, self._sigterm[0] or signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, self._sigterm)
                 self._sigterm = None

@@ -49,7 +49,11 @@ class FrameLog:
         store.release(size - checkpoint * RECORD_BYTES)
         self.frames = checkpoint
         self.synced = checkpoint
-        self.states = StateLog(store, store.state_path(job_id), checkpoint)
+        try:
+            self.states = StateLog(store, store.state_path(job_id), checkpoint)
+        except BaseException:
+            os.close(self.fd)  # no FrameLog to close it
+            raise
 
     def append(self, index: int, segment: int, samples: np.ndarray, state: FrameState | None = None) -> None:
         if index != self.frames:

@@ -200,7 +200,8 @@ class Runner:
             else:  # planned anew (the llm's context changed): from the first segment
                 self.segments.plan(job_id, prepared.segments)
             log.info("job %s: running from frame %d", job_id, frame_log.frames)
-            resume = self._resume(job_id, frame_log, start)
+            # Reads the segment's stored frame states (812 bytes a frame): off the loop that serves every job.
+            resume = await asyncio.to_thread(self._resume, job_id, frame_log, start)
             while True:
                 try:
                     await self._follow(job_id, run, frame_log, prepared, options, voices, start, resume)

@@ -85,8 +85,9 @@ class StateLog:
         if self.sizes is None:
             if state is None:
                 return  # nothing kept yet: the log starts with the first frame that has state
-            self.sizes = len(state.latent), len(state.semantic)
-            self._write(0, _HEADER.pack(_MAGIC, _VERSION, *self.sizes, TOKEN_SLOTS))
+            sizes = len(state.latent), len(state.semantic)
+            self._write(0, _HEADER.pack(_MAGIC, _VERSION, *sizes, TOKEN_SLOTS))
+            self.sizes = sizes  # only once its header is written: a failed write leaves the log as it was
         if index < self.frames:
             return  # a frame made again on a resume that could not rebuild: its record is there
         while self.frames < index:
