@@ -11,6 +11,7 @@ from google.rpc import code_pb2
 
 from services.common.errors import RequestError
 from services.render.audio_out import AudioRouter
+from services.render.local import LocalLink
 from services.render.values import RenderResult, RenderStep, StreamHistory, StreamSpec
 
 
@@ -166,3 +167,21 @@ async def test_second_subscriber_refused():
     assert e.value.status.code == code_pb2.INVALID_ARGUMENT
     render(router, 0, [1], starts=[spec(1, "one")], ends=[1])
     assert len(await first) == 1
+
+
+class RowsEngine:
+    """A render engine whose results say which stream and step made each row (as `result` does)."""
+
+    def step(self, step: RenderStep) -> RenderResult:
+        return result(step.ids, step.step)
+
+
+@on_loop
+async def test_the_llm_gets_only_embeddings_when_every_frame_went_to_its_consumer():
+    router = AudioRouter()
+    link = LocalLink(RowsEngine(), router)
+    keyed = await link.step(RenderStep(0, [spec(1, "a"), spec(2, "b")], [1, 2]))
+    assert keyed.embeddings.shape[0] == 2 and keyed.audio is None and keyed.latents is None
+    mixed = await link.step(RenderStep(1, [spec(3)], [1, 2, 3]))  # stream 3 has no key: its audio goes to the llm
+    assert mixed.audio[:, 0].tolist() == [1001.0, 2001.0, 3001.0]
+    assert [f.index for f in router.boxes["a"].frames] == [0, 1]

@@ -26,7 +26,7 @@ from services.common.model_info import model_info
 from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
 from services.common.tensors import from_proto, to_proto
-from services.render.audio_out import AudioRouter, Routed, checked_key
+from services.render.audio_out import AudioRouter, Routed, all_routed, checked_key
 from services.render.shared_memory import AcousticSharedMemory
 from services.render.values import RenderStep
 
@@ -135,13 +135,15 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         result = self.engine.step(step)
         t2 = time.perf_counter()
         routed = self.audio_out.take(step, result)
-        response = mesh_pb2.RenderResponse(step=request.step, stream_ids=request.stream_ids)
+        # A step whose every stream is keyed gives the llm only what it needs: the embeddings.
+        response = mesh_pb2.RenderResponse(
+            step=request.step, stream_ids=request.stream_ids, frames_routed=all_routed(step, routed)
+        )
         if step.ids and shared is not None:
             # the llm waits for it on the GPU, not here
             shared.publish((result.embeddings, result.audio, result.latents, result.semantic))
         else:
-            # a step whose every stream is keyed sends the llm only what it needs: the embeddings
-            result.fill(response, frames=len(routed.frames) < len(step.ids))
+            result.fill(response, frames=not response.frames_routed)
         t3 = time.perf_counter()
         phases = {"unpack": (t1 - t0) * 1000, "render": (t2 - t1) * 1000, "pack": (t3 - t2) * 1000}
         self.stats.add(len(step.ids), phases, context=f" ({len(step.starts)} joining)")

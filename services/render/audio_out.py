@@ -77,6 +77,11 @@ class Routed:
     ends: list[int]
 
 
+def all_routed(step: RenderStep, routed: Routed) -> bool:
+    """Whether every frame of a step with streams went to a mailbox: the llm then needs only its embeddings."""
+    return bool(step.ids) and len(routed.frames) == len(step.ids)
+
+
 class AudioRouter:
     """Keyed streams' frames by key. Its methods run on the event loop, except `take` (any thread)."""
 

@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from services.render.audio_out import AudioRouter, Routed
+from services.render.audio_out import AudioRouter, Routed, all_routed
 from services.render.link import RenderEngine
 from services.render.values import RenderResult, RenderStep
 
@@ -28,7 +28,8 @@ class LocalLink:
 
         result, routed = await asyncio.to_thread(render)
         self.audio_out.deliver(routed)
-        return result
+        # Frames that went to their consumers are not copied to the llm's host as well.
+        return RenderResult(result.embeddings) if all_routed(step, routed) else result
 
     async def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> tuple[torch.Tensor, int]:
         return await asyncio.to_thread(self.engine.embed_frames, latents, semantic), self.engine.replay_frames

@@ -133,6 +133,6 @@ class RenderResult:
     def from_proto(cls, msg: mesh_pb2.RenderResponse) -> RenderResult:
         if not msg.HasField("embeddings"):
             return cls()
-        if not msg.HasField("audio"):  # every stream of the step is keyed: its frames went straight to consumers
+        if msg.frames_routed:  # every stream of the step is keyed: its frames went straight to consumers
             return cls(from_proto(msg.embeddings))
         return cls(*(from_proto(t) for t in (msg.embeddings, msg.audio, msg.latents, msg.semantic)))

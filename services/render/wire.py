@@ -119,7 +119,8 @@ class WireLink:
         if not rendered:
             return RenderResult()
         if shared:
-            return RenderResult(*self.shared.receive(rendered))
+            results = self.shared.receive(rendered)
+            return RenderResult(results[0]) if response.frames_routed else RenderResult(*results)
         return RenderResult.from_proto(response)
 
     async def _failed(self, e: grpc.aio.AioRpcError) -> NoReturn:

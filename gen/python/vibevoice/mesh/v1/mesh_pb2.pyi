@@ -273,7 +273,7 @@ class StreamAudioResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., latent: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
-    __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept", "latents", "semantic")
+    __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept", "latents", "semantic", "frames_routed")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +281,7 @@ class RenderResponse(_message.Message):
     SHARED_ACCEPT_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_ROUTED_FIELD_NUMBER: _ClassVar[int]
     step: int
     stream_ids: _containers.RepeatedScalarFieldContainer[int]
     embeddings: Tensor
@@ -288,7 +289,8 @@ class RenderResponse(_message.Message):
     shared_accept: SharedMemoryAccept
     latents: Tensor
     semantic: Tensor
-    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., shared_accept: _Optional[_Union[SharedMemoryAccept, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    frames_routed: bool
+    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., shared_accept: _Optional[_Union[SharedMemoryAccept, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ..., frames_routed: _Optional[bool] = ...) -> None: ...
 
 class AcousticDescribeModelRequest(_message.Message):
     __slots__ = ()
