@@ -312,7 +312,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the one 90-minute job's peak memory")
     p.add_argument("--playing", type=int, default=64, help="streams playing while the long prompts arrive")
-    p.add_argument("--prefill-graphs", action="store_true", help="the llm's --prefill-graphs")
+    p.add_argument("--no-prefill-graphs", action="store_true", help="the llm's --no-prefill-graphs")
     args = p.parse_args()
     path = common.checkpoint(args.shape)
     ckpt = resolve_checkpoint(str(path))
@@ -336,7 +336,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    defaults = user_defaults(*(["--prefill-graphs"] if args.prefill_graphs else []))
+    defaults = user_defaults(*(["--no-prefill-graphs"] if args.no_prefill_graphs else []))
     lm, acoustic = build(ckpt, defaults)
     results["configuration"] = {
         "max_context": lm.kv.max_len,
@@ -344,7 +344,7 @@ def main() -> None:
         "gpu_memory_fraction": defaults.gpu_memory_fraction,
         "prefill_chunk": lm.prefill_chunk,
         "cuda_graphs": bool(lm.graphs),
-        "prefill_graphs": bool(lm.chunk_graphs),
+        "prefill_graphs": lm.chunk_graph is not None,
         "compiled": lm._compiled,
         "page_size": lm.blocks.page_size,
         "kv_pages": lm.blocks.usable,

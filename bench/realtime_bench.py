@@ -215,7 +215,7 @@ def main() -> None:
     p.add_argument("--voices", default="2", help="voices per ten-minute stream: one run per count given")
     p.add_argument("--acoustic", default="remote", help="remote: its own process (as `vvmesh up`); local: in the llm")
     p.add_argument("--prefill-chunk", type=int, default=LLMConfig.prefill_chunk, help="the llm's prompt tokens a step")
-    p.add_argument("--prefill-graphs", action="store_true", help="the llm replays prompt chunks as CUDA graphs")
+    p.add_argument("--no-prefill-graphs", action="store_true", help="the llm launches prompt chunks' kernels")
     p.add_argument("--profile", action="store_true", help="the llm profiles its first steps with a prompt chunk")
     p.add_argument("--profile-min-playing", type=int, default=8, help="...once this many streams play")
     p.add_argument("--no-long", action="store_true", help="skip the 45-minute script cases")
@@ -226,7 +226,7 @@ def main() -> None:
     path = common.checkpoint(args.shape)
     script = ten_minute_script(path)
     llm = replace(LLMConfig(), allow_fixed_frames=True, prefill_chunk=args.prefill_chunk)
-    llm = replace(llm, prefill_graphs=args.prefill_graphs)
+    llm = replace(llm, prefill_graphs=not args.no_prefill_graphs)
     if args.profile:
         llm = replace(
             llm, profile_dir=str(common.out_dir() / "llm-profile"), profile_min_playing=args.profile_min_playing

@@ -160,7 +160,7 @@ def mesh_from_args(args: argparse.Namespace) -> Mesh:
             drain_grace=args.drain_grace,
         ),
         allow_fixed_frames=args.allow_fixed_frames,
-        prefill_graphs=args.prefill_graphs,
+        prefill_graphs=not args.no_prefill_graphs,
         **kernels,
     )
     return Mesh(
@@ -300,7 +300,7 @@ def _mesh_options(sp: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-compile", action="store_true", help="llm and acoustic: capture eager kernels")
     engine.add_argument("--no-cuda-graphs", action="store_true", help="llm and acoustic: no CUDA graphs")
     engine.add_argument(
-        "--prefill-graphs", action="store_true", help="llm: replay prompt chunks as CUDA graphs (not yet measured)"
+        "--no-prefill-graphs", action="store_true", help="llm: launch prompt chunks' kernels instead of a CUDA graph"
     )
     sp.add_argument("--log-dir", default=None, help="one log file per service (default: this terminal)")
 

@@ -98,7 +98,7 @@ class LLMConfig:
     gpu_memory_fraction: float = 0.9
     kv_pages: int | None = None  # None: from the memory fraction
     prefill_chunk: int = 512
-    prefill_graphs: bool = False  # prompt chunks as CUDA graphs: not yet measured through the mesh
+    prefill_graphs: bool = True  # on a GPU, prompt chunks replay one CUDA graph
     drain_grace: float = 120.0
     allow_fixed_frames: bool = False
     cuda_graphs: bool = True

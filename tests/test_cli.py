@@ -195,7 +195,7 @@ UP = [
     "7",
     "--no-compile",
     "--no-cuda-graphs",
-    "--prefill-graphs",
+    "--no-prefill-graphs",
     "--allow-fixed-frames",
 ]
 
@@ -210,7 +210,7 @@ def test_up_options_reach_each_service(monkeypatch):
     assert (llm["max_streams"], llm["max_context"], llm["gpu_memory_fraction"]) == (3, 4096, 0.5)
     assert (llm["prefill_chunk"], llm["drain_grace"], llm["allow_fixed_frames"]) == (256, 7.0, True)
     assert llm["no_compile"] and llm["no_cuda_graphs"] and not llm["no_shared_gpu_memory"]
-    assert llm["prefill_graphs"]
+    assert llm["no_prefill_graphs"]
     acoustic = server_args(monkeypatch, "acoustic", mesh.command("acoustic")[5:])
     assert (acoustic["port"], acoustic["max_streams"], acoustic["no_compile"], acoustic["no_cuda_graphs"]) == (
         20012,

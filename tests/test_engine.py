@@ -114,9 +114,10 @@ def test_chunked_prefill_and_slot_reuse_keep_the_audio(ckpt):
 
 
 def test_padded_prompt_chunks_give_the_audio_of_exact_ones(ckpt):
-    """The step the GPU's chunk graphs capture (each chunk padded to 256 queries over keys up to a multiple of
-    2,048), run eagerly, against chunks of exactly their tokens: prompts over several chunks, one ending inside a
-    chunk, two streams prefilled in the same steps, and a third arriving while they play."""
+    """The padded step the GPU's chunk graph captures (each chunk padded to 256 queries; keys gathered here, where
+    the graph reads them through the page table), run eagerly, against chunks of exactly their tokens: prompts
+    over several chunks, one ending inside a chunk, two streams prefilled in the same steps, and a third arriving
+    while they play."""
     requests = [
         {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
         {"prompt": prompt(ckpt, 90, 22), "frames": 6, "seed": 2},
@@ -131,17 +132,19 @@ def test_padded_prompt_chunks_give_the_audio_of_exact_ones(ckpt):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt):
-    """Prompt chunks replayed as graphs (keys in buckets of 2,048) against the same chunks launched (buckets of
-    256): prompts over several chunks, one ending inside a chunk, two streams prefilled in the same steps."""
+    """Prompt chunks replayed as one graph (the Triton kernel reading the page table) against the same chunks
+    launched (gathered keys, SDPA): prompts over several chunks, one ending inside a chunk, two streams
+    prefilled in the same steps. Two different attention kernels sum in different orders, so the bound is
+    float32 rounding over a few hundred positions, not the bit-level agreement of one kernel."""
     requests = [
         {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
         {"prompt": prompt(ckpt, 90, 22), "frames": 6, "seed": 2},
     ]
-    launched = run(ckpt, requests, prefill_chunk=256, device="cuda", cuda_graphs=False)
-    captured = run(ckpt, requests, prefill_chunk=256, device="cuda", cuda_graphs=False, prefill_graphs=True)
+    launched = run(ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=False)
+    captured = run(ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=True)
     for a, b in zip(launched, captured, strict=True):
         assert a.shape == b.shape
-        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+        assert np.abs(a - b).max() <= 5e-4 * np.abs(a).max()
 
 
 def test_streams_keep_their_state_when_rows_are_repacked(ckpt):

@@ -1,6 +1,6 @@
-"""The paged decode kernel and the prompt chunks' attention equal plain attention over the same page table: any
-page size, any split count, rows of very different lengths, pages scattered over the pool, captured chunks padded
-to a fixed size over keys in buckets."""
+"""The paged decode and prefill kernels and the prompt chunks' attention equal plain attention over the same page
+table: any page size, any split count, rows of very different lengths, pages scattered over the pool, chunks
+padded to a fixed size."""
 
 from __future__ import annotations
 
@@ -101,3 +101,20 @@ def test_a_prompt_chunk_attends_causally_to_its_row_only(page_size):
     expected = gathered(q, kv.k[0], kv.v[0], index, causal_visibility(300, positions), 0.3)
     out = prompt_chunk(q, kv.k[0], kv.v[0], index, 0.3)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4), (out - expected).abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("page_size", [4, 128])
+@pytest.mark.parametrize(("start", "tokens", "queries"), [(255, 45, 64), (0, 70, 70), (120, 1, 16)])
+def test_the_prefill_kernel_attends_causally_to_its_row_through_the_page_table(page_size, start, tokens, queries):
+    """The captured chunks' kernel: a chunk of `tokens` from `start`, padded to `queries` (padding at `start`, as
+    the engine pads), over row 0's pages scattered in the pool; the other row's keys never leak in."""
+    kv, _ = filled_pool(page_size, [300, 200], heads=6, kv_heads=2, head_dim=32, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 6, queries, 32, generator=g).to(DEVICE)
+    offsets = torch.arange(queries, device=DEVICE)
+    positions = start + torch.where(offsets < tokens, offsets, 0)
+    out = paged_attention.paged_prefill(q, kv.k[0], kv.v[0], kv.page_table[0], positions, 0.3, page_size)
+    row = kv.gather_index(torch.tensor([0], device=DEVICE), 300)[0]
+    expected = plain_attention(q[0], kv.k[0][0][:, row], kv.v[0][0][:, row], positions.tolist(), 0.3)
+    assert torch.allclose(out[0], expected, atol=1e-5, rtol=1e-4), (out[0] - expected).abs().max()

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import gc_pauses
 from services.common.errors import abort, invalid_argument
 from services.common.telemetry import client_interceptors, server_interceptors
 
@@ -158,6 +159,7 @@ class Service:
     async def run(self, grace_s: float = 30.0, on_drain: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new calls, let running ones finish."""
         await self.server.start()
+        gc_pauses.settle()  # what start-up made stays out of every later collection
         await self.set_serving(True)
         log.info("%s serving on port %d", self.name, self.port)
         stop = asyncio.Event()

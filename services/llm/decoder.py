@@ -19,7 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from services.common.cuda_graphs import compiled
 from services.common.fused_linear import fuse_linears
 from services.llm.block_manager import SCRATCH_PAGE
-from services.llm.paged_attention import paged_decode
+from services.llm.paged_attention import paged_decode, paged_prefill
 from services.llm.paged_kv import PagedKV, causal_visibility, gathered
 from services.llm.paged_kv import prompt_chunk as prompt_chunk_attention
 
@@ -57,23 +57,29 @@ class PagedDecoder:
         """x: (R, T, hidden) inputs of KV rows `rows` (R,) at `positions` (R, T).
 
         Each query attends to its row's positions up to its own. With `keys` the rows' first `keys` positions
-        are gathered (plain PyTorch); without, one query per row reads only the pages its row holds
-        (`paged_decode` over the page table). `prompt_chunk`: one row whose positions are the last T of its
-        first `keys` (a chunk of its prompt), attended with an implicit lower-right causal mask. Returns the final-norm
-        hidden states (R, T, hidden). `compiled` runs the layers' other parts through `compiled_parts` (the
-        decode step's graphs). `writes` (R,) or (R, T) bool: the rows, or the positions, whose keys and values are
-        kept; the others write to the scratch page.
+        are gathered (plain PyTorch); without, the Triton kernels read only the pages a row holds: `paged_decode`
+        for one query per row, `paged_prefill` for a chunk of one row's prompt (R = 1). `prompt_chunk`: one row
+        whose positions are the last T of its first `keys` (a chunk of its prompt), attended with an implicit
+        lower-right causal mask. Returns the final-norm hidden states (R, T, hidden). `compiled` runs the layers'
+        other parts through `compiled_parts` (the decode step's graphs). `writes` (R,) or (R, T) bool: the rows,
+        or the positions, whose keys and values are kept; the others write to the scratch page.
         """
         cos, sin = self.lm.rotary_emb(x, positions)
         write = self.kv.pool_index(rows, positions)
         if writes is not None:
             keep = writes if writes.dim() == 2 else writes[:, None]
             write = torch.where(keep, write, SCRATCH_PAGE * self.kv.page_size)
-        if keys is None:
+        if keys is None and x.shape[1] == 1:
             table, lengths = self.kv.page_table[rows], (positions[:, 0] + 1).to(torch.int32)
 
             def attend(q, k_pool, v_pool):
                 return paged_decode(q, k_pool, v_pool, table, lengths, self.scaling, self.kv.page_size)
+
+        elif keys is None:  # a chunk of one row's prompt, read through its page table
+            table = self.kv.page_table[rows][0]  # a gather: a 0-dim index would read it on the host
+
+            def attend(q, k_pool, v_pool):
+                return paged_prefill(q, k_pool, v_pool, table, positions[0], self.scaling, self.kv.page_size)
 
         elif prompt_chunk:
             gather = self.kv.gather_index(rows, keys)

@@ -64,7 +64,6 @@ CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU at least, where there is no GP
 log = logging.getLogger(__name__)
 
 KEY_BLOCK = 256  # eager attention reads keys up to the next multiple of this
-CHUNK_KEY_BUCKET = 2048  # a captured prompt chunk reads keys up to the next multiple of this: one graph each
 
 
 @dataclass(eq=False)  # compared by identity: two identical requests are two streams
@@ -140,7 +139,7 @@ class LMEngine:
         memory_fraction: float = 0.9,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
-        prefill_graphs: bool = False,
+        prefill_graphs: bool = True,
     ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
@@ -224,17 +223,17 @@ class LMEngine:
         self.chunk_tokens = torch.zeros((), device=self.device, dtype=torch.long)
         self._chunk_offsets = torch.arange(longest, device=self.device)
         self.graphs: dict[int, CapturedStep] = {}
-        # Captured chunks are padded to `prefill_chunk` queries over keys in buckets; `padded_chunks` without
-        # graphs runs the same step eagerly (a CPU test of what the graphs replay).
+        # A captured chunk is padded to `prefill_chunk` queries; `padded_chunks` without the graph runs the same
+        # step eagerly (a CPU test of what the graph replays).
         self.padded_chunks = False
-        self.chunk_graphs: dict[int, CapturedStep] = {}
+        self.chunk_graph: CapturedStep | None = None
         self._compiled = torch_compile and cuda_graphs and self.device.type == "cuda"
         if self._compiled:
             self.decoder.compile()
         if cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
-        if prefill_graphs and self.device.type == "cuda":
-            self._capture_chunk_graphs()
+        if cuda_graphs and prefill_graphs and self.device.type == "cuda":
+            self._capture_chunk_graph()
 
     # ------------------------------------------------------------------ description
 
@@ -503,37 +502,33 @@ class LMEngine:
         self.chunk_tokens.fill_(tokens)
         if not self.padded_chunks:
             self._chunk_step(tokens, start + tokens)
-        elif graph := self.chunk_graphs.get(keys := self._chunk_keys(start + tokens)):
-            graph.replay()
+        elif self.chunk_graph is not None:
+            self.chunk_graph.replay()
         else:
-            self._chunk_step(self.prefill_chunk, keys, padded=True)
+            self._chunk_step(self.prefill_chunk, self._keys(start + tokens), padded=True)
 
-    def _chunk_keys(self, upto: int) -> int:
-        """The key bucket of a captured chunk whose last position is `upto` - 1."""
-        return min(self.kv.max_len, -(-upto // CHUNK_KEY_BUCKET) * CHUNK_KEY_BUCKET)
-
-    def _chunk_step(self, queries: int, keys: int, padded: bool = False) -> torch.Tensor:
+    def _chunk_step(self, queries: int, keys: int | None, padded: bool = False) -> torch.Tensor:
         """The prompt chunk the buffers hold, as `queries` queries over its row's first `keys` positions.
 
-        Launched (on every device without chunk graphs), it has exactly its tokens as queries and the positions
-        up to its last as keys, attended with an implicit causal mask. `padded` (what a chunk graph captures):
-        `queries` is the full chunk size, the queries past its tokens are padding that writes to the scratch
-        page, and `keys` is a bucket's end, the keys past the chunk masked out."""
+        Launched (on every device without the chunk graph), it has exactly its tokens as queries and the
+        positions up to its last as keys, attended with an implicit causal mask. `padded`: `queries` is the full
+        chunk size, and the queries past its tokens are padding that writes to the scratch page. With `keys`
+        None (what the chunk graph captures) the keys are read through the row's page table up to each query's
+        position, so one graph serves every chunk; with `keys` (the same step eagerly, where Triton is absent)
+        they are gathered, the keys past the chunk masked out."""
         offsets = self._chunk_offsets[:queries]
         real = offsets < self.chunk_tokens
         positions = (self.chunk_start + torch.where(real, offsets, 0))[None]
         x = self.chunk_inputs[None, :queries]
         return self.decoder.forward(x, self.chunk_row, positions, keys, writes=real[None], prompt_chunk=not padded)
 
-    def _capture_chunk_graphs(self) -> None:
+    def _capture_chunk_graph(self) -> None:
         self.padded_chunks = True
         pool = torch.cuda.graph_pool_handle()  # not the decode graphs': their outputs outlive a chunk
-        buckets = sorted({self._chunk_keys(n) for n in range(1, self.kv.max_len + 1, CHUNK_KEY_BUCKET)})
-        for keys in buckets:
-            step = functools.partial(self._chunk_step, self.prefill_chunk, keys, padded=True)
-            with torch.inference_mode():
-                self.chunk_graphs[keys] = CapturedStep(step, pool)
-        log.info("captured prompt-chunk graphs of %d tokens for %d key buckets", self.prefill_chunk, len(buckets))
+        step = functools.partial(self._chunk_step, self.prefill_chunk, None, padded=True)
+        with torch.inference_mode():
+            self.chunk_graph = CapturedStep(step, pool)
+        log.info("captured the prompt-chunk graph: %d tokens at any position", self.prefill_chunk)
 
     # ------------------------------------------------------------------ decode
 

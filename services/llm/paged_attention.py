@@ -1,4 +1,4 @@
-"""Decode attention over the paged KV pool: one query per KV row, reading only the positions the row holds.
+"""Attention over the paged KV pool, reading only the positions a row holds: decode and prompt chunks.
 
 A Triton kernel in two passes ("flash decoding"). The first splits each row's positions into `splits` equal
 ranges of whole blocks; one program per (row, KV head, split) reads its blocks through the row's page table,
@@ -8,8 +8,12 @@ costs a hundredth of one at 10,000, whatever the configured context; the grid de
 the launch is captured in the decode step's CUDA graphs. Triton comes with PyTorch's CUDA builds and compiles
 for the GPU it finds, with no CUDA toolkit on the user's machine.
 
+`paged_prefill` is the same for a chunk of one row's prompt: many queries, each attending to the row's positions
+up to its own. It reads the positions through the page table too, so a captured chunk's graph serves every
+chunk, wherever it starts, without gathering keys or masks sized to the context.
+
 The same semantics in plain PyTorch (each row's positions gathered, then SDPA) are `paged_kv.gathered`, which
-CPU steps and prefill use; the tests hold the two equal over one page table.
+CPU steps use; the tests hold the three equal over one page table.
 """
 
 from __future__ import annotations
@@ -151,6 +155,71 @@ if triton is not None:
         out = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
         tl.store(out_ptr + row * out_stride_r + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        table_ptr,
+        positions_ptr,
+        out_ptr,
+        q_stride_h,
+        q_stride_t,
+        kv_stride_h,
+        kv_stride_n,
+        out_stride_h,
+        out_stride_t,
+        tokens,
+        scale,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One program: BLOCK_M queries of the chunk times the GROUP query heads of one KV head, as one tile, so
+        # each key and value is read once for the group.
+        block = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        r = tl.arange(0, BLOCK_M * GROUP_PAD)
+        t = block * BLOCK_M + r // GROUP_PAD
+        g = r % GROUP_PAD
+        heads = kv_head * GROUP + g
+        real = (t < tokens) & (g < GROUP)
+        d = tl.arange(0, HEAD_DIM)
+        n = tl.arange(0, BLOCK_N)
+        # A query past the chunk reads position 0's row prefix: finite, and never stored.
+        pos = tl.load(positions_ptr + t, mask=t < tokens, other=0)
+        q = tl.load(q_ptr + heads[:, None] * q_stride_h + t[:, None] * q_stride_t + d[None, :], mask=real[:, None])
+        k_base = k_ptr + kv_head.to(tl.int64) * kv_stride_h
+        v_base = v_ptr + kv_head.to(tl.int64) * kv_stride_h
+        last = tl.max(pos, 0)
+
+        best = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM], tl.float32)
+        for b in range(0, tl.cdiv(last + 1, BLOCK_N)):
+            key = b * BLOCK_N + n
+            held = key <= last
+            page = tl.load(table_ptr + key // PAGE, mask=held, other=0)
+            at = (page.to(tl.int64) * PAGE + key % PAGE) * kv_stride_n
+            k = tl.load(k_base + at[:, None] + d[None, :], mask=held[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(key[None, :] <= pos[:, None], s, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, 1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(s - new_best[:, None])
+            total = total * rescale + tl.sum(p, 1)
+            v = tl.load(v_base + at[:, None] + d[None, :], mask=held[:, None], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            best = new_best
+
+        out = acc / total[:, None]
+        at = out_ptr + heads[:, None] * out_stride_h + t[:, None] * out_stride_t + d[None, :]
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+
 
 def paged_decode(
     q: torch.Tensor,
@@ -212,4 +281,57 @@ def paged_decode(
         _combine_kernel[(rows, heads)](
             acc, best, total, out, out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=head_dim, SPLITS=splits
         )
+    return out
+
+
+PREFILL_TILE = 64  # query rows (chunk positions times grouped heads) a prefill program holds
+PREFILL_BLOCK = 64  # keys per inner step of a prefill program
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_table: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    page_size: int,
+) -> torch.Tensor:
+    """q (1, heads, T, head_dim): a chunk of one row's prompt, query t at `positions[t]`, attending to the row's
+    positions [0, positions[t]], which live in the pool at `page_table[position // page_size]` (the row's table).
+    The launch depends only on T, so one captured graph serves chunks at any position. Returns (1, heads, T,
+    head_dim)."""
+    if triton is None:
+        raise RuntimeError("paged prefill attention needs Triton (it comes with PyTorch's CUDA builds)")
+    _, heads, tokens, head_dim = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_m = max(1, PREFILL_TILE // group_pad)
+    out = torch.empty((1, heads, tokens, head_dim), device=q.device, dtype=q.dtype)
+    _prefill_kernel[(triton.cdiv(tokens, block_m), kv_heads)](
+        q,
+        k_pool,
+        v_pool,
+        page_table,
+        positions,
+        out,
+        q.stride(1),
+        q.stride(2),
+        k_pool.stride(1),
+        k_pool.stride(2),
+        out.stride(1),
+        out.stride(2),
+        tokens,
+        scale,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_M=block_m,
+        HEAD_DIM=head_dim,
+        PAGE=page_size,
+        BLOCK_N=PREFILL_BLOCK,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
     return out

@@ -9,12 +9,12 @@ hold point at the scratch page 0.
 Two attention implementations read the same pool and page table:
 
 - `gathered` (here): plain PyTorch. It gathers each row's first `keys` positions and runs SDPA with a causal
-  mask over logical positions. The CPU and eager GPU decode steps use it, and so do captured prompt chunks
-  (fixed shapes: a chunk padded to its full size over keys up to a bucket's end); launched prompt chunks use
-  `prompt_chunk`, the same gather of exactly the keys they need, with the mask left implicit.
-- `paged_attention.paged_decode`: a Triton kernel for one query per row that reads only the pages the row
-  holds, so a decode step costs what the streams' real lengths cost, not the configured context. Its launch
-  depends only on the batch size, so the GPU's captured decode graphs use it.
+  mask over logical positions. The CPU and eager GPU decode steps use it, and so do padded prompt chunks
+  where Triton is absent; launched prompt chunks use `prompt_chunk`, the same gather of exactly the keys they
+  need, with the mask left implicit.
+- `paged_attention.paged_decode` and `paged_prefill`: Triton kernels that read only the pages a row holds, so
+  a step costs what the streams' real lengths cost, not the configured context. Their launches depend only on
+  the batch size or the chunk size, so the GPU's captured decode and chunk graphs use them.
 """
 
 from __future__ import annotations

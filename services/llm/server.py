@@ -278,9 +278,9 @@ def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
     )
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step")
     p.add_argument(
-        "--prefill-graphs",
+        "--no-prefill-graphs",
         action="store_true",
-        help="on a GPU, replay prompt chunks as CUDA graphs (one per 2,048 keys) instead of launching their kernels",
+        help="on a GPU, launch each prompt chunk's kernels instead of replaying the chunk's CUDA graph",
     )
     p.add_argument(
         "--no-shared-gpu-memory",
@@ -334,7 +334,7 @@ def build_engine(args: argparse.Namespace, ckpt: Checkpoint, dtype: torch.dtype)
         memory_fraction=args.gpu_memory_fraction,
         cuda_graphs=not args.no_cuda_graphs,
         torch_compile=not args.no_compile,
-        prefill_graphs=args.prefill_graphs,
+        prefill_graphs=not args.no_prefill_graphs,
     )
     log.info("language model loaded: %d parameters on %s", engine.parameter_count(), args.device)
     return engine
