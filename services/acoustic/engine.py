@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 VOICE_CACHE_ENTRIES = 64
 VOICE_CHUNK_SAMPLES = 10 * SAMPLES_PER_FRAME
 GRAPH_DIFFUSION_STEPS = 10  # steps captured as CUDA graphs; other step counts run eagerly
+REPLAY_PIECE_FRAMES = 32  # frames a resume replays in one pass (their activations are held at once)
 
 
 @dataclass
@@ -252,13 +253,16 @@ class AcousticEngine:
     @torch.inference_mode()
     def _rebuild(self, state: StreamState, history: StreamHistory) -> None:
         """A resumed stream: its generator skips the noise of the frames made, and its decoder and semantic
-        state comes from replaying the last frames' latents one at a time, as they were rendered."""
+        state comes from replaying the last frames' latents. The convolutions are causal, so frames replayed
+        several at a time leave the state that rendering them one by one left; a resume runs inside a render
+        step, so the fewer passes, the shorter the other streams' wait."""
         for _ in range(history.frames_made):
             self._draw(state)
         rows = torch.tensor([state.row], device=self.device)
         decoder_cache, semantic_cache = self.decoder_state.gather(rows), self.semantic_state.gather(rows)
-        for latent in history.replay_latents.to(self.device, self.dtype):
-            scaled = (latent[None, None, :] / self.latent_scale - self.latent_bias).transpose(1, 2)
+        latents = history.replay_latents.to(self.device, self.dtype)
+        for piece in latents.split(REPLAY_PIECE_FRAMES):
+            scaled = (piece[None] / self.latent_scale - self.latent_bias).transpose(1, 2)  # (1, latent, frames)
             audio = streaming_forward(self.audio_tower.decoder, scaled, decoder_cache)
             streaming_forward(self.semantic_encoder, audio, semantic_cache)
         self.decoder_state.scatter(rows, decoder_cache)
