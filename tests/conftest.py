@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +40,18 @@ def cpu_mesh(checkpoint: Path, tmp_path_factory, name: str, **options) -> Mesh:
     )
     mesh.jobs_config = replace(mesh.jobs_config, data_dir=str(tmp_path_factory.mktemp(f"{name}-data")))
     return mesh
+
+
+@contextlib.contextmanager
+def acoustic_alone(checkpoint: Path, tmp_path_factory, name: str) -> Iterator[str]:
+    """An acoustic service in its own process, CPU float32, for an llm run in the test's process: its address."""
+    mesh = cpu_mesh(checkpoint, tmp_path_factory, name)
+    try:
+        mesh.start_service("acoustic")
+        mesh.wait_ready(timeout_s=120, services=["acoustic"])
+        yield f"127.0.0.1:{mesh.ports.acoustic}"
+    finally:
+        mesh.stop()
 
 
 @pytest.fixture(scope="session")

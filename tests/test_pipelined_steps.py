@@ -21,7 +21,7 @@ from services.llm.engine import FINISH_EOS, FINISH_FIXED_FRAMES, LMEngine, LMStr
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
 from services.render.values import StreamSpec
 from services.render.wire import WireLink
-from tests.conftest import SCRIPTS, cpu_mesh
+from tests.conftest import SCRIPTS, acoustic_alone
 from tests.prompts import reference_prompt
 
 SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
@@ -38,13 +38,8 @@ CANCELLED_AFTER = 4  # frames of a long fixed_frames stream before its caller go
 @pytest.fixture(scope="module")
 def acoustic_address(tiny_checkpoint, tmp_path_factory):
     """An acoustic service of its own, CPU float32, the llm's peer over gRPC."""
-    mesh = cpu_mesh(tiny_checkpoint, tmp_path_factory, "pipelined")
-    try:
-        mesh.start_service("acoustic")
-        mesh.wait_ready(timeout_s=120, services=["acoustic"])
-        yield f"127.0.0.1:{mesh.ports.acoustic}"
-    finally:
-        mesh.stop()
+    with acoustic_alone(tiny_checkpoint, tmp_path_factory, "pipelined") as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,8 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
                 async with self.lock:
                     response, routed = await asyncio.to_thread(self._step, conn, request, shared)
                     self.audio_out.deliver(routed)
+                behind = set(self.audio_out.behind(_key(conn, s) for s in started))
+                response.behind_streams.extend(s for s in started if _key(conn, s) in behind)
                 yield response
         finally:
             # The llm went away: release whatever its streams held, and tell their audio's subscribers.

@@ -93,10 +93,11 @@ class LMStream:
     swapped: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
     first_frame_at: float | None = None
     starved: bool = False  # alone, it needs more pages than the pool has: it ends at the next step
+    held: bool = False  # its consumer is far behind: it sits out the steps, keeping its pages (`LMEngine.hold`)
 
     @property
     def decoding(self) -> bool:
-        return self.ready and self.swapped is None
+        return self.ready and self.swapped is None and not self.held
 
     @property
     def lengths(self) -> tuple[int, int, int]:
@@ -340,6 +341,18 @@ class LMEngine:
         if stream.pages is not None:
             self.blocks.release(stream.pages)
         stream.swapped = None
+
+    def hold(self, stream: LMStream) -> None:
+        """Take a decoding stream out of the steps, keeping its slot's state and its pages, until `unhold`: what
+        it makes would only wait for a consumer that is far behind. Its audio does not change."""
+        assert stream.decoding
+        self._exchange(stream.slot, self.decoding_count - 1)  # the last decoding slot, then past them
+        stream.held = True
+
+    def unhold(self, stream: LMStream) -> None:
+        assert stream.held
+        stream.held = False
+        self._became_decoding(stream)
 
     def _became_decoding(self, stream: LMStream) -> None:
         """Move a stream that just became ready (prefilled or swapped back in) to the end of the decoding rows."""

@@ -38,6 +38,9 @@ class StepPlan:
     # The decoding slots this step decodes, left in flight (one half of a pipelined step; empty: decode nothing,
     # only collect the half in flight). None: every decoding stream, rendered before the step returns.
     rows: range | None = None
+    # Ask the acoustic side which streams' consumers are behind even if nothing else would go to it (every
+    # stream is held, so no step renders).
+    ask_behind: bool = False
 
     @property
     def pipelined(self) -> bool:
@@ -54,6 +57,8 @@ class StepOutput:
     phase_ms: dict[str, float]
     latents: list[torch.Tensor | None] = field(default_factory=list)
     semantic: list[torch.Tensor | None] = field(default_factory=list)
+    # The acoustic side's streams whose audio consumer is behind, as of this step; None: it was not asked.
+    behind: list[int] | None = None
 
 
 def _rows(results: list[RenderResult], part: str) -> list[torch.Tensor | None]:
@@ -122,7 +127,7 @@ class StepRunner:
         ids = [stream_ids[id(d.stream)] for d in speech]
         ends = plan.ended + [stream_ids[id(d.stream)] for d in decisions if d.finish is not None]
         message, at_risk = None, []
-        if plan.joined or ids or ends or self.orphans:
+        if plan.joined or ids or ends or self.orphans or plan.ask_behind:
             # Only a step that changes the acoustic side talks to it; a step in which every stream chose
             # audio_bos or audio_eos is the llm's alone.
             orphans, self.orphans = sorted(self.orphans), set()
@@ -171,14 +176,8 @@ class StepRunner:
             "to host": (time.perf_counter() - t3) * 1000,
         }
         decided = [d for half, _ in accepted for d in half.decisions]
-        return StepOutput(
-            ready,
-            decided,
-            audio,
-            phases,
-            latents,
-            semantic,
-        )
+        reports = [result.behind for _, result in accepted if result.behind is not None]
+        return StepOutput(ready, decided, audio, phases, latents, semantic, reports[-1] if reports else None)
 
     async def _pipelined(
         self, current: _Half, previous: _Half | None, message: RenderStep | None

@@ -13,11 +13,17 @@ stream to another slot (a stream that ends or is cancelled, one that becomes rea
 memory) waits until no half is in flight: the scheduler first plans a step that only collects the half in
 flight, then a plain step or a new split. A stream that becomes ready takes the slot after the last decoding one,
 which moves nobody: the second half takes it in.
+
+A stream whose consumer has fallen far behind sits out the steps, keeping its pages (`LMEngine.hold`), until
+the consumer catches up: its audio waits nowhere in bulk. Behind means its StreamAudio subscriber is (the acoustic
+side reports it, `render.audio_out`), or its own events wait unread here (those carry the audio when the stream
+has no audio key). A stream held for `HELD_LIMIT_S` (its consumer stopped reading) ends, freeing its row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -26,10 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.common.frames import FRAME_MS
 from services.common.step_stats import StepStats
 from services.llm.engine import LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
 from services.llm.step_profile import StepProfile
+from services.render.audio_out import LEAD_FRAMES, RESUME_FRAMES
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.values import StreamSpec
 
@@ -75,6 +83,7 @@ Event = Frame | PromptDone | Finished | Failed | StillWorking
 # A stream that makes no frame for this long says it is alive, so no proxy on the way (Envoy ends streams idle
 # for 60 s) takes a model that chooses many tokens that are not speech for a dead stream.
 KEEPALIVE_S = 5.0
+HELD_LIMIT_S = 300.0  # a stream whose consumer read nothing for this long is ended
 
 
 @dataclass(eq=False)  # compared by identity: two identical requests are two jobs
@@ -84,6 +93,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     last_event: float = field(default_factory=time.monotonic)
+    held_since: float | None = None  # while its consumer is behind (`LMEngine.hold`)
 
 
 class Scheduler:
@@ -94,6 +104,7 @@ class Scheduler:
         prefill_budget: int | None = None,
         pipelined: bool = False,
         profile: StepProfile | None = None,
+        lead: tuple[int, int] = (LEAD_FRAMES, RESUME_FRAMES),
     ) -> None:
         self.engine = engine
         self.profile = profile or StepProfile(None)
@@ -112,6 +123,10 @@ class Scheduler:
         self.phase_ms: dict[str, float] = {}
         self.stats = StepStats(log, "llm step")
         self._rows = 0  # streams in the last step
+        # Frames a consumer may leave unread before its stream is held, and as few as it resumes at.
+        self.lead, self.resume = lead
+        self.behind: set[int] = set()  # acoustic stream ids whose consumer the acoustic side last said is behind
+        self.held_limit_s = HELD_LIMIT_S
 
     def new_stream_id(self) -> int:
         return next(self._ids)
@@ -135,6 +150,11 @@ class Scheduler:
             if not self.active and not self.waiting:
                 self.wake.clear()
                 await self.wake.wait()
+            elif self._only_held():
+                # Nothing to do until a consumer catches up: look again a frame later, or when a call comes.
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), FRAME_MS / 1000)
             try:
                 await self._one_step()
             except RenderUnavailable as e:
@@ -185,6 +205,41 @@ class Scheduler:
             joined.append(job.spec)
         return joined
 
+    def _only_held(self) -> bool:
+        """Every stream with a slot is held: no step would decode or prefill anything."""
+        streams = self.engine.streams
+        return bool(streams) and all(s.held for s in streams)
+
+    def _is_behind(self, job: Job) -> bool:
+        unread = job.events.qsize()
+        return job.spec.stream_id in self.behind or unread > (self.resume if job.stream.held else self.lead)
+
+    def _pacing(self) -> tuple[list[Job], list[Job]]:
+        """(decoding streams to hold, held streams to let decode again)."""
+        live = [j for j in self.active if not j.cancelled]
+        hold = [j for j in live if j.stream.decoding and self._is_behind(j)]
+        resume = [j for j in live if j.stream.held and not self._is_behind(j)]
+        return hold, resume
+
+    def _pace(self) -> None:
+        """Hold the streams whose consumers fell behind, let those that caught up decode, and end those held for
+        too long. Moves slots: only while no half is in flight."""
+        now = time.monotonic()
+        hold, resume = self._pacing()
+        for job in hold:
+            self.engine.hold(job.stream)
+            job.held_since = now
+            log.info("stream %d held: its consumer is %d+ frames behind", job.spec.stream_id, self.lead)
+        for job in resume:
+            self.engine.unhold(job.stream)
+            job.held_since = None
+        for job in self.active:
+            if job.held_since is not None and now - job.held_since > self.held_limit_s and not job.cancelled:
+                message = f"the stream's consumer read nothing for {self.held_limit_s:.0f} s"
+                log.warning("stream %d ended: %s", job.spec.stream_id, message)
+                job.events.put_nowait(Failed(message))
+                job.cancelled = True
+
     def _plan(self) -> StepPlan:
         cancelled = [j for j in self.active if j.cancelled and j not in self._finishing]
         if self.runner.in_flight is not None:
@@ -194,7 +249,7 @@ class Scheduler:
                 # Streams that became ready (their prompts prefilled) took the slots after the last decoding one,
                 # moving nobody: the second half takes them in, while the halves stay about even.
                 self._halves = first, range(second.start, self.engine.decoding_count)
-            if cancelled or self._finishing or not self._may_pipeline(self._halves[1].stop):
+            if cancelled or self._finishing or any(self._pacing()) or not self._may_pipeline(self._halves[1].stop):
                 # Slots are about to move: collect the half in flight first, decoding and prefilling nothing.
                 self._halves = None
                 return StepPlan(joined, prefill_budget=0, rows=range(0))
@@ -205,11 +260,13 @@ class Scheduler:
         ended = self._retire(cancelled)
         self._retire(self._finishing)  # their acoustic side ended with the message of their last step
         self._finishing = []
+        self._pace()
+        ended += self._retire([j for j in self.active if j.cancelled])  # held too long
         joined = self._admit()
         decoding = self.engine.decoding_count
         if not self._may_pipeline(decoding):
             self._halves = None
-            return StepPlan(joined, ended, self.prefill_budget)
+            return StepPlan(joined, ended, self.prefill_budget, ask_behind=self._only_held())
         middle = (decoding + 1) // 2
         self._halves, self._next_half = (range(middle), range(middle, decoding)), 1
         return StepPlan(joined, ended, self.prefill_budget, self._halves[0])
@@ -226,6 +283,8 @@ class Scheduler:
         by_stream = {id(j.stream): j for j in self.active}
         out = await self.runner.step(plan, {k: j.spec.stream_id for k, j in by_stream.items()})
         t0 = time.perf_counter()
+        if out.behind is not None:
+            self.behind = set(out.behind)
         for stream in out.ready:
             by_stream[id(stream)].events.put_nowait(PromptDone(len(stream.prompt_ids)))
         speech = [d for d in out.decisions if d.speech]

@@ -5,6 +5,11 @@ consumer's Acoustic.StreamAudio call reads them. Either may come first: a subscr
 start (as long as the llm keeps it queued: only the call's own deadline or cancellation ends that wait), and a
 started stream's frames wait for their subscriber. Nothing is left behind: a mailbox goes when its subscriber
 leaves, or after `ttl_s` when nobody subscribes; an unread mailbox holds at most `cap` frames.
+
+A subscriber that reads more slowly than the stream is made (a client playing in real time, or one that stops
+reading) would make its mailbox hold the rest of the script. So a stream whose subscribed mailbox holds more
+than `LEAD_FRAMES` is reported `behind` to the llm, which holds it out of its steps until the mailbox is down to
+`RESUME_FRAMES`: the subscriber always has a minute of audio ready, and memory stays bounded.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +30,8 @@ from services.render.values import RenderResult, RenderStep
 KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TTL_S = 30.0
 UNREAD_CAP = 4096  # frames (about 9 minutes of audio) an unsubscribed mailbox holds
+LEAD_FRAMES = 450  # a subscriber this many frames (60 s of audio) behind has its stream held by the llm...
+RESUME_FRAMES = 225  # ...until it is no more than this many (30 s) behind
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class _Mailbox:
     ended: bool = False
     error: RequestError | None = None  # the stream failed or its frames were dropped
     subscribed: bool = False
+    behind: bool = False  # the subscriber is far behind: the llm holds the stream (see the module's text)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, frame: AudioFrame, cap: int) -> None:
@@ -85,8 +93,11 @@ def all_routed(step: RenderStep, routed: Routed) -> bool:
 class AudioRouter:
     """Keyed streams' frames by key. Its methods run on the event loop, except `take` (any thread)."""
 
-    def __init__(self, ttl_s: float = TTL_S, cap: int = UNREAD_CAP) -> None:
+    def __init__(
+        self, ttl_s: float = TTL_S, cap: int = UNREAD_CAP, lead: tuple[int, int] = (LEAD_FRAMES, RESUME_FRAMES)
+    ) -> None:
         self.ttl_s, self.cap = ttl_s, cap
+        self.lead, self.resume = lead
         self.boxes: dict[str, _Mailbox] = {}
         self.keys: dict[int, str] = {}  # engine stream id -> its audio key, while it runs
         self.counts: dict[int, int] = {}  # engine stream id -> the index of its next frame
@@ -124,6 +135,20 @@ class AudioRouter:
                 box.put(AudioFrame(index, frame.audio, frame.latent, frame.semantic), self.cap)
         for stream in routed.ends:
             self.end(stream)
+
+    def behind(self, streams: Iterable[int]) -> list[int]:
+        """Those of `streams` (engine stream ids) whose subscriber has fallen behind: over `lead` frames unread,
+        and until it is down to `resume`."""
+        out = []
+        for stream in streams:
+            key = self.keys.get(stream)
+            box = self.boxes.get(key) if key is not None else None
+            if box is None or not box.subscribed:
+                continue
+            box.behind = len(box.frames) > (self.resume if box.behind else self.lead)
+            if box.behind:
+                out.append(stream)
+        return out
 
     def end(self, stream: int, error: RequestError | None = None) -> None:
         """The stream is done (or lost, with `error`): its mailbox closes after the frames it holds."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import torch
 
@@ -28,8 +29,11 @@ class LocalLink:
 
         result, routed = await asyncio.to_thread(render)
         self.audio_out.deliver(routed)
+        behind = self.audio_out.behind(list(self.audio_out.keys))
         # Frames that went to their consumers are not copied to the llm's host as well.
-        return RenderResult(result.embeddings) if all_routed(step, routed) else result
+        if all_routed(step, routed):
+            return RenderResult(result.embeddings, behind=behind)
+        return replace(result, behind=behind)
 
     async def embed_frames(self, latents: torch.Tensor, semantic: torch.Tensor) -> tuple[torch.Tensor, int]:
         return await asyncio.to_thread(self.engine.embed_frames, latents, semantic), self.engine.replay_frames

@@ -118,6 +118,9 @@ class RenderResult:
     audio: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     semantic: torch.Tensor | None = None
+    # Streams whose audio's consumer has fallen behind (`audio_out`): the llm holds them until they are not
+    # reported. None: the acoustic side did not say (a step it was not asked about).
+    behind: list[int] | None = None
 
     def fill(self, response: mesh_pb2.RenderResponse, frames: bool = True) -> mesh_pb2.RenderResponse:
         """The response; without the frames (audio, latents, semantic) when they all went to their consumers."""
@@ -131,8 +134,9 @@ class RenderResult:
 
     @classmethod
     def from_proto(cls, msg: mesh_pb2.RenderResponse) -> RenderResult:
+        behind = list(msg.behind_streams)
         if not msg.HasField("embeddings"):
-            return cls()
+            return cls(behind=behind)
         if msg.frames_routed:  # every stream of the step is keyed: its frames went straight to consumers
-            return cls(from_proto(msg.embeddings))
-        return cls(*(from_proto(t) for t in (msg.embeddings, msg.audio, msg.latents, msg.semantic)))
+            return cls(from_proto(msg.embeddings), behind=behind)
+        return cls(*(from_proto(t) for t in (msg.embeddings, msg.audio, msg.latents, msg.semantic)), behind=behind)

@@ -116,11 +116,12 @@ class WireLink:
         if response is grpc.aio.EOF:
             await self.close()
             raise RenderUnavailable(f"acoustic service at {self.address} closed the render stream")
+        behind = list(response.behind_streams)
         if not rendered:
-            return RenderResult()
+            return RenderResult(behind=behind)
         if shared:
             results = self.shared.receive(rendered)
-            return RenderResult(results[0]) if response.frames_routed else RenderResult(*results)
+            return RenderResult(*(results[:1] if response.frames_routed else results), behind=behind)
         return RenderResult.from_proto(response)
 
     async def _failed(self, e: grpc.aio.AioRpcError) -> NoReturn:

@@ -273,7 +273,7 @@ class StreamAudioResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., latent: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class RenderResponse(_message.Message):
-    __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept", "latents", "semantic", "frames_routed")
+    __slots__ = ("step", "stream_ids", "embeddings", "audio", "shared_accept", "latents", "semantic", "frames_routed", "behind_streams")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,7 @@ class RenderResponse(_message.Message):
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     FRAMES_ROUTED_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_STREAMS_FIELD_NUMBER: _ClassVar[int]
     step: int
     stream_ids: _containers.RepeatedScalarFieldContainer[int]
     embeddings: Tensor
@@ -290,7 +291,8 @@ class RenderResponse(_message.Message):
     latents: Tensor
     semantic: Tensor
     frames_routed: bool
-    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., shared_accept: _Optional[_Union[SharedMemoryAccept, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ..., frames_routed: _Optional[bool] = ...) -> None: ...
+    behind_streams: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., stream_ids: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio: _Optional[_Union[Tensor, _Mapping]] = ..., shared_accept: _Optional[_Union[SharedMemoryAccept, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., semantic: _Optional[_Union[Tensor, _Mapping]] = ..., frames_routed: _Optional[bool] = ..., behind_streams: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AcousticDescribeModelRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,195 @@
+"""A stream whose consumer falls behind is held out of the steps, keeping its state, until the consumer catches up:
+what waits unread stays bounded, the other streams go on, and the held stream's audio is what it would have been.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from services.acoustic.engine import AcousticEngine
+from services.common.checkpoint import resolve_checkpoint
+from services.llm.engine import LMEngine, LMStream
+from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
+from services.render.audio_out import LEAD_FRAMES, AudioRouter
+from services.render.local import LocalLink
+from services.render.values import StreamSpec
+from services.render.wire import WireLink
+from tests.conftest import acoustic_alone
+
+FRAMES = 24
+LEAD, RESUME = 6, 3
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return resolve_checkpoint(str(tiny_checkpoint))
+
+
+def prompt(ckpt, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 50000, (40,), generator=g).tolist() + [ckpt.config.audio_bos_token_id]
+
+
+def submit(scheduler: Scheduler, ckpt, seed: int, key: str = "") -> Job:
+    stream = LMStream(prompt_ids=prompt(ckpt, seed), voice_embeddings=None, fixed_frames=FRAMES, max_frames=10_000)
+    spec = StreamSpec(scheduler.new_stream_id(), seed, 1.3, 10, audio_key=key)
+    job = Job(stream, spec)
+    scheduler.submit(job)
+    return job
+
+
+async def frames_of(job: Job) -> list[Frame]:
+    """The job's frames, read as fast as they come, until it finishes."""
+    frames = []
+    while True:
+        event = await job.events.get()
+        if isinstance(event, Frame):
+            frames.append(event)
+        elif isinstance(event, Finished):
+            return frames
+        elif isinstance(event, Failed):
+            raise AssertionError(event.message)
+
+
+def audio(frames: list[Frame]) -> np.ndarray:
+    return np.concatenate([f.audio.numpy() for f in frames])
+
+
+def engines(ckpt) -> tuple[LMEngine, AcousticEngine]:
+    return LMEngine(ckpt, "cpu", max_streams=4), AcousticEngine(ckpt, "cpu", max_streams=4)
+
+
+def alone(ckpt, seed: int) -> np.ndarray:
+    async def main():
+        lm, acoustic = engines(ckpt)
+        scheduler = Scheduler(lm, LocalLink(acoustic))
+        return audio(await frames_of(submit(scheduler, ckpt, seed)))
+
+    return asyncio.run(main())
+
+
+async def until(condition, timeout_s: float = 120.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_stream_whose_events_go_unread_is_held_and_resumes_with_the_same_audio(ckpt):
+    async def main():
+        lm, acoustic = engines(ckpt)
+        scheduler = Scheduler(lm, LocalLink(acoustic), lead=(LEAD, RESUME))
+        slow, fast = submit(scheduler, ckpt, 1), submit(scheduler, ckpt, 2)
+        fast_frames = await frames_of(fast)  # the other stream runs to its end meanwhile
+        assert len(fast_frames) == FRAMES
+        await until(lambda: slow.stream.held)
+        unread = slow.events.qsize()
+        assert LEAD < unread <= LEAD + 2  # its prompt's event and the frames made up to the limit, no more
+        await asyncio.sleep(0.3)
+        assert slow.events.qsize() == unread  # held: nothing more is made while nobody reads
+        slow_frames = await frames_of(slow)
+        assert [f.index for f in slow_frames] == list(range(FRAMES))
+        await until(lambda: not lm.streams)
+        return audio(slow_frames)
+
+    held = asyncio.run(main())
+    expected = alone(ckpt, 1)
+    assert np.abs(held - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_a_keyed_stream_whose_subscriber_falls_behind_is_held_until_it_reads(ckpt):
+    """The audio goes to a StreamAudio mailbox; the acoustic side reports the subscriber behind, and the llm
+    holds the stream although its own events are read."""
+
+    async def main():
+        lm, acoustic = engines(ckpt)
+        router = AudioRouter(lead=(LEAD, RESUME))
+        scheduler = Scheduler(lm, LocalLink(acoustic, router))
+        slow = submit(scheduler, ckpt, 1, key="slow")
+        subscriber = router.subscribe("slow")
+        first = await anext(subscriber)  # subscribed, then reads nothing for a while
+        llm_frames = await asyncio.create_task(asyncio.wait_for(_frames_while_held(slow), 120))
+        box = router.boxes["slow"]
+        assert slow.stream.held and LEAD < len(box.frames) <= LEAD + 1
+        rest = [f async for f in subscriber]
+        llm_frames += await frames_of(slow)
+        assert [f.index for f in [first, *rest]] == list(range(FRAMES)) == [f.index for f in llm_frames]
+        await until(lambda: not lm.streams)
+        return np.concatenate([f.audio.numpy() for f in [first, *rest]])
+
+    held = asyncio.run(main())
+    expected = alone(ckpt, 1)
+    assert np.abs(held - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+async def _frames_while_held(job: Job) -> list[Frame]:
+    """The llm's events for a keyed stream (read as they come) until the stream is held."""
+    frames = []
+    while not job.stream.held:
+        try:
+            event = await asyncio.wait_for(job.events.get(), 0.05)
+        except TimeoutError:
+            continue
+        if isinstance(event, Frame):
+            frames.append(event)
+    return frames
+
+
+def test_a_stream_held_past_the_limit_ends_and_frees_its_row(ckpt):
+    async def main():
+        lm, acoustic = engines(ckpt)
+        scheduler = Scheduler(lm, LocalLink(acoustic), lead=(LEAD, RESUME))
+        scheduler.held_limit_s = 0.3
+        never_read = submit(scheduler, ckpt, 1)
+        await until(lambda: never_read.stream.held)
+        await until(lambda: not lm.streams)
+        events = [never_read.events.get_nowait() for _ in range(never_read.events.qsize())]
+        assert isinstance(events[-1], Failed) and "read nothing" in events[-1].message
+        assert sum(isinstance(e, Frame) for e in events) <= LEAD + 1
+        assert lm.blocks.available == lm.blocks.usable  # its pages went back to the pool
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def acoustic_address(tiny_checkpoint, tmp_path_factory):
+    """An acoustic service in its own process: the report comes back over the wire, as between two GPUs."""
+    with acoustic_alone(tiny_checkpoint, tmp_path_factory, "pacing") as address:
+        yield address
+
+
+def test_over_the_wire_a_stream_audio_subscriber_that_stops_reading_gets_its_stream_held(ckpt, acoustic_address):
+    """At the service's own lead (a minute of audio): the llm stops the stream although it reads its own events,
+    and the subscriber then gets every frame, in order."""
+    frames = LEAD_FRAMES + 600  # gRPC itself holds about 490 frames a subscriber has not read
+
+    async def main():
+        lm = LMEngine(ckpt, "cpu", max_streams=4)
+        link = WireLink(acoustic_address)
+        scheduler = Scheduler(lm, link)
+        stream = LMStream(prompt_ids=prompt(ckpt, 1), voice_embeddings=None, fixed_frames=frames, max_frames=10_000)
+        job = Job(stream, StreamSpec(scheduler.new_stream_id(), 1, 1.3, 10, audio_key="wire-slow"))
+        async with grpc.aio.insecure_channel(acoustic_address) as channel:
+            call = mesh_pb2_grpc.AcousticStub(channel).StreamAudio(
+                mesh_pb2.StreamAudioRequest(audio_key="wire-slow"), timeout=300
+            )
+            scheduler.submit(job)
+            first = await call.read()
+            made = await asyncio.wait_for(_frames_while_held(job), 240)
+            assert LEAD_FRAMES < len(made) < frames  # held past the lead, before its end
+            rest = []
+            while (part := await call.read()) is not grpc.aio.EOF:
+                rest.append(part.index)
+            made += await frames_of(job)
+        await until(lambda: not lm.streams)
+        await link.close()
+        return [first.index, *rest], [f.index for f in made]
+
+    heard, made = asyncio.run(main())
+    assert heard == list(range(frames)) == made
