@@ -34,9 +34,10 @@ def filled_pool(page_size: int, lengths: list[int], heads: int, kv_heads: int, h
 @needs_kernel
 @pytest.mark.parametrize("page_size", [4, 128])
 @pytest.mark.parametrize("splits", [1, 4, None])
-def test_paged_decode_equals_gathered_attention(page_size, splits):
+@pytest.mark.parametrize("head_dim", [32, 24])  # 24: a head whose lanes the kernel pads to a power of two
+def test_paged_decode_equals_gathered_attention(page_size, splits, head_dim):
     lengths = [300, 1, 130, 9, 5, 256, 127, 128, 2]
-    kv, q = filled_pool(page_size, lengths, heads=6, kv_heads=2, head_dim=32, dtype=torch.float32)
+    kv, q = filled_pool(page_size, lengths, heads=6, kv_heads=2, head_dim=head_dim, dtype=torch.float32)
     rows = torch.arange(len(lengths), device=DEVICE)
     keys = torch.tensor(lengths, device=DEVICE, dtype=torch.int32)
     window = max(lengths)
@@ -105,13 +106,18 @@ def test_a_prompt_chunk_attends_causally_to_its_row_only(page_size):
 
 @needs_kernel
 @pytest.mark.parametrize("page_size", [4, 128])
-@pytest.mark.parametrize(("start", "tokens", "queries"), [(255, 45, 64), (0, 70, 70), (120, 1, 16)])
-def test_the_prefill_kernel_attends_causally_to_its_row_through_the_page_table(page_size, start, tokens, queries):
+@pytest.mark.parametrize(
+    ("start", "tokens", "queries", "head_dim"),
+    [(255, 45, 64, 32), (0, 70, 70, 32), (120, 1, 16, 32), (200, 33, 40, 24)],
+)
+def test_the_prefill_kernel_attends_causally_to_its_row_through_the_page_table(
+    page_size, start, tokens, queries, head_dim
+):
     """The captured chunks' kernel: a chunk of `tokens` from `start`, padded to `queries` (padding at `start`, as
     the engine pads), over row 0's pages scattered in the pool; the other row's keys never leak in."""
-    kv, _ = filled_pool(page_size, [300, 200], heads=6, kv_heads=2, head_dim=32, dtype=torch.float32)
+    kv, _ = filled_pool(page_size, [300, 200], heads=6, kv_heads=2, head_dim=head_dim, dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 6, queries, 32, generator=g).to(DEVICE)
+    q = torch.randn(1, 6, queries, head_dim, generator=g).to(DEVICE)
     offsets = torch.arange(queries, device=DEVICE)
     positions = start + torch.where(offsets < tokens, offsets, 0)
     out = paged_attention.paged_prefill(q, kv.k[0], kv.v[0], kv.page_table[0], positions, 0.3, page_size)

@@ -36,6 +36,11 @@ def available() -> bool:
     return triton is not None
 
 
+def _dim_pad(head_dim: int) -> int:
+    """The head's lanes in a tile: a power of two, at least the 16 a matrix instruction takes."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -77,6 +82,7 @@ if triton is not None:
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
         PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         SPLITS: tl.constexpr,
@@ -92,41 +98,46 @@ if triton is not None:
         last = tl.minimum(first + per_split, blocks)
 
         g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
+        d = tl.arange(0, DIM_PAD)  # a power of two; the lanes past HEAD_DIM are masked
+        dim = d < HEAD_DIM
         n = tl.arange(0, BLOCK_N)
         heads = kv_head * GROUP + g
         in_group = g < GROUP
-        q = tl.load(q_ptr + row * q_stride_r + heads[:, None] * q_stride_h + d[None, :], mask=in_group[:, None])
+        q = tl.load(
+            q_ptr + row * q_stride_r + heads[:, None] * q_stride_h + d[None, :],
+            mask=in_group[:, None] & dim[None, :],
+            other=0.0,
+        )
         k_base = k_ptr + kv_head.to(tl.int64) * kv_stride_h
         v_base = v_ptr + kv_head.to(tl.int64) * kv_stride_h
         table = table_ptr + row.to(tl.int64) * table_stride_r
 
         best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
         for b in range(first, last):
             pos = b * BLOCK_N + n
             valid = pos < length
             page = tl.load(table + pos // PAGE, mask=valid, other=0)
             at = (page.to(tl.int64) * PAGE + pos % PAGE) * kv_stride_n
-            k = tl.load(k_base + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(k_base + at[:, None] + d[None, :], mask=valid[:, None] & dim[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             new_best = tl.maximum(best, tl.max(s, 1))
             rescale = tl.exp(best - new_best)
             p = tl.exp(s - new_best[:, None])
             total = total * rescale + tl.sum(p, 1)
-            v = tl.load(v_base + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + at[:, None] + d[None, :], mask=valid[:, None] & dim[None, :], other=0.0)
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             best = new_best
 
         if SPLITS == 1:  # the only split: normalize and write the output directly
             out = acc / total[:, None]
             at = out_ptr + row * out_stride_r + heads[:, None] * out_stride_h + d[None, :]
-            tl.store(at, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+            tl.store(at, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None] & dim[None, :])
         else:
             index = (row * HEADS + heads) * SPLITS + split
-            tl.store(acc_ptr + index[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None])
+            tl.store(acc_ptr + index[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None] & dim[None, :])
             tl.store(max_ptr + index, best, mask=in_group)
             tl.store(sum_ptr + index, total, mask=in_group)
 
@@ -140,20 +151,22 @@ if triton is not None:
         out_stride_h,
         HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)
         s = tl.arange(0, SPLITS)
-        d = tl.arange(0, HEAD_DIM)
+        d = tl.arange(0, DIM_PAD)  # a power of two; the lanes past HEAD_DIM are masked
+        dim = d < HEAD_DIM
         index = (row * HEADS + head) * SPLITS + s
         best = tl.load(max_ptr + index)
         total = tl.load(sum_ptr + index)
         overall = tl.max(best, 0)
         weight = tl.where(best == float("-inf"), 0.0, tl.exp(best - overall))  # splits with no positions: 0
-        acc = tl.load(acc_ptr + index[:, None] * HEAD_DIM + d[None, :])
+        acc = tl.load(acc_ptr + index[:, None] * HEAD_DIM + d[None, :], mask=dim[None, :], other=0.0)
         out = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
-        tl.store(out_ptr + row * out_stride_r + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + row * out_stride_r + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=dim)
 
     @triton.jit
     def _prefill_kernel(
@@ -175,6 +188,7 @@ if triton is not None:
         GROUP_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
         PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -188,37 +202,42 @@ if triton is not None:
         g = r % GROUP_PAD
         heads = kv_head * GROUP + g
         real = (t < tokens) & (g < GROUP)
-        d = tl.arange(0, HEAD_DIM)
+        d = tl.arange(0, DIM_PAD)  # a power of two; the lanes past HEAD_DIM are masked
+        dim = d < HEAD_DIM
         n = tl.arange(0, BLOCK_N)
         # A query past the chunk reads position 0's row prefix: finite, and never stored.
         pos = tl.load(positions_ptr + t, mask=t < tokens, other=0)
-        q = tl.load(q_ptr + heads[:, None] * q_stride_h + t[:, None] * q_stride_t + d[None, :], mask=real[:, None])
+        q = tl.load(
+            q_ptr + heads[:, None] * q_stride_h + t[:, None] * q_stride_t + d[None, :],
+            mask=real[:, None] & dim[None, :],
+            other=0.0,
+        )
         k_base = k_ptr + kv_head.to(tl.int64) * kv_stride_h
         v_base = v_ptr + kv_head.to(tl.int64) * kv_stride_h
         last = tl.max(pos, 0)
 
         best = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
-        acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM], tl.float32)
+        acc = tl.zeros([BLOCK_M * GROUP_PAD, DIM_PAD], tl.float32)
         for b in range(0, tl.cdiv(last + 1, BLOCK_N)):
             key = b * BLOCK_N + n
             held = key <= last
             page = tl.load(table_ptr + key // PAGE, mask=held, other=0)
             at = (page.to(tl.int64) * PAGE + key % PAGE) * kv_stride_n
-            k = tl.load(k_base + at[:, None] + d[None, :], mask=held[:, None], other=0.0)
+            k = tl.load(k_base + at[:, None] + d[None, :], mask=held[:, None] & dim[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(key[None, :] <= pos[:, None], s, float("-inf"))
             new_best = tl.maximum(best, tl.max(s, 1))
             rescale = tl.exp(best - new_best)
             p = tl.exp(s - new_best[:, None])
             total = total * rescale + tl.sum(p, 1)
-            v = tl.load(v_base + at[:, None] + d[None, :], mask=held[:, None], other=0.0)
+            v = tl.load(v_base + at[:, None] + d[None, :], mask=held[:, None] & dim[None, :], other=0.0)
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             best = new_best
 
         out = acc / total[:, None]
         at = out_ptr + heads[:, None] * out_stride_h + t[:, None] * out_stride_t + d[None, :]
-        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=real[:, None] & dim[None, :])
 
 
 def paged_decode(
@@ -272,6 +291,7 @@ def paged_decode(
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),  # the smallest tile a matrix instruction takes
         HEAD_DIM=head_dim,
+        DIM_PAD=_dim_pad(head_dim),
         PAGE=page_size,
         BLOCK_N=BLOCK,
         SPLITS=splits,
@@ -279,7 +299,16 @@ def paged_decode(
     )
     if splits > 1:
         _combine_kernel[(rows, heads)](
-            acc, best, total, out, out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=head_dim, SPLITS=splits
+            acc,
+            best,
+            total,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEADS=heads,
+            HEAD_DIM=head_dim,
+            DIM_PAD=_dim_pad(head_dim),
+            SPLITS=splits,
         )
     return out
 
@@ -330,6 +359,7 @@ def paged_prefill(
         GROUP_PAD=group_pad,
         BLOCK_M=block_m,
         HEAD_DIM=head_dim,
+        DIM_PAD=_dim_pad(head_dim),
         PAGE=page_size,
         BLOCK_N=PREFILL_BLOCK,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
