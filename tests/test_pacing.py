@@ -36,8 +36,8 @@ def prompt(ckpt, seed: int) -> list[int]:
     return torch.randint(100, 50000, (40,), generator=g).tolist() + [ckpt.config.audio_bos_token_id]
 
 
-def submit(scheduler: Scheduler, ckpt, seed: int, key: str = "") -> Job:
-    stream = LMStream(prompt_ids=prompt(ckpt, seed), voice_embeddings=None, fixed_frames=FRAMES, max_frames=10_000)
+def submit(scheduler: Scheduler, ckpt, seed: int, key: str = "", frames: int = FRAMES) -> Job:
+    stream = LMStream(prompt_ids=prompt(ckpt, seed), voice_embeddings=None, fixed_frames=frames, max_frames=10_000)
     spec = StreamSpec(scheduler.new_stream_id(), seed, 1.3, 10, audio_key=key)
     job = Job(stream, spec)
     scheduler.submit(job)
@@ -165,14 +165,15 @@ def acoustic_address(tiny_checkpoint, tmp_path_factory):
 
 
 def test_over_the_wire_a_stream_audio_subscriber_that_stops_reading_gets_its_stream_held(ckpt, acoustic_address):
-    """At the service's own lead (a minute of audio): the llm stops the stream although it reads its own events,
-    and the subscriber then gets every frame, in order."""
+    """At the service's own lead (a minute of audio), in pipelined steps beside a stream read as it comes: the llm
+    stops the slow stream although it reads its own events, the other goes on, and the subscriber then gets every
+    frame, in order."""
     frames = LEAD_FRAMES + 600  # gRPC itself holds about 490 frames a subscriber has not read
 
     async def main():
         lm = LMEngine(ckpt, "cpu", max_streams=4)
         link = WireLink(acoustic_address)
-        scheduler = Scheduler(lm, link)
+        scheduler = Scheduler(lm, link, pipelined=True)
         stream = LMStream(prompt_ids=prompt(ckpt, 1), voice_embeddings=None, fixed_frames=frames, max_frames=10_000)
         job = Job(stream, StreamSpec(scheduler.new_stream_id(), 1, 1.3, 10, audio_key="wire-slow"))
         async with grpc.aio.insecure_channel(acoustic_address) as channel:
@@ -180,15 +181,18 @@ def test_over_the_wire_a_stream_audio_subscriber_that_stops_reading_gets_its_str
                 mesh_pb2.StreamAudioRequest(audio_key="wire-slow"), timeout=300
             )
             scheduler.submit(job)
+            fast = asyncio.create_task(frames_of(submit(scheduler, ckpt, 2, frames=frames)))
             first = await call.read()
             made = await asyncio.wait_for(_frames_while_held(job), 240)
             assert LEAD_FRAMES < len(made) < frames  # held past the lead, before its end
+            assert len(await fast) == frames  # the other stream, decoding beside it when it was held, went on
             rest = []
             while (part := await call.read()) is not grpc.aio.EOF:
                 rest.append(part.index)
             made += await frames_of(job)
         await until(lambda: not lm.streams)
         await link.close()
+        assert scheduler.runner.pipelined_halves > 0
         return [first.index, *rest], [f.index for f in made]
 
     heard, made = asyncio.run(main())
