@@ -13,6 +13,7 @@ import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine
+from services.common import stream_size
 from services.common.checkpoint import resolve_checkpoint
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
@@ -197,3 +198,36 @@ def test_over_the_wire_a_stream_audio_subscriber_that_stops_reading_gets_its_str
 
     heard, made = asyncio.run(main())
     assert heard == list(range(frames)) == made
+
+
+def test_when_the_pool_runs_short_a_held_stream_is_swapped_out_before_a_decoding_one(ckpt, monkeypatch):
+    """Pages of 4 positions, reservations of one frame and a pool too small for both streams' growth: the held
+    stream goes to host memory, the stream being read never does, and the held one, read at last, comes back
+    with its audio unchanged."""
+    monkeypatch.setattr(LMEngine, "expected_frames", lambda self, stream: 1)  # each stream outgrows its pages
+    monkeypatch.setattr(stream_size, "TURN_TOKENS", 0)
+    swapped = []
+
+    async def main():
+        lm = LMEngine(ckpt, "cpu", max_streams=4, page_size=4, kv_pages=1 + 2 * 13 + 16)
+        swap_out = lm._swap_out
+        monkeypatch.setattr(lm, "_swap_out", lambda stream: swapped.append(stream) or swap_out(stream))
+        scheduler = Scheduler(lm, LocalLink(AcousticEngine(ckpt, "cpu", max_streams=4)), lead=(LEAD, RESUME))
+        slow, fast = submit(scheduler, ckpt, 1, frames=40), submit(scheduler, ckpt, 2, frames=40)
+        assert len(await frames_of(fast)) == 40
+        assert swapped and all(s is slow.stream for s in swapped)
+        assert slow.stream.held and slow.stream.swapped is not None
+        slow_audio = audio(await frames_of(slow))
+        await until(lambda: not lm.streams)
+        assert lm.blocks.available == lm.blocks.usable
+        return slow_audio
+
+    held = asyncio.run(main())
+    monkeypatch.undo()
+
+    async def uninterrupted():
+        lm, acoustic = engines(ckpt)
+        return audio(await frames_of(submit(Scheduler(lm, LocalLink(acoustic)), ckpt, 1, frames=40)))
+
+    expected = asyncio.run(uninterrupted())
+    assert np.abs(held - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -350,9 +350,11 @@ class LMEngine:
         stream.held = True
 
     def unhold(self, stream: LMStream) -> None:
+        """Let a held stream decode again; one swapped out meanwhile decodes once it is swapped back in."""
         assert stream.held
         stream.held = False
-        self._became_decoding(stream)
+        if stream.swapped is None:
+            self._became_decoding(stream)
 
     def _became_decoding(self, stream: LMStream) -> None:
         """Move a stream that just became ready (prefilled or swapped back in) to the end of the decoding rows."""
@@ -380,18 +382,23 @@ class LMEngine:
 
     def make_room(self) -> list[LMStream]:
         """Pages for the position every decoding stream writes next. When the pool has none left, take them
-        back from prompts still being prefilled (they are prefilled again later), then swap out the streams with
-        the most audio ahead of playback, until every stream left can step. A stream alone that the whole
-        pool cannot hold ends at this step (`FINISH_CONTEXT`). Returns the streams swapped out by this call."""
+        back from prompts still being prefilled (they are prefilled again later), then swap out held streams
+        (their consumers are far behind), then the streams with the most audio ahead of playback, until every
+        stream left can step. A stream alone that the whole pool cannot hold ends at this step
+        (`FINISH_CONTEXT`). Returns the streams swapped out by this call."""
         swapped = []
         while True:
             decoding = self.streams[: self.decoding_count]
             short = next((s for s in decoding if not s.starved and not self._grow_next(s)), None)
             if short is None:
                 return swapped
-            prefilling = [s for s in self.streams[self.decoding_count :] if s.prefilled and s.swapped is None]
+            prefilling = [s for s in self.streams[self.decoding_count :] if s.plan is not None and s.prefilled]
+            held = [s for s in self.streams if s.held and s.swapped is None]
             if prefilling:
                 self._restart_prefill(prefilling[-1])
+            elif held:
+                self._swap_out(held[-1])
+                swapped.append(held[-1])
             elif len(decoding) > 1:
                 now = time.monotonic()
                 victim = max(decoding, key=lambda s: s.slack_s(now))
@@ -470,7 +477,7 @@ class LMEngine:
     def prefill(self, budget: int | None = None) -> list[LMStream]:
         """Resume swapped-out streams for which pages are free, then write up to `budget` prompt tokens (default:
         one chunk) into the KV cache; returns the streams whose prompts became ready."""
-        for stream in [s for s in self.streams if s.swapped is not None]:
+        for stream in [s for s in self.streams if s.swapped is not None and not s.held]:
             if not self._swap_in(stream):
                 break  # in slot order: a later stream does not overtake one that waits for pages
         ready = []

@@ -322,7 +322,7 @@ def pages_short(engine: LMEngine) -> int:
     stream swapped out counts as short of everything (it is swapped back in by taking free pages)."""
     short = 0
     for stream in engine.streams:
-        if stream.swapped is not None:
+        if stream.swapped is not None and not stream.held:  # a held one waits for its consumer, not for pages
             return engine.blocks.usable + 1
         if stream.decoding:
             positions = [n + 1 for n in stream.lengths]
