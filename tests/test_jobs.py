@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
 DEADLINE_S = 300.0
 # Long enough that the job is still running when the first watch is interrupted: a watch of a finished job
-# replays every stored frame faster than a signal reaches it.
-CLI_JOB_FRAMES = 400
+# replays every stored frame faster than a signal reaches it, and the watch's own start-up (a Python process
+# importing torch) took as long as 400 frames of the tiny model on a lightly loaded machine.
+CLI_JOB_FRAMES = 1500
 
 
 def new_jobs_mesh(tiny_checkpoint: Path, tmp_path_factory, name: str, **options) -> Mesh:

@@ -214,31 +214,31 @@ class Scheduler:
         unread = job.events.qsize()
         return job.spec.stream_id in self.behind or unread > (self.resume if job.stream.held else self.lead)
 
-    def _pacing(self) -> tuple[list[Job], list[Job]]:
-        """(decoding streams to hold, held streams to let decode again)."""
+    def _pacing(self) -> tuple[list[Job], list[Job], list[Job]]:
+        """(decoding streams to hold, held streams to let decode again, held streams to end: held too long)."""
+        now = time.monotonic()
         live = [j for j in self.active if not j.cancelled]
         hold = [j for j in live if j.stream.decoding and self._is_behind(j)]
         resume = [j for j in live if j.stream.held and not self._is_behind(j)]
-        return hold, resume
+        expired = [j for j in live if j.held_since is not None and now - j.held_since > self.held_limit_s]
+        return hold, resume, [j for j in expired if j not in resume]
 
     def _pace(self) -> None:
         """Hold the streams whose consumers fell behind, let those that caught up decode, and end those held for
         too long. Moves slots: only while no half is in flight."""
-        now = time.monotonic()
-        hold, resume = self._pacing()
+        hold, resume, expired = self._pacing()
         for job in hold:
             self.engine.hold(job.stream)
-            job.held_since = now
-            log.info("stream %d held: its consumer is %d+ frames behind", job.spec.stream_id, self.lead)
+            job.held_since = time.monotonic()
+            log.debug("stream %d held: its consumer is %d+ frames behind", job.spec.stream_id, self.lead)
         for job in resume:
             self.engine.unhold(job.stream)
             job.held_since = None
-        for job in self.active:
-            if job.held_since is not None and now - job.held_since > self.held_limit_s and not job.cancelled:
-                message = f"the stream's consumer read nothing for {self.held_limit_s:.0f} s"
-                log.warning("stream %d ended: %s", job.spec.stream_id, message)
-                job.events.put_nowait(Failed(message))
-                job.cancelled = True
+        for job in expired:
+            message = f"the stream's consumer read nothing for {self.held_limit_s:.0f} s"
+            log.warning("stream %d ended: %s", job.spec.stream_id, message)
+            job.events.put_nowait(Failed(message))
+            job.cancelled = True
 
     def _plan(self) -> StepPlan:
         cancelled = [j for j in self.active if j.cancelled and j not in self._finishing]
