@@ -347,7 +347,15 @@ def interrupted_watch(mesh: Mesh, script: Path, tmp_path: Path, frames: int) -> 
     sidecar = out.with_name(out.name + ".watch")
     command = [sys.executable, "-m", "services.cli", "job", "watch", job_id, "-o", str(out)]
     command += ["--address", f"127.0.0.1:{mesh.ports.envoy}", "--api-key", "cli"]
-    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it, whatever this process inherited (a background shell starts it ignoring SIGINT).
+    first = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + DEADLINE_S
     while not (sidecar.exists() and json.loads(sidecar.read_text() or "{}").get("next_frame", 0) >= 5):
         assert time.monotonic() < deadline and first.poll() is None, first.communicate()
