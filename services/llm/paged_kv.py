@@ -109,10 +109,11 @@ def gathered(
 ) -> torch.Tensor:
     """q (R, heads, T, head_dim) over pool positions `index` (R, keys), where `visible` (R, 1, T, keys).
 
-    For several queries a row (a captured prompt chunk) the key and value heads are repeated to the query heads
-    rather than left to SDPA's `enable_gqa`: with a mask, grouped heads send SDPA to its math kernel, which holds
-    every score (for a 512-query chunk over 65,536 keys, 0.8 GB a layer); repeated, the memory-efficient kernel
-    takes the mask. One query a row (a decode step) has few scores, and repeating would copy every key."""
+    For several queries a row (a padded prompt chunk, where Triton is absent) the key and value heads are
+    repeated to the query heads rather than left to SDPA's `enable_gqa`: with a mask, grouped heads send SDPA to
+    its math kernel, which holds every score (for a 512-query chunk over 65,536 keys, 0.8 GB a layer); repeated,
+    the memory-efficient kernel takes the mask. One query a row (a decode step) has few scores, and repeating
+    would copy every key."""
     k = k_pool[0][:, index].transpose(0, 1)  # (R, kv_heads, keys, head_dim)
     v = v_pool[0][:, index].transpose(0, 1)
     if q.shape[2] == 1:
