@@ -91,7 +91,7 @@ def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_s
         memory_fraction=defaults.gpu_memory_fraction,
         cuda_graphs=graphs,
         torch_compile=compiled,
-        prefill_graphs=defaults.prefill_graphs,
+        prefill_graphs=not defaults.no_prefill_graphs,
     )
     print(f"engines built in {time.perf_counter() - t:.0f} s", flush=True)
     return lm, acoustic
