@@ -8,9 +8,17 @@ Compared on the same pool and page table: the Triton paged decode kernel the dec
 count it picks, and others), FlexAttention with a block mask made from the page table (its decoding kernel,
 compiled per batch), and gathering each row's keys for SDPA. Prints ms per call and the bandwidth each reaches
 over the keys and values the rows really hold.
+
+    python bench/attention_bench.py --tiles
+
+times the Triton kernel alone, replayed from a CUDA graph as the decode step runs it (so no launch cost), over
+its launch shapes (positions per inner step, warps, pipelined loads) and split counts.
 """
 
 from __future__ import annotations
+
+import argparse
+import itertools
 
 import common
 import numpy as np
@@ -60,6 +68,23 @@ def flex_block_mask(kv: paged_kv.PagedKV, rows: int, positions: torch.Tensor) ->
     )
 
 
+def setup(positions: list[int]):
+    """A pool with the case's rows placed, a query per row, and the chosen kernel's output to compare with."""
+    rows = 3 * len(positions)
+    kv = paged_kv.PagedKV(1, KV_HEADS, HEAD_DIM, POOL_PAGES, rows, 65_536, "cuda", torch.bfloat16)
+    kv.k[0].normal_()
+    kv.v[0].normal_()
+    positions_t = place(kv, positions)
+    lengths = (positions_t + 1).to(torch.int32)
+    q = torch.randn(rows, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    held_bytes = int(lengths.sum()) * KV_HEADS * HEAD_DIM * 2 * 2
+    scale = HEAD_DIM**-0.5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chosen = paged_attention.splits_for(rows, KV_HEADS, kv.max_len, sms)
+    reference = paged_attention.paged_decode(q, kv.k[0], kv.v[0], kv.page_table, lengths, scale, kv.page_size)
+    return rows, kv, positions_t, lengths, q, held_bytes, scale, chosen, reference
+
+
 def timed(name: str, kernel: str, fn, held_bytes: int, reference: torch.Tensor | None) -> dict:
     try:
         out = fn()
@@ -75,18 +100,7 @@ def timed(name: str, kernel: str, fn, held_bytes: int, reference: torch.Tensor |
 
 @torch.inference_mode()
 def run_case(name: str, positions: list[int]) -> list[dict]:
-    rows = 3 * len(positions)
-    kv = paged_kv.PagedKV(1, KV_HEADS, HEAD_DIM, POOL_PAGES, rows, 65_536, "cuda", torch.bfloat16)
-    kv.k[0].normal_()
-    kv.v[0].normal_()
-    positions_t = place(kv, positions)
-    lengths = (positions_t + 1).to(torch.int32)
-    q = torch.randn(rows, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    held_bytes = int(lengths.sum()) * KV_HEADS * HEAD_DIM * 2 * 2
-    scale = HEAD_DIM**-0.5
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    chosen = paged_attention.splits_for(rows, KV_HEADS, kv.max_len, sms)
-    reference = paged_attention.paged_decode(q, kv.k[0], kv.v[0], kv.page_table, lengths, scale, kv.page_size)
+    rows, kv, positions_t, lengths, q, held_bytes, scale, chosen, reference = setup(positions)
     out_rows = []
     for splits in SPLITS:
         label = f"paged_decode splits={splits or chosen}" + (" (chosen)" if splits is None else "")
@@ -119,12 +133,63 @@ def run_case(name: str, positions: list[int]) -> list[dict]:
     return out_rows
 
 
+def graph_ms(fn, calls: int = 10, replays: int = 20) -> float:
+    """GPU time of one call of `fn` replayed from a CUDA graph of `calls` calls."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return common.replay_ms(graph, replays) / calls
+
+
+@torch.inference_mode()
+def tiles_case(name: str, positions: list[int]) -> list[dict]:
+    _, kv, _, lengths, q, held_bytes, scale, chosen, reference = setup(positions)
+    out_rows = []
+    split_counts = sorted({max(1, chosen // 4), chosen, chosen * 4})
+    for block, warps, stages in itertools.product((64, 128), (4, 8), (1, 2, 3)):
+        tiles = paged_attention.DecodeTiles(block, warps, stages)
+        for splits in split_counts:
+
+            def call(splits=splits, tiles=tiles):
+                k, v = kv.k[0], kv.v[0]
+                return paged_attention.paged_decode(q, k, v, kv.page_table, lengths, scale, kv.page_size, splits, tiles)
+
+            try:
+                diff = float((call().float() - reference.float()).abs().max())
+                ms = graph_ms(call)
+                row = {"case": name, "block": block, "warps": warps, "stages": stages, "splits": splits}
+                row |= {"ms": ms, "tb_per_s": held_bytes / ms / 1e9, "max_diff": diff, "chosen": splits == chosen}
+            except Exception as e:  # a shape that does not fit the GPU's shared memory
+                row = {"case": name, "block": block, "warps": warps, "stages": stages, "splits": splits}
+                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            out_rows.append(row)
+    done = sorted((r for r in out_rows if "ms" in r), key=lambda r: r["ms"])
+    default = [r for r in done if (r["block"], r["warps"], r["stages"]) == (BLOCK_DEFAULT) and r["chosen"]]
+    print(name, "default:", default[:1], flush=True)
+    for r in done[:8]:
+        print(name, r, flush=True)
+    return out_rows
+
+
+BLOCK_DEFAULT = (
+    paged_attention.DecodeTiles().block,
+    paged_attention.DecodeTiles().warps,
+    paged_attention.DecodeTiles().stages,
+)
+
+
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiles", action="store_true", help="sweep the kernel's launch shapes in CUDA graphs")
+    args = p.parse_args()
     results = {"rows": []}
     for name, positions in CASES.items():
-        results["rows"] += run_case(name, positions)
+        results["rows"] += (tiles_case if args.tiles else run_case)(name, positions)
         torch.cuda.empty_cache()
-    common.save("attention", results)
+    common.save("attention-tiles" if args.tiles else "attention", results)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,18 @@ def forced_reference(model, ids: list[int], batch: int = 1):
     return go
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
+    """GPU time of one replay of a captured graph, after a warm-up replay."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def gpu_ms(fn, repeats: int = 20) -> float:
     """GPU time of one call of `fn`, after a warm-up call."""
     fn()

@@ -359,6 +359,7 @@ def main() -> None:
             row["speedup_vs_reference"] = results["reference"]["ms_per_step"] / row["ms_per_step"]
         results["rows"].append(row)
         print(row, flush=True)
+        common.save(f"paged-{args.shape}", results)  # each row as it comes: a run cut short keeps what it measured
     if not args.no_prefill:
         # The first long prompt after start-up also pays one-time costs (kernels loaded on first use): timed
         # apart from a second one, which is what every later request sees.
@@ -368,6 +369,7 @@ def main() -> None:
             prefill_run(lm, acoustic, ids, args.playing, 8, ids),
         ]
         print(results["prefill"], flush=True)
+        common.save(f"paged-{args.shape}", results)
     results["capacity"] = [capacity_plan(lm, 22.0), capacity_plan(lm, 139.8)]  # an A10G's usable 24 GB; an H200
     print(results["capacity"], flush=True)
     results["preemptions"] = lm.preemptions

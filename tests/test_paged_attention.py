@@ -52,7 +52,8 @@ def test_paged_decode_equals_gathered_attention(page_size, splits, head_dim):
 
 
 def test_splits_fill_the_gpu_and_never_exceed_a_rows_blocks():
-    assert paged_attention.splits_for(rows=3, kv_heads=2, max_len=65_536, sm_count=132) == 32
+    assert paged_attention.splits_for(rows=3, kv_heads=2, max_len=65_536, sm_count=132) == 128
+    assert paged_attention.splits_for(rows=192, kv_heads=2, max_len=65_536, sm_count=132) == 4
     assert paged_attention.splits_for(rows=768, kv_heads=2, max_len=65_536, sm_count=132) == 1
     assert paged_attention.splits_for(rows=3, kv_heads=2, max_len=300, sm_count=132) == 2
 

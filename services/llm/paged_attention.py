@@ -18,6 +18,7 @@ CPU steps use; the tests hold the three equal over one page table.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -29,7 +30,17 @@ except ImportError:  # CPU builds of PyTorch come without Triton; they use `page
     triton = None
 
 BLOCK = 128  # positions per inner step; any page size works, since each position looks up its own page
-TARGET_PROGRAMS_PER_SM = 1  # measured: one program per SM gives the lowest batch-1 latency; more splits add merges
+TARGET_PROGRAMS_PER_SM = 12  # measured on an H100: ~12 programs per SM gives the lowest decode time, batch 1-256
+MAX_SPLITS = 128  # the most measured (best at batch 1); the rule alone would pick 256 there
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTiles:
+    """The decode kernel's launch shape: positions per inner step, warps per program, pipelined loads."""
+
+    block: int = BLOCK
+    warps: int = 4
+    stages: int = 3
 
 
 def available() -> bool:
@@ -47,12 +58,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def splits_for(rows: int, kv_heads: int, max_len: int, sm_count: int) -> int:
-    """Splits per row, a power of two: enough programs to fill the GPU, never more than a row's blocks."""
+    """Splits per row: the largest power of two that keeps programs at or under the target per SM (at least
+    one), never more than a row's blocks or MAX_SPLITS."""
     programs = rows * kv_heads
-    wanted = -(-TARGET_PROGRAMS_PER_SM * sm_count // programs)
+    wanted = max(1, TARGET_PROGRAMS_PER_SM * sm_count // programs)
     most = max(1, -(-max_len // BLOCK))
     splits = 1
-    while splits < wanted and splits * 2 <= most and splits < 256:
+    while splits * 2 <= min(wanted, most, MAX_SPLITS):
         splits *= 2
     return splits
 
@@ -249,6 +261,7 @@ def paged_decode(
     scale: float,
     page_size: int,
     splits: int | None = None,
+    tiles: DecodeTiles = DecodeTiles(),
 ) -> torch.Tensor:
     """q (R, heads, 1, head_dim): row r attends to its positions [0, lengths[r]) (lengths >= 1), which live in
     the pool (1, kv_heads, N, head_dim) at `page_table[r, position // page_size]`. Returns (R, heads, 1, head_dim)."""
@@ -293,9 +306,11 @@ def paged_decode(
         HEAD_DIM=head_dim,
         DIM_PAD=_dim_pad(head_dim),
         PAGE=page_size,
-        BLOCK_N=BLOCK,
+        BLOCK_N=tiles.block,
         SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=tiles.warps,
+        num_stages=tiles.stages,
     )
     if splits > 1:
         _combine_kernel[(rows, heads)](

@@ -1,0 +1,176 @@
+"""Where the acoustic step's GPU time goes, by part and batch: diffusion (10 steps with CFG), σ-VAE decode of one
+frame, semantic encode of that frame, and the whole captured step.
+
+    python bench/acoustic_parts.py --shape 1.5b --batches 1,64,256
+
+Each part runs the engine's own compiled code for `n` streams, captured in a CUDA graph and replayed, as the
+acoustic step runs it. For each part it prints the GPU time, the kernels one replay launches (from a profile of
+the replays), and two floors on the same GPU: its weights read once (diffusion: once per diffusion step) at the
+GPU's copy bandwidth measured in the same run, and its kernels at the shortest kernel time the profile saw.
+The σ-VAE decode and semantic encode also run with the ConvNeXt blocks' depthwise convolution called through
+cuDNN (the "_cudnn" rows) instead of the engine's shifted taps, with the largest difference between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import common
+import torch
+from paged_bench import user_defaults
+
+from services.acoustic.engine import GRAPH_DIFFUSION_STEPS, AcousticEngine
+from services.acoustic.streaming import streaming_forward
+from services.common.checkpoint import resolve_checkpoint
+from services.common.cuda_graphs import compiled
+from services.common.model_args import resolve_dtype
+from services.render.values import RenderStep, StreamSpec
+
+
+def kernels_of(graph: torch.cuda.CUDAGraph, replays: int = 3) -> tuple[int, float, float]:
+    """Kernels one replay runs, their summed GPU time (ms) and the shortest one (ms)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    times = [e.device_time for e in kernels] or [0.0]
+    return len(kernels) // replays, sum(times) / replays / 1000, min(times) / 1000
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, picks kernels
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB: the bandwidth a weight read can reach here."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    b.copy_(a)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)
+
+
+def convnext_step_cudnn(block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """`streaming.convnext_step` with its depthwise convolution called as the module (cuDNN) instead of written
+    as shifted taps: the previous form, kept to measure the taps against."""
+    pad = state.shape[-1]
+    residual = x
+    h = block.norm(x.transpose(1, 2)).transpose(1, 2)
+    padded = torch.cat([state, h], dim=-1)
+    state.copy_(padded[:, :, padded.shape[-1] - pad :])
+    x = residual + block.mixer.conv(padded) * block.gamma.unsqueeze(-1)
+    h = block.ffn(block.ffn_norm(x.transpose(1, 2))).transpose(1, 2)
+    return x + h * block.ffn_gamma.unsqueeze(-1)
+
+
+def decoder_cache_tensors(cache) -> list[torch.Tensor]:
+    return [layer.cache for layer in cache.layers.values()]
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@torch.inference_mode()
+def parts(acoustic, n: int, bandwidth: float) -> dict:
+    ac = acoustic
+    hidden = ac.hidden_size
+    condition = torch.randn(2 * n, hidden, device="cuda", dtype=ac.dtype)
+    noise = torch.randn(n, ac.latent_size, device="cuda", dtype=ac.dtype)
+    cfg = torch.full((n, 1), 1.3, device="cuda", dtype=ac.dtype)
+    plan = ac._plan(GRAPH_DIFFUSION_STEPS)
+    latent = torch.randn(n, ac.latent_size, 1, device="cuda", dtype=ac.dtype)
+    audio = torch.randn(n, 1, 3200, device="cuda", dtype=ac.dtype)
+    decoder_cache, semantic_cache = ac.decoder_state.leading(n), ac.semantic_state.leading(n)
+    pieces = {
+        "diffusion": (
+            lambda: ac._compiled_diffusion(condition, noise, cfg, plan),
+            weight_bytes(ac.diffusion_head) * GRAPH_DIFFUSION_STEPS,
+        ),
+        "sigma_vae_decode": (
+            lambda: streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, ac._compiled_block),
+            weight_bytes(ac.audio_tower.decoder),
+        ),
+        "semantic_encode": (
+            lambda: streaming_forward(ac.semantic_encoder, audio, semantic_cache, ac._compiled_block),
+            weight_bytes(ac.semantic_encoder),
+        ),
+    }
+    cudnn = compiled(convnext_step_cudnn)
+    pieces["sigma_vae_decode_cudnn"] = (
+        lambda: streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, cudnn),
+        weight_bytes(ac.audio_tower.decoder),
+    )
+    pieces["semantic_encode_cudnn"] = (
+        lambda: streaming_forward(ac.semantic_encoder, audio, semantic_cache, cudnn),
+        weight_bytes(ac.semantic_encoder),
+    )
+    # The variant's output against the engine's, from the same state
+    saved = [t.clone() for t in decoder_cache_tensors(decoder_cache)]
+    plain = streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, ac._compiled_block)
+    for t, s in zip(decoder_cache_tensors(decoder_cache), saved, strict=True):
+        t.copy_(s)
+    via_cudnn = streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, cudnn)
+    out = {"streams": n, "cudnn_max_diff": float((plain.float() - via_cudnn.float()).abs().max())}
+    for name, (fn, nbytes) in pieces.items():
+        graph = capture(fn)
+        count, summed, shortest = kernels_of(graph)
+        out[name] = {
+            "ms": common.replay_ms(graph),
+            "kernels": count,
+            "kernel_ms_summed": summed,
+            "weights_read_floor_ms": nbytes / bandwidth * 1000,
+            "kernel_count_floor_ms": count * shortest,
+        }
+    bucket = min(b for b in ac.graphs if b >= n)
+    whole = ac.graphs[bucket]
+    out["whole_step"] = {"bucket": bucket, "ms": common.replay_ms(whole.graph)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1.5b")
+    p.add_argument("--batches", default="1,64,256")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    defaults = user_defaults()
+    path = common.checkpoint(args.shape)
+    ckpt = resolve_checkpoint(str(path))
+    t = time.perf_counter()
+    graphs, compiled = not defaults.no_cuda_graphs, not defaults.no_compile
+    dtype = resolve_dtype(defaults)
+    acoustic = AcousticEngine(ckpt, defaults.device, dtype, max(batches), graphs, compiled)
+    print(f"built in {time.perf_counter() - t:.0f} s", flush=True)
+    acoustic.step(RenderStep(starts=[StreamSpec(i, i, 1.3, GRAPH_DIFFUSION_STEPS) for i in range(max(batches))]))
+    bandwidth = copy_bandwidth()
+    results = {
+        "configuration": {"compiled": not defaults.no_compile, "dtype": str(acoustic.dtype)},
+        "copy_bandwidth_tb_per_s": bandwidth / 1e12,
+        "rows": [],
+    }
+    for n in batches:
+        row = parts(acoustic, n, bandwidth)
+        print(row, flush=True)
+        results["rows"].append(row)
+    common.save(f"acoustic-parts-{args.shape}", results)
+
+
+if __name__ == "__main__":
+    main()
