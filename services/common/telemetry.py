@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from opentelemetry import trace
@@ -12,8 +13,28 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
 
+class _ClosedStreamDetach(logging.Filter):
+    """Drops one known, harmless error: when a client cancels a streaming call, grpc closes the handler's
+    generator from another asyncio context, and the tracing interceptor's context token cannot be reset there
+    (open-telemetry/opentelemetry-python-contrib#2357). The span still ends; without this every cancelled
+    stream logs an ERROR with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != "Failed to detach context" or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        return not (isinstance(error, ValueError) and "was created in a different Context" in str(error))
+
+
+def quiet_closed_stream_detach() -> None:
+    logger = logging.getLogger("opentelemetry.context")
+    if not any(isinstance(f, _ClosedStreamDetach) for f in logger.filters):
+        logger.addFilter(_ClosedStreamDetach())
+
+
 def setup_tracing(service: str) -> None:
     """One tracer provider per process; spans go to stdout when VVMESH_TRACE_CONSOLE=1."""
+    quiet_closed_stream_detach()
     provider = TracerProvider(resource=Resource.create({"service.name": f"vvmesh-{service}"}))
     if os.environ.get("VVMESH_TRACE_CONSOLE") == "1":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
