@@ -484,6 +484,9 @@ class LMEngine:
         # With nothing playing, no step waits on the prefill: more chunks a step bring the first audio sooner.
         chunk = self.prefill_chunk * (1 if self.decoding_count else IDLE_PREFILL_CHUNKS)
         budget = chunk if budget is None else budget
+        # A step that may write more than one chunk has no stream playing, so the host's launches delay nobody:
+        # one launched piece of the whole budget costs less GPU time than several replays of the chunk graph.
+        launched = not self.padded_chunks or (self.chunk_graph is not None and budget > self.prefill_chunk)
         for stream in [s for s in self.streams[self.decoding_count :] if s.plan is not None]:
             if budget <= 0:
                 break
@@ -494,10 +497,10 @@ class LMEngine:
             while stream.prefilled < target and budget > 0:
                 branch, inputs, a = plan.locate(stream.prefilled)
                 # A captured chunk has `prefill_chunk` queries; a launched one takes the step's whole budget.
-                b = min(inputs.shape[0], a + (self.prefill_chunk if self.padded_chunks else chunk), a + budget)
+                b = min(inputs.shape[0], a + (chunk if launched else self.prefill_chunk), a + budget)
                 if not self._grow(stream, branch, b):
                     return ready  # the pool is full: the running streams come first
-                self._write_chunk(inputs[a:b], BRANCHES * stream.slot + branch, a)
+                self._write_chunk(inputs[a:b], BRANCHES * stream.slot + branch, a, launched)
                 stream.prefilled, budget = stream.prefilled + (b - a), budget - (b - a)
             if stream.prefilled == target:
                 # The first step's input for every branch: a new stream's is the prompt's last token (audio_bos),
@@ -513,14 +516,15 @@ class LMEngine:
                 ready.append(stream)
         return ready
 
-    def _write_chunk(self, inputs: torch.Tensor, row: int, start: int) -> None:
-        """The keys and values of `inputs` (tokens, hidden), KV row `row`'s positions from `start` on."""
+    def _write_chunk(self, inputs: torch.Tensor, row: int, start: int, launched: bool) -> None:
+        """The keys and values of `inputs` (tokens, hidden), KV row `row`'s positions from `start` on; `launched`:
+        exactly its tokens as one launched step, else a padded chunk (the graph's replay where it exists)."""
         tokens = inputs.shape[0]
         self.chunk_inputs[:tokens] = inputs
         self.chunk_row.fill_(row)
         self.chunk_start.fill_(start)
         self.chunk_tokens.fill_(tokens)
-        if not self.padded_chunks:
+        if launched:
             self._chunk_step(tokens, start + tokens)
         elif self.chunk_graph is not None:
             self.chunk_graph.replay()
