@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,15 +37,27 @@ def run(
     prefill_chunk: int = 512,
     device: str = "cpu",
     padded_chunks: bool = False,
+    budget: int | None = -1,
+    graph_replays: list[int] | None = None,
     **engine_options,
 ) -> list[np.ndarray]:
-    """Run requests through the scheduler together; returns each one's audio."""
+    """Run requests through the scheduler together; returns each one's audio. `budget`: prompt tokens a step
+    (-1: one chunk; None: the engine's own, as the server runs it). `graph_replays`: stand in for the GPU's chunk
+    graph with the same padded step run eagerly, counting its replays into the list."""
 
     async def main():
         lm = LMEngine(ckpt, device, max_streams=max_streams, prefill_chunk=prefill_chunk, **engine_options)
         lm.padded_chunks = lm.padded_chunks or padded_chunks
+        if graph_replays is not None:
+
+            def replay():
+                graph_replays.append(1)
+                keys = lm._keys(int(lm.chunk_start) + int(lm.chunk_tokens))
+                lm._chunk_step(lm.prefill_chunk, keys, padded=True)
+
+            lm.padded_chunks, lm.chunk_graph = True, SimpleNamespace(replay=replay)
         acoustic = AcousticEngine(ckpt, device, max_streams=max_streams)
-        scheduler = Scheduler(lm, LocalLink(acoustic), prefill_chunk)
+        scheduler = Scheduler(lm, LocalLink(acoustic), prefill_chunk if budget == -1 else budget)
         jobs = []
         for r in requests:
             stream = LMStream(
@@ -126,6 +139,27 @@ def test_padded_prompt_chunks_give_the_audio_of_exact_ones(ckpt):
     exact = run(ckpt, requests, max_streams=2, prefill_chunk=256)
     padded = run(ckpt, requests, max_streams=2, prefill_chunk=256, padded_chunks=True)
     for a, b in zip(exact, padded, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_prompts_with_nothing_playing_are_launched_whole_and_the_rest_replay_the_chunk_graph(ckpt):
+    """With the server's budget, a step with no stream playing launches several chunks' worth as one piece
+    (the host delays nobody then) and steps beside playing streams replay the chunk graph; the audio is that of
+    exact chunks either way. The third stream waits for the second's slot, so its prompt arrives while the first
+    plays."""
+    requests = [
+        {"prompt": prompt(ckpt, 700, 21), "frames": 10, "seed": 1},
+        {"prompt": prompt(ckpt, 90, 22), "frames": 3, "seed": 2},  # leaves while the first plays on
+        {"prompt": prompt(ckpt, 300, 23), "frames": 4, "seed": 3},
+    ]
+    exact = run(ckpt, requests, max_streams=2, prefill_chunk=128)
+    mixed_replays: list[int] = []
+    mixed = run(ckpt, requests, max_streams=2, prefill_chunk=128, budget=None, graph_replays=mixed_replays)
+    every_chunk_replays: list[int] = []
+    run(ckpt, requests, max_streams=2, prefill_chunk=128, graph_replays=every_chunk_replays)
+    assert 0 < len(mixed_replays) < len(every_chunk_replays)
+    for a, b in zip(exact, mixed, strict=True):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
 
