@@ -4,7 +4,8 @@ A full collection walks every object the process holds. After start-up that incl
 captured graphs' bookkeeping and every stream's state, so one pass can stall a step, and with it every stream's
 next frame. `settle()`, called once a service is ready, moves what start-up made into the permanent generation
 (`gc.freeze`), so later collections walk only what requests create, and logs every collection slower than
-`SLOW_MS`, so that a stall in the step log can be told apart from one in the collector.
+`SLOW_MS`, so that a stall in the step log can be told apart from one in the collector. `release()`, once the
+service has stopped serving, stops the logging: a collection while the process tears down stalls nobody.
 """
 
 from __future__ import annotations
@@ -44,3 +45,7 @@ def settle() -> None:
     gc.freeze()
     if not any(isinstance(c, _SlowCollections) for c in gc.callbacks):
         gc.callbacks.append(_SlowCollections())
+
+
+def release() -> None:
+    gc.callbacks[:] = [c for c in gc.callbacks if not isinstance(c, _SlowCollections)]

@@ -173,4 +173,5 @@ class Service:
         if on_drain:
             on_drain()
         await self.server.stop(grace_s)
+        gc_pauses.release()
         log.info("%s stopped", self.name)
