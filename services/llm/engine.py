@@ -484,9 +484,10 @@ class LMEngine:
         # With nothing playing, no step waits on the prefill: more chunks a step bring the first audio sooner.
         chunk = self.prefill_chunk * (1 if self.decoding_count else IDLE_PREFILL_CHUNKS)
         budget = chunk if budget is None else budget
-        # A step that may write more than one chunk has no stream playing, so the host's launches delay nobody:
-        # one launched piece of the whole budget costs less GPU time than several replays of the chunk graph.
-        launched = not self.padded_chunks or (self.chunk_graph is not None and budget > self.prefill_chunk)
+        # With no stream playing the host's launches delay nobody, and one launched piece of a budget of several
+        # chunks costs less GPU time than as many replays of the chunk graph.
+        idle_piece = not self.decoding_count and budget > self.prefill_chunk
+        launched = not self.padded_chunks or (self.chunk_graph is not None and idle_piece)
         for stream in [s for s in self.streams[self.decoding_count :] if s.plan is not None]:
             if budget <= 0:
                 break
