@@ -167,18 +167,13 @@ def tiles_case(name: str, positions: list[int]) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
             out_rows.append(row)
     done = sorted((r for r in out_rows if "ms" in r), key=lambda r: r["ms"])
-    default = [r for r in done if (r["block"], r["warps"], r["stages"]) == (BLOCK_DEFAULT) and r["chosen"]]
+    tiles = paged_attention.DecodeTiles()
+    default = [r for r in done if (r["block"], r["warps"], r["stages"]) == (tiles.block, tiles.warps, tiles.stages)]
+    default = [r for r in default if r["chosen"]]
     print(name, "default:", default[:1], flush=True)
     for r in done[:8]:
         print(name, r, flush=True)
     return out_rows
-
-
-BLOCK_DEFAULT = (
-    paged_attention.DecodeTiles().block,
-    paged_attention.DecodeTiles().warps,
-    paged_attention.DecodeTiles().stages,
-)
 
 
 def main() -> None:
