@@ -21,7 +21,7 @@ import torch
 from paged_bench import user_defaults
 
 from services.acoustic.engine import GRAPH_DIFFUSION_STEPS, AcousticEngine
-from services.acoustic.streaming import streaming_forward
+from services.acoustic.streaming import convnext_step, streaming_forward
 from services.common.checkpoint import resolve_checkpoint
 from services.common.cuda_graphs import compiled
 from services.common.model_args import resolve_dtype
@@ -67,16 +67,9 @@ def copy_bandwidth() -> float:
 
 
 def convnext_step_cudnn(block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """`streaming.convnext_step` with its depthwise convolution called as the module (cuDNN) instead of written
-    as shifted taps: the previous form, kept to measure the taps against."""
-    pad = state.shape[-1]
-    residual = x
-    h = block.norm(x.transpose(1, 2)).transpose(1, 2)
-    padded = torch.cat([state, h], dim=-1)
-    state.copy_(padded[:, :, padded.shape[-1] - pad :])
-    x = residual + block.mixer.conv(padded) * block.gamma.unsqueeze(-1)
-    h = block.ffn(block.ffn_norm(x.transpose(1, 2))).transpose(1, 2)
-    return x + h * block.ffn_gamma.unsqueeze(-1)
+    """The engine's block step with its depthwise convolution called as the module (cuDNN) instead of written as
+    shifted taps: the previous form, kept to measure the taps against."""
+    return convnext_step(block, x, state, mix=lambda conv, padded: conv(padded))
 
 
 def decoder_cache_tensors(cache) -> list[torch.Tensor]:
