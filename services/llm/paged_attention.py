@@ -72,6 +72,41 @@ def splits_for(rows: int, kv_heads: int, max_len: int, sm_count: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _attend_block(
+        q,
+        k_base,
+        v_base,
+        table,
+        key,
+        held,
+        visible,
+        d,
+        dim,
+        best,
+        total,
+        acc,
+        scale,
+        kv_stride_n,
+        PAGE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """One block of keys into an online softmax, for both kernels: the positions `key` that are `held` are read
+        through the page table `table`; scores count where `visible` (queries x keys); returns the running max,
+        sum and output."""
+        page = tl.load(table + key // PAGE, mask=held, other=0)
+        at = (page.to(tl.int64) * PAGE + key % PAGE) * kv_stride_n
+        k = tl.load(k_base + at[:, None] + d[None, :], mask=held[:, None] & dim[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(visible, s, float("-inf"))
+        new_best = tl.maximum(best, tl.max(s, 1))
+        rescale = tl.exp(best - new_best)
+        p = tl.exp(s - new_best[:, None])
+        total = total * rescale + tl.sum(p, 1)
+        v = tl.load(v_base + at[:, None] + d[None, :], mask=held[:, None] & dim[None, :], other=0.0)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return new_best, total, acc
+
+    @triton.jit
     def _split_kernel(
         q_ptr,
         k_ptr,
@@ -130,18 +165,24 @@ if triton is not None:
         for b in range(first, last):
             pos = b * BLOCK_N + n
             valid = pos < length
-            page = tl.load(table + pos // PAGE, mask=valid, other=0)
-            at = (page.to(tl.int64) * PAGE + pos % PAGE) * kv_stride_n
-            k = tl.load(k_base + at[:, None] + d[None, :], mask=valid[:, None] & dim[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, 1))
-            rescale = tl.exp(best - new_best)
-            p = tl.exp(s - new_best[:, None])
-            total = total * rescale + tl.sum(p, 1)
-            v = tl.load(v_base + at[:, None] + d[None, :], mask=valid[:, None] & dim[None, :], other=0.0)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            best = new_best
+            best, total, acc = _attend_block(
+                q,
+                k_base,
+                v_base,
+                table,
+                pos,
+                valid,
+                valid[None, :],
+                d,
+                dim,
+                best,
+                total,
+                acc,
+                scale,
+                kv_stride_n,
+                PAGE,
+                PRECISION,
+            )
 
         if SPLITS == 1:  # the only split: normalize and write the output directly
             out = acc / total[:, None]
@@ -233,19 +274,24 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M * GROUP_PAD, DIM_PAD], tl.float32)
         for b in range(0, tl.cdiv(last + 1, BLOCK_N)):
             key = b * BLOCK_N + n
-            held = key <= last
-            page = tl.load(table_ptr + key // PAGE, mask=held, other=0)
-            at = (page.to(tl.int64) * PAGE + key % PAGE) * kv_stride_n
-            k = tl.load(k_base + at[:, None] + d[None, :], mask=held[:, None] & dim[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(key[None, :] <= pos[:, None], s, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, 1))
-            rescale = tl.exp(best - new_best)
-            p = tl.exp(s - new_best[:, None])
-            total = total * rescale + tl.sum(p, 1)
-            v = tl.load(v_base + at[:, None] + d[None, :], mask=held[:, None] & dim[None, :], other=0.0)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            best = new_best
+            best, total, acc = _attend_block(
+                q,
+                k_base,
+                v_base,
+                table_ptr,
+                key,
+                key <= last,
+                key[None, :] <= pos[:, None],
+                d,
+                dim,
+                best,
+                total,
+                acc,
+                scale,
+                kv_stride_n,
+                PAGE,
+                PRECISION,
+            )
 
         out = acc / total[:, None]
         at = out_ptr + heads[:, None] * out_stride_h + t[:, None] * out_stride_t + d[None, :]
