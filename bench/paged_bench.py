@@ -27,7 +27,7 @@ from services.common.checkpoint import resolve_checkpoint
 from services.common.model_args import resolve_dtype
 from services.common.reference import load_reference
 from services.llm import memory_plan, paged_attention, paged_kv
-from services.llm.engine import LMEngine, LMStream
+from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
 from services.llm.server import parser as llm_parser
 from services.render.local import LocalLink
@@ -74,7 +74,13 @@ def user_defaults(*more: str) -> argparse.Namespace:
     return llm_parser().parse_args(["--device", DEVICE, *more])
 
 
-def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_streams: int | None = None):
+def build(
+    ckpt,
+    defaults: argparse.Namespace,
+    kv_pages: int | None = None,
+    max_streams: int | None = None,
+    idle_prefill_chunks: int = IDLE_PREFILL_CHUNKS,
+):
     t = time.perf_counter()
     streams = max_streams or defaults.max_streams
     graphs, compiled = not defaults.no_cuda_graphs, not defaults.no_compile
@@ -92,6 +98,7 @@ def build(ckpt, defaults: argparse.Namespace, kv_pages: int | None = None, max_s
         cuda_graphs=graphs,
         torch_compile=compiled,
         prefill_graphs=not defaults.no_prefill_graphs,
+        idle_prefill_chunks=idle_prefill_chunks,
     )
     print(f"engines built in {time.perf_counter() - t:.0f} s", flush=True)
     return lm, acoustic
@@ -223,7 +230,8 @@ def prefill_run(lm, acoustic, ids: list[int], playing: int, arrivals: int, base:
     while first_frame is None or lm.decoding_count < playing + arrivals:
         t = time.perf_counter()
         step(lm, acoustic, None)  # the llm's own budget: one chunk a step, larger while nothing plays
-        sync()
+        if playing:  # the longest step a playing stream sees; a lone prompt's steps overlap, as in the llm
+            sync()
         longest = max(longest, (time.perf_counter() - t) * 1000)
         if first_frame is None and any(s.frames for s in new):
             first_frame = (time.perf_counter() - t0) * 1000
@@ -313,6 +321,11 @@ def main() -> None:
     p.add_argument("--memory-only", action="store_true", help="only the one 90-minute job's peak memory")
     p.add_argument("--playing", type=int, default=64, help="streams playing while the long prompts arrive")
     p.add_argument("--no-prefill-graphs", action="store_true", help="the llm's --no-prefill-graphs")
+    p.add_argument(
+        "--idle-chunks",
+        default=str(IDLE_PREFILL_CHUNKS),
+        help="prompt chunks a step with nothing playing: the lone prompt is timed at each count given",
+    )
     args = p.parse_args()
     path = common.checkpoint(args.shape)
     ckpt = resolve_checkpoint(str(path))
@@ -337,7 +350,9 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     defaults = user_defaults(*(["--no-prefill-graphs"] if args.no_prefill_graphs else []))
-    lm, acoustic = build(ckpt, defaults)
+    idle_chunks = [int(n) for n in args.idle_chunks.split(",")]
+    lm, acoustic = build(ckpt, defaults, idle_prefill_chunks=max([*idle_chunks, IDLE_PREFILL_CHUNKS]))
+    lm.idle_prefill_chunks = IDLE_PREFILL_CHUNKS
     results["configuration"] = {
         "max_context": lm.kv.max_len,
         "max_streams": lm.max_streams,
@@ -368,6 +383,11 @@ def main() -> None:
             prefill_run(lm, acoustic, ids, 0, 1, ids),
             prefill_run(lm, acoustic, ids, args.playing, 8, ids),
         ]
+        for n in idle_chunks:  # the lone prompt at other idle step sizes (the default's row is the second above)
+            if n != IDLE_PREFILL_CHUNKS:
+                lm.idle_prefill_chunks = n
+                results["prefill"].append({**prefill_run(lm, acoustic, ids, 0, 1, ids), "idle_chunks": n})
+        lm.idle_prefill_chunks = IDLE_PREFILL_CHUNKS
         print(results["prefill"], flush=True)
         common.save(f"paged-{args.shape}", results)
     results["capacity"] = [capacity_plan(lm, 22.0), capacity_plan(lm, 139.8)]  # an A10G's usable 24 GB; an H200

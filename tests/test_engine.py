@@ -11,6 +11,7 @@ import torch
 
 from services.acoustic.engine import AcousticEngine
 from services.common.checkpoint import resolve_checkpoint
+from services.common.frames import SAMPLES_PER_FRAME
 from services.common.reference import load_reference, reference_audio
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
@@ -169,7 +170,9 @@ def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt):
     """Prompt chunks replayed as one graph (the Triton kernel reading the page table) against the same chunks
     launched (gathered keys, SDPA): prompts over several chunks, one ending inside a chunk, two streams
     prefilled in the same steps. Two different attention kernels sum in different orders, so the bound is
-    float32 rounding over a few hundred positions, not the bit-level agreement of one kernel."""
+    rounding, not the bit-level agreement of one kernel: tight on the first frame, which only the prompt's keys
+    decide, and looser over the frames after it, through which each step carries the difference on (5.3e-4 of the
+    peak after six frames on an H100). A wrong page, position or mask differs by the signal itself."""
     requests = [
         {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
         {"prompt": prompt(ckpt, 90, 22), "frames": 6, "seed": 2},
@@ -178,7 +181,9 @@ def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt):
     captured = run(ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=True)
     for a, b in zip(launched, captured, strict=True):
         assert a.shape == b.shape
-        assert np.abs(a - b).max() <= 5e-4 * np.abs(a).max()
+        peak = np.abs(a).max()
+        assert np.abs(a[:SAMPLES_PER_FRAME] - b[:SAMPLES_PER_FRAME]).max() <= 1e-4 * peak
+        assert np.abs(a - b).max() <= 2e-3 * peak
 
 
 def test_streams_keep_their_state_when_rows_are_repacked(ckpt):
