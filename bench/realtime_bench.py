@@ -7,8 +7,9 @@
    real time when every chunk arrives before it is due (chunk k by its first chunk's arrival plus k frames of
    playback) and no gap after its first chunk exceeds one frame (133 ms). Reported per N: streams late or
    gapped, the largest gap and lateness, time to first audio, frames/s.
-2. The 45-minute demo script with its four voices: time to first audio alone; then, with 64 ten-minute streams
-   playing, 8 of them arriving at once: the largest gap any playing stream sees, and their first audio.
+2. The 45-minute demo script with its four voices: time to first audio alone (voices the acoustic service has
+   encoded before, then four it has not seen); then, with 64 ten-minute streams playing, 8 of them arriving at
+   once: the largest gap any playing stream sees, and their first audio.
 
 Frames come from `fixed_frames` (random weights decide nothing useful), which needs `allow_fixed_frames`; every
 other option is the default. Clients run in several processes, each stream with its own API key, so the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import math
 import multiprocessing
 import os
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import common
 import grpc
+import soundfile
 from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 
 from services.common.audio import FRAME_MS
@@ -55,8 +58,19 @@ def ten_minute_script(path: Path) -> str:
     return text
 
 
-def synthesize(text: str, speakers: int, frames: int, seed: int) -> bytes:
-    voices = [tts_pb2.VoicePrompt(speaker=i + 1, audio=VOICES[i].read_bytes()) for i in range(speakers)]
+def voice_audio(path: Path, variant: int) -> bytes:
+    """The voice file; a `variant` > 0 starts `variant` samples later, so the acoustic service has never encoded
+    it (a new user's voice) while it sounds the same."""
+    if not variant:
+        return path.read_bytes()
+    samples, rate = soundfile.read(path, dtype="int16")
+    out = io.BytesIO()
+    soundfile.write(out, samples[variant:], rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def synthesize(text: str, speakers: int, frames: int, seed: int, voice_variant: int = 0) -> bytes:
+    voices = [tts_pb2.VoicePrompt(speaker=i + 1, audio=voice_audio(VOICES[i], voice_variant)) for i in range(speakers)]
     request = tts_pb2.SynthesizeRequest(
         text=text,
         voices=voices,
@@ -172,11 +186,15 @@ def concurrency_run(
 
 def long_script_run(pool, address: str, short: str, playing: int, arrivals: int) -> dict:
     long_text = LONG_SCRIPT.read_text()
-    alone = []
+    alone, new_voices = [], []
     for i in range(3):
         now = time.monotonic()
         plan = (synthesize(long_text, 4, 8, 50 + i), now, now + 60, f"long-alone-{i}")
         alone.append(first_audio_ms(run_streams(pool, address, [plan])[0]))
+    for i in range(2):  # four voices the acoustic service has not seen: their encoding is in the first audio
+        now = time.monotonic()
+        plan = (synthesize(long_text, 4, 8, 60 + i, voice_variant=1 + i), now, now + 60, f"long-new-voices-{i}")
+        new_voices.append(first_audio_ms(run_streams(pool, address, [plan])[0]))
     t0 = time.monotonic() + 1.0
     arrive = t0 + playing * 0.25 + 5.0
     end = arrive + 30.0
@@ -191,6 +209,7 @@ def long_script_run(pool, address: str, short: str, playing: int, arrivals: int)
     return {
         "prompt": LONG_SCRIPT.name,
         "first_audio_alone_ms": alone,
+        "first_audio_alone_new_voices_ms": new_voices,
         "playing": playing,
         "arrivals": arrivals,
         "arrivals_first_audio_ms": [first_audio_ms(r) for r in new],

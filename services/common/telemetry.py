@@ -41,6 +41,12 @@ def setup_tracing(service: str) -> None:
     trace.set_tracer_provider(provider)
 
 
+def mark(event: str) -> None:
+    """An event at this moment on the current call's span (first audio, prompt prefilled): a trace then shows
+    where inside a call its time went."""
+    trace.get_current_span().add_event(event)
+
+
 # The llm <-> acoustic Render stream carries one message per generation step for the lifetime of the process:
 # it is not a request to trace, and an interceptor on it costs time on every step. Health checks are noise.
 UNTRACED = negate(any_of(method_name("Render"), health_check()))

@@ -26,7 +26,7 @@ from services.common.limits import (
 from services.common.logs import mark_random_weights, setup_logging
 from services.common.model_args import add_model_args, resolve_dtype
 from services.common.model_info import model_info
-from services.common.telemetry import setup_tracing
+from services.common.telemetry import mark, setup_tracing
 from services.common.tensors import from_proto, to_proto
 from services.llm.engine import LMEngine, LMStream
 from services.llm.resume import ResumeFrames, ResumeLimits, checked_resume, rebuild_history
@@ -195,12 +195,18 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         if request.background:
             self.background.add(job)
         self.scheduler.submit(job)
+        first_frame = True
         try:
             while True:
                 event = await job.events.get()
                 if isinstance(event, Frame):
+                    if first_frame:
+                        first_frame = False
+                        mark("first frame")
                     yield mesh_pb2.GenerateResponse(frame=generated_frame(event, keyed=bool(request.audio_key)))
                 elif isinstance(event, PromptDone | StillWorking):
+                    if isinstance(event, PromptDone):
+                        mark("prompt prefilled")
                     tokens = len(job.stream.prompt_ids)
                     yield mesh_pb2.GenerateResponse(
                         progress=mesh_pb2.GenerateProgress(prompt_tokens_done=tokens, prompt_tokens=tokens)

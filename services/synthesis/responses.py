@@ -15,6 +15,7 @@ from vibevoice.tts.v1 import tts_pb2
 
 from services.common.audio import StreamEncoder
 from services.common.frames import FRAMES_PER_SECOND, SAMPLE_RATE, SAMPLES_PER_FRAME
+from services.common.telemetry import mark
 
 PROGRESS_EVERY_FRAMES = 8
 # Formats whose bytes for a frame depend on that frame alone: a stream of them can start at any frame.
@@ -67,6 +68,7 @@ class Responses:
             return []
         if self.first_audio is None:
             self.first_audio = self.elapsed()
+            mark("first audio")
         out = [
             tts_pb2.SynthesizeResponse(
                 audio=tts_pb2.AudioChunk(
