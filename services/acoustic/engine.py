@@ -128,6 +128,7 @@ class AcousticEngine:
         self.cfg_rows = torch.ones(max_streams, 1, device=self.device, dtype=dtype)  # guidance scale by row
         self.order: list[int] = []  # stream ids by row
         self._voice_means: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.voice_chunk_samples = VOICE_CHUNK_SAMPLES  # a pass of the voice encoder (bench/voice_encode.py)
         # Rendering runs on a high-priority CUDA stream and voice encoding on a low-priority one, so a new
         # request's voices wait for playing streams' frames, not the other way round.
         cuda = self.device.type == "cuda"
@@ -193,7 +194,7 @@ class AcousticEngine:
         with torch.inference_mode():
             parts = [
                 self.audio_tower.encode(chunk, padding_cache=cache, use_cache=True, sample=False).latents[0]
-                for chunk in padded.split(VOICE_CHUNK_SAMPLES, dim=-1)
+                for chunk in padded.split(self.voice_chunk_samples, dim=-1)
             ]
         mean = torch.cat(parts)
         self._voice_means[key] = mean
