@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import gc_pauses
+from services.common import gc_pauses, loop_stalls
 from services.common.errors import abort, invalid_argument
 from services.common.telemetry import client_interceptors, server_interceptors
 
@@ -160,6 +160,7 @@ class Service:
         """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new calls, let running ones finish."""
         await self.server.start()
         gc_pauses.settle()  # what start-up made stays out of every later collection
+        stalls = asyncio.create_task(loop_stalls.watch(), name="loop-stalls")
         await self.set_serving(True)
         log.info("%s serving on port %d", self.name, self.port)
         stop = asyncio.Event()
@@ -173,5 +174,6 @@ class Service:
         if on_drain:
             on_drain()
         await self.server.stop(grace_s)
+        stalls.cancel()
         gc_pauses.release()
         log.info("%s stopped", self.name)

@@ -3,6 +3,7 @@ carried back in the caller's terms (the failing hop named, its status kept)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ def api_key(context: grpc.aio.ServicerContext) -> str:
         if key == "x-api-key":
             return value
     return "anonymous"
+
+
+def method_path(service: str, method: str) -> str:
+    """The path of a mesh service's method, for a call made with `channel.unary_unary` and the like."""
+    return f"/{mesh_pb2.DESCRIPTOR.services_by_name[service].full_name}/{method}"
 
 
 def decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
@@ -73,8 +79,17 @@ class Backends:
         self.frame_states = frame_states
         self.addresses = {"text_parser": text_parser, "acoustic": acoustic, "llm": llm}
         self.parser = mesh_pb2_grpc.TextParserStub(insecure_channel(text_parser))
-        self.acoustic = mesh_pb2_grpc.AcousticStub(insecure_channel(acoustic))
-        self.llm = mesh_pb2_grpc.LLMStub(insecure_channel(llm))
+        acoustic_channel, llm_channel = insecure_channel(acoustic), insecure_channel(llm)
+        self.acoustic = mesh_pb2_grpc.AcousticStub(acoustic_channel)
+        self.llm = mesh_pb2_grpc.LLMStub(llm_channel)
+        # The two calls that carry megabytes (a request's voice samples; their embeddings with the prompt) take
+        # requests serialized beforehand, off the event loop that relays every stream's audio.
+        self._encode_voice = acoustic_channel.unary_unary(
+            method_path("Acoustic", "EncodeVoice"), response_deserializer=mesh_pb2.EncodeVoiceResponse.FromString
+        )
+        self._generate = llm_channel.unary_stream(
+            method_path("LLM", "Generate"), response_deserializer=mesh_pb2.GenerateResponse.FromString
+        )
         self._model: mesh_pb2.ModelInfo | None = None
 
     async def call(self, hop: str, coro):
@@ -175,12 +190,16 @@ class Backends:
         if not voice_order:
             return
         ordered = [voices[i] for i in voice_order]
+
+        def request() -> bytes:
+            message = mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.from_numpy(v)) for v in ordered])
+            message.seed = generate.seed
+            return message.SerializeToString()
+
         encoded = await self.call(
             "acoustic",
-            self.acoustic.EncodeVoice(
-                mesh_pb2.EncodeVoiceRequest(
-                    voices=[to_proto(torch.from_numpy(v)) for v in ordered], seed=generate.seed
-                ),
+            self._encode_voice(
+                await asyncio.to_thread(request),
                 # a restarting acoustic service gets a few seconds to come back
                 timeout=min(time_remaining or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S),
                 wait_for_ready=True,
@@ -201,7 +220,7 @@ class Backends:
         audio = self.acoustic.StreamAudio(
             mesh_pb2.StreamAudioRequest(audio_key=generate.audio_key, frame_states=self.frame_states), timeout=timeout
         )
-        call = self.llm.Generate(generate, timeout=timeout)
+        call = self._generate(await asyncio.to_thread(generate.SerializeToString), timeout=timeout)
         try:
             async for event in call:
                 if event.WhichOneof("event") == "frame":
