@@ -192,9 +192,8 @@ class Backends:
         ordered = [voices[i] for i in voice_order]
 
         def request() -> bytes:
-            message = mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.from_numpy(v)) for v in ordered])
-            message.seed = generate.seed
-            return message.SerializeToString()
+            voice_protos = [to_proto(torch.from_numpy(v)) for v in ordered]
+            return mesh_pb2.EncodeVoiceRequest(voices=voice_protos, seed=generate.seed).SerializeToString()
 
         encoded = await self.call(
             "acoustic",
@@ -217,10 +216,11 @@ class Backends:
         paired with the llm's frames by order. Leaving the loop early ends the stream there (its row is freed, both
         calls cancelled)."""
         generate.audio_key = secrets.token_hex(16)
+        request = await asyncio.to_thread(generate.SerializeToString)  # before the calls open: nothing to close
         audio = self.acoustic.StreamAudio(
             mesh_pb2.StreamAudioRequest(audio_key=generate.audio_key, frame_states=self.frame_states), timeout=timeout
         )
-        call = self._generate(await asyncio.to_thread(generate.SerializeToString), timeout=timeout)
+        call = self._generate(request, timeout=timeout)
         try:
             async for event in call:
                 if event.WhichOneof("event") == "frame":
