@@ -171,7 +171,7 @@ def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt):
     launched (gathered keys, SDPA): prompts over several chunks, one ending inside a chunk, two streams
     prefilled in the same steps. Two different attention kernels sum in different orders, so the bound is
     rounding, not the bit-level agreement of one kernel: tight on the first frame, which only the prompt's keys
-    decide, and looser over the frames after it, through which each step carries the difference on (5.3e-4 of the
+    decide, and looser over the frames after it, through which each step carries the difference on (6.6e-4 of the
     peak after six frames on an H100). A wrong page, position or mask differs by the signal itself."""
     requests = [
         {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
