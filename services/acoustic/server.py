@@ -105,17 +105,19 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         self.stats = StepStats(log, "render step")
 
     async def EncodeVoice(self, request, context):  # noqa: N802
+        # Checked, encoded and answered off the event loop, which relays every stream's audio: four voices are
+        # some 8 MB of samples in, their embeddings a few MB out. A bad request is answered at once, not after
+        # the encodes queued before it.
         try:
-            async with self.encode_lock:
-                return await asyncio.to_thread(self._encode_voices, request)
+            voices = await asyncio.to_thread(checked_voices, request)
         except RequestError as e:
             await abort(context, e)
+            return
+        async with self.encode_lock:
+            return await asyncio.to_thread(self._encoded_voices, voices, request.seed)
 
-    def _encode_voices(self, request: mesh_pb2.EncodeVoiceRequest) -> mesh_pb2.EncodeVoiceResponse:
-        """Checked, encoded and answered off the event loop, which relays every stream's audio: four voices are
-        some 8 MB of samples in, their embeddings a few MB out."""
-        voices = checked_voices(request)
-        embeddings, frames = self.engine.encode_voices(voices, request.seed)
+    def _encoded_voices(self, voices: list[torch.Tensor], seed: int) -> mesh_pb2.EncodeVoiceResponse:
+        embeddings, frames = self.engine.encode_voices(voices, seed)
         return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
 
     async def EmbedFrames(self, request, context):  # noqa: N802

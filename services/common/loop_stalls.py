@@ -35,7 +35,7 @@ class Stalls:
             self.longest_ms = max(self.longest_ms, late_ms)
 
     def report(self, now: float) -> str | None:
-        """The line to log at `now` (loop time, s), if stalls wait for one and the last came a second ago or more."""
+        """The line to log at `now` (loop time, s): stalls seen since the last report, once a second at most."""
         if not self.count or now - self.reported_at < REPORT_EVERY_S:
             return None
         line = f"event loop stalled {self.count} time(s) over {SLOW_MS:.0f} ms, longest {self.longest_ms:.0f} ms"
