@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 from services.common import loop_stalls
@@ -38,3 +39,36 @@ def test_a_callback_that_holds_the_loop_is_reported(caplog):
     assert len(reports) == 1, reports
     longest = int(reports[0].rsplit("longest ", 1)[1].split(" ms")[0])
     assert 100 <= longest < 1000
+
+
+def test_the_report_names_where_the_loop_was_held_and_which_threads_ran_python(caplog):
+    spinning = threading.Event()
+
+    def spin_in_python():  # another thread holding the GIL in Python code, as a voice decode would
+        spinning.set()
+        end = time.monotonic() + 0.3
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+
+    def hold_the_loop():
+        time.sleep(0.15)
+
+    async def main():
+        watcher = asyncio.create_task(loop_stalls.watch())
+        await asyncio.sleep(0.05)
+        spinner = threading.Thread(target=spin_in_python, name="spinner")
+        spinner.start()
+        spinning.wait()
+        hold_the_loop()
+        await asyncio.sleep(REPORT_EVERY_S + 0.2)
+        watcher.cancel()
+
+    with caplog.at_level(logging.WARNING, logger=loop_stalls.__name__):
+        asyncio.run(main())
+    reports = [r.getMessage() for r in caplog.records if r.name == loop_stalls.__name__]
+    assert len(reports) == 1, reports
+    held, _, busy = reports[0].partition("; other threads running Python: ")
+    assert "the loop was in test_loop_stalls.py:" in held and "hold_the_loop" in held, reports[0]
+    assert "spin_in_python" not in held
+    assert "spinner: test_loop_stalls.py:" in busy and "spin_in_python" in busy, reports[0]

@@ -31,12 +31,13 @@ from services.acoustic.streaming import convnext_step, streaming_forward
 from services.common.audio import SAMPLES_PER_FRAME
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
+from services.common.tensors import device_tensor, to_device
 from services.render.values import RenderResult, RenderStep, StreamHistory, StreamSpec
 
 log = logging.getLogger(__name__)
 
 VOICE_CACHE_ENTRIES = 64
-VOICE_CHUNK_SAMPLES = 10 * SAMPLES_PER_FRAME
+VOICE_CHUNK_SAMPLES = 150 * SAMPLES_PER_FRAME  # 20 s: bench/voice_encode.py
 GRAPH_DIFFUSION_STEPS = 10  # steps captured as CUDA graphs; other step counts run eagerly
 REPLAY_PIECE_FRAMES = 32  # frames a resume replays in one pass (their activations are held at once)
 
@@ -259,7 +260,7 @@ class AcousticEngine:
         step, so the fewer passes, the shorter the other streams' wait."""
         for _ in range(history.frames_made):
             self._draw(state)
-        rows = torch.tensor([state.row], device=self.device)
+        rows = device_tensor([state.row], self.device)
         decoder_cache, semantic_cache = self.decoder_state.gather(rows), self.semantic_state.gather(rows)
         latents = history.replay_latents.to(self.device, self.dtype)
         for piece in latents.split(REPLAY_PIECE_FRAMES):
@@ -306,8 +307,8 @@ class AcousticEngine:
     def _exchange(self, rows: list[int], others: list[int]) -> None:
         """Exchange the rows of the streams in `rows[i]` and `others[i]`, every pair at once: one gather per state
         tensor, however many move (the halves of a pipelined llm step take turns, half the batch each time)."""
-        a = torch.tensor(rows, device=self.device)
-        b = torch.tensor(others, device=self.device)
+        a = device_tensor(rows, self.device)
+        b = device_tensor(others, self.device)
         for store in (self.decoder_state, self.semantic_state):
             store.exchange(a, b)
         self.cfg_rows[torch.cat([a, b])] = self.cfg_rows[torch.cat([b, a])]
@@ -330,7 +331,7 @@ class AcousticEngine:
         noise = [st.noise if st.noise is not None else self._draw(st) for st in states]
         for st in states:
             st.noise = None
-        return torch.stack(noise).to(self.device, self.dtype)
+        return to_device(torch.stack(noise), self.device, self.dtype)
 
     def _draw_ahead(self, states: list[StreamState]) -> None:
         # The host draws the next frame's noise while the GPU renders this one; each generator still
@@ -416,8 +417,8 @@ class AcousticEngine:
         """
         states = [self.streams[s] for s in ids]
         n = len(ids)
-        positive = positive.to(self.device, self.dtype)
-        negative = negative.to(self.device, self.dtype)
+        positive = to_device(positive, self.device, self.dtype)
+        negative = to_device(negative, self.device, self.dtype)
         noise = self._noise(states)
         usual = [i for i, st in enumerate(states) if st.diffusion_steps == GRAPH_DIFFUSION_STEPS]
         if len(usual) == n:
@@ -429,16 +430,16 @@ class AcousticEngine:
         widths = (self.hidden_size, SAMPLES_PER_FRAME, self.latent_size, self.semantic_size)
         results = tuple(torch.empty(n, w, device=self.device, dtype=self.dtype) for w in widths)
         if usual:
-            index = torch.tensor(usual, device=self.device)
+            index = device_tensor(usual, self.device)
             leading = [states[i] for i in usual]
             rendered = self._render_leading(leading, positive[index], negative[index], noise[index])
             for out, part in zip(results, rendered, strict=True):
                 out[index] = part
-        cfg = self.cfg_rows[torch.tensor([st.row for st in states], device=self.device)]
+        cfg = self.cfg_rows[device_tensor([st.row for st in states], self.device)]
         for count in sorted({st.diffusion_steps for st in states} - {GRAPH_DIFFUSION_STEPS}):
             group = [i for i, st in enumerate(states) if st.diffusion_steps == count]
-            index = torch.tensor(group, device=self.device)
-            rows = torch.tensor([states[i].row for i in group], device=self.device)
+            index = device_tensor(group, self.device)
+            rows = device_tensor([states[i].row for i in group], self.device)
             decoder_cache = self.decoder_state.gather(rows)
             semantic_cache = self.semantic_state.gather(rows)
             condition = torch.cat([positive[index], negative[index]], dim=0)
@@ -468,7 +469,7 @@ class AcousticEngine:
         held = min(bucket, len(self.order))
         stores = (self.decoder_state, self.semantic_state) if held > n else ()
         saved = [(store, store.snapshot(n, held)) for store in stores]
-        index = slice(0, n) if rows == list(range(n)) else torch.tensor(rows, device=self.device)
+        index = slice(0, n) if rows == list(range(n)) else device_tensor(rows, self.device)
         self._condition[index], self._condition[limit : limit + bucket][index] = positive, negative
         self._noise_in[index] = noise
         results = self.graphs[bucket].replay() if self.graphs else self._bucket_step(bucket)()

@@ -39,3 +39,17 @@ def from_proto(msg: mesh_pb2.Tensor, device: torch.device | str = "cpu") -> torc
         return torch.empty(shape, dtype=dtype, device=device)
     flat = torch.frombuffer(bytearray(msg.data), dtype=dtype)
     return flat.reshape(shape).to(device)
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t` on `device` (and in `dtype`), queued on the device like a kernel. A plain copy from pageable host
+    memory first waits for everything already queued on the device's stream, a pipelined step in flight
+    included: from pinned memory the host goes on at once."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype)
+
+
+def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`torch.tensor(values, device=device)` without waiting for the device (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)

@@ -43,6 +43,7 @@ from services.common.checkpoint import Checkpoint, load_module, parameter_count,
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
 from services.common.frames import FRAMES_PER_SECOND
 from services.common.stream_size import expected_branch_positions
+from services.common.tensors import device_tensor, to_device
 from services.llm import memory_plan
 from services.llm.block_manager import SCRATCH_PAGE, BlockManager, StreamPages
 from services.llm.decoder import PagedDecoder
@@ -284,12 +285,14 @@ class LMEngine:
         stream.slot = len(self.streams)
         self.streams.append(stream)
         self.guidance[stream.slot] = stream.cfg_scale
-        ids = torch.tensor(stream.prompt_ids, device=self.device)
+        # On the scheduler's loop beside a step in flight: nothing here may wait for the device.
         with torch.inference_mode():
-            embeds = self.embed_tokens(ids)
+            embeds = self.embed_tokens(device_tensor(stream.prompt_ids, self.device))
             if stream.voice_embeddings is not None:
-                mask = (ids == self.audio_token_id)[:, None].expand_as(embeds)
-                embeds = embeds.masked_scatter(mask, stream.voice_embeddings.to(self.device, self.dtype))
+                # The voices fill the placeholder positions in order, as the reference's masked_scatter does.
+                places = [i for i, t in enumerate(stream.prompt_ids) if t == self.audio_token_id]
+                voices = to_device(stream.voice_embeddings, self.device, self.dtype)
+                embeds.index_copy_(0, device_tensor(places, self.device), voices)
         if stream.history is None:
             stream.plan = new_stream(stream.prompt_ids, embeds)
         else:
@@ -423,7 +426,7 @@ class LMEngine:
             if not self._grow(stream, branch, n + 1):
                 raise RuntimeError(f"the KV pool has no room for a stream at positions {lengths}")
         stream.positive_len, stream.negative_len, stream.unconditional_len = lengths
-        self.positions[stream.slot] = torch.tensor(lengths, device=self.device)
+        self.positions[stream.slot] = device_tensor(lengths, self.device)
 
     def _prompt_fits(self, stream: LMStream) -> bool:
         """Whether the pool can give the stream pages for its whole prefill now (its reservation or free pages), so
@@ -513,10 +516,10 @@ class LMEngine:
                 # The first step's input for every branch: a new stream's is the prompt's last token (audio_bos),
                 # which the unconditional branch reads as a token id, like every token after it.
                 self.next_inputs[stream.slot] = plan.next_input
-                self.token_inputs[stream.slot] = self.embed_tokens(torch.tensor(plan.next_token, device=self.device))
+                self.token_inputs[stream.slot] = self.embed_tokens(device_tensor(plan.next_token, self.device))
                 stream.positive_len, stream.negative_len, stream.unconditional_len = plan.lengths
                 stream.frames, stream.segment = plan.frames, plan.segment
-                self.positions[stream.slot] = torch.tensor(plan.lengths, device=self.device)
+                self.positions[stream.slot] = device_tensor(plan.lengths, self.device)
                 stream.plan = None
                 stream.ready = True
                 self._became_decoding(stream)
@@ -651,15 +654,15 @@ class LMEngine:
             return
         going_on = [d for d in decisions if d.finish is None]
         if speech_rows:
-            index = torch.tensor(speech_rows, device=self.device)
+            index = device_tensor(speech_rows, self.device)
             self.next_inputs[index] = speech_embeddings.to(self.device, self.dtype)
         if going_on:
-            index = torch.tensor([d.row for d in going_on], device=self.device)
-            embedded = self.embed_tokens(torch.tensor([d.token for d in going_on], device=self.device))
+            index = device_tensor([d.row for d in going_on], self.device)
+            embedded = self.embed_tokens(device_tensor([d.token for d in going_on], self.device))
             self.token_inputs[index] = embedded
             tokens = [i for i, d in enumerate(going_on) if not d.speech]
             if tokens:
-                rows = torch.tensor(tokens, device=self.device)
+                rows = device_tensor(tokens, self.device)
                 self.next_inputs[index[rows]] = embedded[rows]
         for d in going_on:
             s = d.stream
@@ -678,9 +681,9 @@ class LMEngine:
                 self._restart_negative(s)
         self._first_frames(decisions)
         if going_on:
-            rows = torch.tensor([d.row for d in going_on], device=self.device)
+            rows = device_tensor([d.row for d in going_on], self.device)
             lengths = [[d.stream.positive_len, d.stream.negative_len, d.stream.unconditional_len] for d in going_on]
-            self.positions[rows] = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
+            self.positions[rows] = device_tensor(lengths, self.device)
 
     @staticmethod
     def _first_frames(decisions: list[Decision]) -> None:

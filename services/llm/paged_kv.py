@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from services.common.tensors import device_tensor
 from services.llm.block_manager import SCRATCH_PAGE, pages_for
 
 PAGE_SIZE = 128  # positions per page: the unit a stream takes from the pool and gives back
@@ -80,8 +81,8 @@ class PagedKV:
             return
         rows, index, pages = zip(*updates, strict=True)
         device = self.page_table.device
-        at = (torch.tensor(rows, device=device), torch.tensor(index, device=device))
-        self.page_table.index_put_(at, torch.tensor(pages, device=device, dtype=torch.int32))
+        at = (device_tensor(rows, device), device_tensor(index, device))
+        self.page_table.index_put_(at, device_tensor(pages, device, torch.int32))
 
     def copy_out(self, pages: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The keys and values of `pages`, every layer, on the host."""
@@ -95,7 +96,7 @@ class PagedKV:
             v[0][:, index] = sv.to(v.device)
 
     def _pages_index(self, pages: list[int]) -> torch.Tensor:
-        table = torch.tensor(pages, device=self.page_table.device)
+        table = device_tensor(pages, self.page_table.device)
         return (table[:, None] * self.page_size + self._offsets).reshape(-1)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.tensors import device_tensor
 from services.llm.memory_plan import BRANCHES
 
 POSITIVE, NEGATIVE, UNCONDITIONAL = 0, 1, 2
@@ -78,23 +79,23 @@ def resumed_stream(
 ) -> PrefillPlan:
     tokens = history.tokens
     device = prompt_embeds.device
-    token_embeds = embed_tokens(torch.tensor(tokens, device=device))
-    speech = torch.tensor([t == audio_token_id for t in tokens], device=device)
+    token_embeds = embed_tokens(device_tensor(tokens, device))
+    speech = device_tensor([t == audio_token_id for t in tokens], device)
     # x[t] is the input of step t: the prompt's last token first, then what each step's choice gave.
     following = token_embeds.clone()
     following[speech] = history.frame_embeddings.to(device, prompt_embeds.dtype)
     inputs = torch.cat([prompt_embeds[-1:], following])
     last_bos = max((t for t, token in enumerate(tokens) if token == audio_bos_token_id), default=-1)
     negative = [t for t in range(last_bos + 1, len(tokens)) if tokens[t] == audio_token_id]
-    unconditional = torch.cat([embed_tokens(torch.tensor(prompt_ids[-1:], device=device)), token_embeds[:-1]])
+    unconditional = torch.cat([embed_tokens(device_tensor(prompt_ids[-1:], device)), token_embeds[:-1]])
     return PrefillPlan(
         parts=[
             (POSITIVE, torch.cat([prompt_embeds[:-1], inputs[:-1]])),
             (UNCONDITIONAL, unconditional),
-            (NEGATIVE, inputs[torch.tensor(negative, dtype=torch.long, device=device)]),
+            (NEGATIVE, inputs[device_tensor(negative, device, torch.long)]),
         ],
         next_input=inputs[-1],
         next_token=tokens[-1],
-        frames=int(speech.sum()),
+        frames=sum(1 for t in tokens if t == audio_token_id),
         segment=sum(1 for t in tokens if t == audio_bos_token_id),
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.common.tensors import device_tensor
 from services.llm.engine import Decision, LMEngine, LMStream
 from services.render.link import OverlappingLink, RenderLink
 from services.render.values import RenderResult, RenderStep, StreamSpec
@@ -122,7 +123,7 @@ class StepRunner:
         speech = [d for d in decisions if d.speech]
         if speech and len(speech) != len(decisions):
             first = decisions[0].row
-            rows = torch.tensor([d.row - first for d in speech], device=positive.device)
+            rows = device_tensor([d.row - first for d in speech], positive.device)
             positive, negative = positive.index_select(0, rows), negative.index_select(0, rows)
         ids = [stream_ids[id(d.stream)] for d in speech]
         ends = plan.ended + [stream_ids[id(d.stream)] for d in decisions if d.finish is not None]

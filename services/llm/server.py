@@ -179,11 +179,13 @@ class LLM(mesh_pb2_grpc.LLMServicer):
             )
         if not voices.is_floating_point() or not torch.isfinite(voices).all():
             raise invalid_argument("voice_embeddings", "must be finite floating-point values")
-        return voices
+        # Pinned here, its copy to the device at admission neither waits for the device nor pins on the loop.
+        return voices.pin_memory() if self.engine.device.type == "cuda" else voices
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
         try:
-            job, resume = self._job(request)
+            # Checking megabytes of voices and a long prompt is work off the loop that runs every stream's steps.
+            job, resume = await asyncio.to_thread(self._job, request)
             if resume is not None:
                 await self._resumed(job, resume)
         except RequestError as e:

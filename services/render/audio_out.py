@@ -25,6 +25,7 @@ import torch
 from google.rpc import code_pb2
 
 from services.common.errors import RequestError, invalid_argument, status_error
+from services.common.tensors import device_tensor
 from services.render.values import RenderResult, RenderStep
 
 KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -114,7 +115,7 @@ class AudioRouter:
         rows = [(row, s) for row, s in enumerate(step.ids) if s in keyed]
         frames = []
         if rows and result.audio is not None:
-            index = torch.tensor([row for row, _ in rows], device=result.audio.device)
+            index = device_tensor([row for row, _ in rows], result.audio.device)
             parts = [t.index_select(0, index).float().cpu() for t in (result.audio, result.latents, result.semantic)]
             frames = [(s, AudioFrame(-1, *(p[i] for p in parts))) for i, (_, s) in enumerate(rows)]
         return Routed(starts, frames, [s for s in step.ends if s in keyed])
