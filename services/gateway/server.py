@@ -17,7 +17,7 @@ from services.common.grpc_server import Service
 from services.common.logs import escape, setup_logging
 from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
 from services.common.telemetry import setup_tracing
-from services.common.tensors import from_proto
+from services.common.tensors import as_numpy
 from services.gateway.admission import Admission, Room
 from services.synthesis.backends import Backends, api_key, decode_voices
 from services.synthesis.estimates import estimated_positions
@@ -82,7 +82,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
                 responses.prompt_tokens_done = event.prompt_tokens_done
                 yield responses.progress(event.prompt_tokens_done)
             elif isinstance(event, mesh_pb2.GeneratedFrame):
-                samples = from_proto(event.audio).numpy()
+                samples = as_numpy(event.audio)
                 for response in responses.frame(event.index, event.segment_index, samples):
                     yield response
             elif isinstance(event, Finished):

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from vibevoice.tts.v1 import tts_pb2
 
@@ -19,8 +18,9 @@ from services.common.errors import from_rpc_error, invalid_argument, unavailable
 from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import insecure_channel
 from services.common.logs import mark_random_weights
-from services.common.tensors import to_proto
+from services.common.tensors import array_proto
 from services.synthesis.options import Options
+from services.synthesis.voice_cache import DecodedVoices
 
 VOICE_TIMEOUT_S = 10.0
 CAPACITY_TIMEOUT_S = 2.0
@@ -39,11 +39,20 @@ def method_path(service: str, method: str) -> str:
     return f"/{mesh_pb2.DESCRIPTOR.services_by_name[service].full_name}/{method}"
 
 
+DECODED_VOICES = DecodedVoices()
+
+
+def _model_voice(data: bytes) -> np.ndarray:
+    return normalize_voice(decode_voice(data))
+
+
 def decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
+    """The request's voices as the model takes them (float32 at 24 kHz, normalised); files seen before come from
+    `DECODED_VOICES`. The arrays may be shared with other requests: read them, never write them."""
     voices = []
     for i, v in enumerate(request.voices):
         try:
-            voices.append(normalize_voice(decode_voice(v.audio)))
+            voices.append(DECODED_VOICES.get(v.audio, _model_voice))
         except AudioError as e:
             raise invalid_argument(f"voices[{i}].audio", str(e)) from e
     return voices
@@ -192,7 +201,7 @@ class Backends:
         ordered = [voices[i] for i in voice_order]
 
         def request() -> bytes:
-            voice_protos = [to_proto(torch.from_numpy(v)) for v in ordered]
+            voice_protos = [array_proto(v) for v in ordered]
             return mesh_pb2.EncodeVoiceRequest(voices=voice_protos, seed=generate.seed).SerializeToString()
 
         encoded = await self.call(
