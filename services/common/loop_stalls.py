@@ -30,7 +30,9 @@ REPORT_EVERY_S = 1.0
 SAMPLE_S = 0.005
 PLACES_REPORTED = 3
 # A thread whose innermost frame is one of these is waiting, or in C code its `run` called (grpc's poller).
-IDLE_FUNCTIONS = frozenset({"wait", "select", "poll", "get", "_poll_wrapper", "channel_spin", "_worker", "sleep", "run"})
+IDLE_FUNCTIONS = frozenset(
+    {"wait", "select", "poll", "get", "_poll_wrapper", "channel_spin", "_worker", "sleep", "run"}
+)
 
 
 class Stalls:
