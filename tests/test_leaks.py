@@ -16,9 +16,10 @@ from vibevoice.tts.v1 import tts_pb2
 
 from services.acoustic.engine import AcousticEngine
 from services.client import build_request, synthesize
+from services.common.audio import voice_digest
 from services.common.checkpoint import resolve_checkpoint
 from services.common.errors import bad_request_fields
-from services.common.tensors import to_proto
+from services.common.tensors import array_proto, to_proto
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Job, Scheduler
 from services.render.local import LocalLink
@@ -285,6 +286,11 @@ def test_bad_internal_encode_voice_calls_are_refused(mesh):
         "a voice longer than a minute": mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.zeros(24000 * 61))]),
         "integer samples": mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.zeros(3200, dtype=torch.int64))]),
         "samples that are not finite": mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.full((3200,), np.inf))]),
+        "a digest of 31 bytes": mesh_pb2.EncodeVoiceRequest(voice_digests=[b"d" * 31]),
+        "five digests": mesh_pb2.EncodeVoiceRequest(voice_digests=[b"d" * 32] * 5),
+        "samples and digests": mesh_pb2.EncodeVoiceRequest(
+            voices=[to_proto(torch.zeros(3200))], voice_digests=[b"d" * 32]
+        ),
     }
     with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.acoustic}") as channel:
         stub = mesh_pb2_grpc.AcousticStub(channel)
@@ -295,3 +301,22 @@ def test_bad_internal_encode_voice_calls_are_refused(mesh):
             assert bad_request_fields(rpc_status.from_call(info.value)), name
         good = stub.EncodeVoice(mesh_pb2.EncodeVoiceRequest(voices=[to_proto(torch.zeros(3200))]), timeout=30)
         assert list(good.frames) == [1]
+
+
+def test_a_voice_encoded_before_goes_by_its_digest_with_the_same_embeddings(mesh):
+    """The acoustic service answers a voice it has encoded from the digest of its samples alone, exactly as from
+    the samples; a digest it does not hold gets NOT_FOUND (the caller then sends the samples)."""
+    voice = (0.1 * np.random.default_rng(11).standard_normal(3 * 3200 + 17)).astype(np.float32)
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.acoustic}") as channel:
+        stub = mesh_pb2_grpc.AcousticStub(channel)
+        unknown = mesh_pb2.EncodeVoiceRequest(voice_digests=[voice_digest(voice)], seed=7)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.EncodeVoice(unknown, timeout=30)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "voice_digests[0]" in info.value.details()
+        by_samples = stub.EncodeVoice(mesh_pb2.EncodeVoiceRequest(voices=[array_proto(voice)], seed=7), timeout=30)
+        by_digest = stub.EncodeVoice(unknown, timeout=30)
+        assert list(by_digest.frames) == list(by_samples.frames) == [4]
+        assert by_digest.embeddings == by_samples.embeddings
+        other_seed = stub.EncodeVoice(mesh_pb2.EncodeVoiceRequest(voice_digests=[voice_digest(voice)], seed=8))
+        assert other_seed.embeddings.data != by_samples.embeddings.data  # the seed's draws still apply

@@ -10,7 +10,7 @@ its generator skips their noise and its convolution state is replayed from their
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from services.acoustic.diffusion import fuse_head, guided_velocity
 from services.acoustic.dpm_solver import DPMSolverPlan
 from services.acoustic.receptive_field import state_frames
 from services.acoustic.streaming import convnext_step, streaming_forward
-from services.common.audio import SAMPLES_PER_FRAME
+from services.common.audio import SAMPLES_PER_FRAME, voice_digest
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
 from services.common.tensors import device_tensor, to_device
@@ -181,7 +181,7 @@ class AcousticEngine:
 
     def _voice_mean(self, samples: torch.Tensor) -> torch.Tensor:
         """The sigma-VAE encoder's latents for one voice, (frames, latent); cached by content hash."""
-        key = hashlib.sha256(samples.numpy().tobytes()).hexdigest()
+        key = voice_digest(samples.numpy()).hex()
         cached = self._voice_means.get(key)
         if cached is not None:
             self._voice_means.move_to_end(key)
@@ -218,15 +218,29 @@ class AcousticEngine:
 
         On the GPU this runs on its own CUDA stream, beside the frames being rendered.
         """
-        if self._encode_stream is None:
-            return self._encode_voices(voices, seed)
-        with torch.cuda.stream(self._encode_stream):
-            return self._encode_voices(voices, seed)
+        with self._encoding():
+            return self._embeddings([self._voice_mean(v) for v in voices], seed)
 
-    def _encode_voices(self, voices: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]:
-        means = [self._voice_mean(v) for v in voices]
+    def encode_cached_voices(self, digests: list[bytes], seed: int) -> tuple[torch.Tensor, list[int]] | int:
+        """`encode_voices` for voices encoded before, given by the SHA-256 of their samples: the same embeddings,
+        or the index of the first voice no longer in the cache."""
+        means = []
+        for i, digest in enumerate(digests):
+            mean = self._voice_means.get(digest.hex())
+            if mean is None:
+                return i
+            self._voice_means.move_to_end(digest.hex())
+            means.append(mean)
+        with self._encoding():
+            return self._embeddings(means, seed)
+
+    def _encoding(self) -> contextlib.AbstractContextManager:
+        """Where voices are encoded: on the GPU, a CUDA stream of their own, beside the frames being rendered."""
+        return contextlib.nullcontext() if self._encode_stream is None else torch.cuda.stream(self._encode_stream)
+
+    def _embeddings(self, means: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]:
         frames = [m.shape[0] for m in means]
-        std, noise = self._voice_draws(torch.Generator(device=self.device).manual_seed(seed), len(voices), max(frames))
+        std, noise = self._voice_draws(torch.Generator(device=self.device).manual_seed(seed), len(means), max(frames))
         with torch.inference_mode():
             latents = torch.cat(
                 [m + self.vae_std * std[i] * noise[i, : m.shape[0]] for i, m in enumerate(means)], dim=0

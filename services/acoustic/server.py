@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import torch
+from google.rpc import code_pb2
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine
 from services.common.audio import MAX_VOICE_SECONDS, SAMPLE_RATE
 from services.common.checked_tensors import checked_rows
 from services.common.checkpoint import resolve_checkpoint
-from services.common.errors import RequestError, abort, invalid_argument, unavailable
+from services.common.errors import RequestError, abort, invalid_argument, status_error, unavailable
 from services.common.grpc_server import Service
 from services.common.limits import MAX_VOICES
 from services.common.logs import mark_random_weights, setup_logging
@@ -55,6 +56,21 @@ def checked_voices(request: mesh_pb2.EncodeVoiceRequest) -> list[torch.Tensor]:
             raise invalid_argument(f"voices[{i}]", "samples must be finite floating-point values")
         voices.append(v.float())
     return voices
+
+
+DIGEST_BYTES = 32  # SHA-256
+
+
+def checked_digests(request: mesh_pb2.EncodeVoiceRequest) -> list[bytes]:
+    """Voices given by the digests of their samples (EncodeVoiceRequest.voice_digests), or why not."""
+    if request.voices:
+        raise invalid_argument("voice_digests", "give voices or voice_digests, not both")
+    if not 1 <= len(request.voice_digests) <= MAX_VOICES:
+        raise invalid_argument("voice_digests", f"{len(request.voice_digests)} digests; 1 to {MAX_VOICES}")
+    for i, digest in enumerate(request.voice_digests):
+        if len(digest) != DIGEST_BYTES:
+            raise invalid_argument(f"voice_digests[{i}]", f"{len(digest)} bytes; a SHA-256 digest has {DIGEST_BYTES}")
+    return list(request.voice_digests)
 
 
 # Frames of one stream: more than any model's context holds (a resumed stream's, or an EmbedFrames call's).
@@ -108,16 +124,34 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         # Checked, encoded and answered off the event loop, which relays every stream's audio: four voices are
         # some 8 MB of samples in, their embeddings a few MB out. A bad request is answered at once, not after
         # the encodes queued before it.
+        # Voices encoded before may come as their digests alone, sparing megabytes each way of the hop.
         try:
-            voices = await asyncio.to_thread(checked_voices, request)
+            if request.voice_digests:
+                digests = checked_digests(request)
+            else:
+                voices = await asyncio.to_thread(checked_voices, request)
         except RequestError as e:
             await abort(context, e)
             return
         async with self.encode_lock:
-            return await asyncio.to_thread(self._encoded_voices, voices, request.seed)
+            if not request.voice_digests:
+                return await asyncio.to_thread(self._encoded_voices, voices, request.seed)
+            answer = await asyncio.to_thread(self._cached_voices, digests, request.seed)
+        if isinstance(answer, int):
+            reason = f"voice_digests[{answer}]: not in this service's voice cache; send the voice's samples"
+            await abort(context, status_error(code_pb2.NOT_FOUND, reason))
+            return
+        return answer
 
     def _encoded_voices(self, voices: list[torch.Tensor], seed: int) -> mesh_pb2.EncodeVoiceResponse:
         embeddings, frames = self.engine.encode_voices(voices, seed)
+        return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
+
+    def _cached_voices(self, digests: list[bytes], seed: int) -> mesh_pb2.EncodeVoiceResponse | int:
+        encoded = self.engine.encode_cached_voices(digests, seed)
+        if isinstance(encoded, int):
+            return encoded
+        embeddings, frames = encoded
         return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
 
     async def EmbedFrames(self, request, context):  # noqa: N802

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 
@@ -114,6 +115,12 @@ def decode_voice(data: bytes) -> np.ndarray:
         if len(mono) == 0:  # a sample or two at a high rate is less than one sample at 24 kHz
             raise AudioError(f"the voice is too short: no samples left at {SAMPLE_RATE} Hz")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def voice_digest(samples: np.ndarray) -> bytes:
+    """The SHA-256 of a voice's float32 samples as EncodeVoice carries them: the acoustic service's voice cache
+    key, and what a caller sends instead of samples it has sent before (EncodeVoiceRequest.voice_digests)."""
+    return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32)).digest()
 
 
 def normalize_voice(samples: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from vibevoice.tts.v1 import tts_pb2
 
-from services.common.audio import MEDIA_TYPES, AudioError, decode_voice, normalize_voice
+from services.common.audio import MEDIA_TYPES, AudioError, decode_voice, normalize_voice, voice_digest
 from services.common.errors import from_rpc_error, invalid_argument, unavailable
 from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import insecure_channel
@@ -23,6 +23,7 @@ from services.synthesis.options import Options
 from services.synthesis.voice_cache import DecodedVoices
 
 VOICE_TIMEOUT_S = 10.0
+VOICES_SENT_KEPT = 4096  # digests (32 bytes each) of voices the acoustic service has taken
 CAPACITY_TIMEOUT_S = 2.0
 
 
@@ -100,6 +101,8 @@ class Backends:
             method_path("LLM", "Generate"), response_deserializer=mesh_pb2.GenerateResponse.FromString
         )
         self._model: mesh_pb2.ModelInfo | None = None
+        # Digests of voices whose samples the acoustic service took, oldest first: those go by digest next time.
+        self._voices_sent: dict[bytes, None] = {}
 
     async def call(self, hop: str, coro):
         try:
@@ -199,20 +202,30 @@ class Backends:
         if not voice_order:
             return
         ordered = [voices[i] for i in voice_order]
+        # a restarting acoustic service gets a few seconds to come back
+        timeout = min(time_remaining or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S)
+        digests = await asyncio.to_thread(lambda: [voice_digest(v) for v in ordered])
+        encoded = None
+        if all(d in self._voices_sent for d in digests):
+            # Voices the acoustic service has encoded go by their digests: no megabytes built, sent or hashed.
+            by_digest = mesh_pb2.EncodeVoiceRequest(voice_digests=digests, seed=generate.seed)
+            try:
+                encoded = await self.acoustic.EncodeVoice(by_digest, timeout=timeout, wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: evicted or restarted, so the samples go
+                    raise from_rpc_error(e, f"acoustic service at {self.addresses['acoustic']}") from e
+        if encoded is None:
 
-        def request() -> bytes:
-            voice_protos = [array_proto(v) for v in ordered]
-            return mesh_pb2.EncodeVoiceRequest(voices=voice_protos, seed=generate.seed).SerializeToString()
+            def request() -> bytes:
+                voice_protos = [array_proto(v) for v in ordered]
+                return mesh_pb2.EncodeVoiceRequest(voices=voice_protos, seed=generate.seed).SerializeToString()
 
-        encoded = await self.call(
-            "acoustic",
-            self._encode_voice(
-                await asyncio.to_thread(request),
-                # a restarting acoustic service gets a few seconds to come back
-                timeout=min(time_remaining or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S),
-                wait_for_ready=True,
-            ),
-        )
+            encoded = await self.call(
+                "acoustic", self._encode_voice(await asyncio.to_thread(request), timeout=timeout, wait_for_ready=True)
+            )
+            self._voices_sent.update(dict.fromkeys(digests))
+            while len(self._voices_sent) > VOICES_SENT_KEPT:
+                self._voices_sent.pop(next(iter(self._voices_sent)))
         generate.voice_embeddings.CopyFrom(encoded.embeddings)
         generate.voice_count = len(ordered)
         generate.voice_max_frames = max(encoded.frames)

@@ -131,12 +131,14 @@ class SpeakerMapping(_message.Message):
     def __init__(self, speaker: _Optional[int] = ..., model_speaker: _Optional[int] = ..., turns: _Optional[int] = ..., has_voice: _Optional[bool] = ...) -> None: ...
 
 class EncodeVoiceRequest(_message.Message):
-    __slots__ = ("voices", "seed")
+    __slots__ = ("voices", "seed", "voice_digests")
     VOICES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    VOICE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     voices: _containers.RepeatedCompositeFieldContainer[Tensor]
     seed: int
-    def __init__(self, voices: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seed: _Optional[int] = ...) -> None: ...
+    voice_digests: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, voices: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., seed: _Optional[int] = ..., voice_digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EncodeVoiceResponse(_message.Message):
     __slots__ = ("embeddings", "frames")

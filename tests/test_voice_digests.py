@@ -1,0 +1,86 @@
+"""The gateway sends a voice's samples to the acoustic service once; after that the voice goes by its digest,
+and back to its samples when the acoustic service no longer holds it. Only NOT_FOUND means that."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from vibevoice.mesh.v1 import mesh_pb2
+
+from services.common.audio import voice_digest
+from services.common.errors import RequestError
+from services.synthesis.backends import Backends
+
+EMBEDDINGS = mesh_pb2.EncodeVoiceResponse(embeddings=mesh_pb2.Tensor(dtype="float32", shape=[1, 1]), frames=[1])
+
+
+class FakeAcoustic:
+    """Records what each EncodeVoice carried; answers by digest only for digests it took samples of."""
+
+    def __init__(self, backends: Backends) -> None:
+        self.held: set[bytes] = set()
+        self.calls: list[str] = []
+        self.fail_with: grpc.StatusCode | None = None
+        backends._encode_voice = self.by_samples
+        backends.acoustic = self
+
+    async def by_samples(self, data: bytes, **_) -> mesh_pb2.EncodeVoiceResponse:
+        request = mesh_pb2.EncodeVoiceRequest.FromString(data)
+        self.calls.append("samples")
+        for v in request.voices:
+            self.held.add(voice_digest(np.frombuffer(v.data, dtype=np.float32)))
+        return EMBEDDINGS
+
+    async def EncodeVoice(self, request: mesh_pb2.EncodeVoiceRequest, **_) -> mesh_pb2.EncodeVoiceResponse:  # noqa: N802
+        self.calls.append("digests")
+        if self.fail_with is not None:
+            raise grpc.aio.AioRpcError(self.fail_with, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+        if not set(request.voice_digests) <= self.held:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+        return EMBEDDINGS
+
+
+async def encode(backends: Backends, voices: list[np.ndarray]) -> mesh_pb2.GenerateRequest:
+    generate = mesh_pb2.GenerateRequest(seed=3)
+    await backends.encode_voices(generate, list(range(len(voices))), voices, None)
+    return generate
+
+
+def voices(seed: int, n: int = 2) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(4000 + i).astype(np.float32) for i in range(n)]
+
+
+def test_samples_go_once_then_digests_and_samples_again_when_the_acoustic_service_lost_them():
+    async def scenario():
+        backends = Backends("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1")
+        acoustic = FakeAcoustic(backends)
+        alice_and_bob = voices(1)
+        assert (await encode(backends, alice_and_bob)).voice_embeddings == EMBEDDINGS.embeddings
+        assert acoustic.calls == ["samples"]  # never sent before: no digest round trip first
+        await encode(backends, alice_and_bob)
+        assert acoustic.calls == ["samples", "digests"]
+        await encode(backends, [alice_and_bob[0], voices(2, 1)[0]])  # one voice new: the samples of both
+        assert acoustic.calls[-1] == "samples"
+        acoustic.held.clear()  # the acoustic service restarted
+        generate = await encode(backends, alice_and_bob)
+        assert acoustic.calls[-2:] == ["digests", "samples"] and generate.voice_count == 2
+
+    asyncio.run(scenario())
+
+
+def test_an_acoustic_failure_other_than_not_found_is_the_callers_error():
+    async def scenario():
+        backends = Backends("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1")
+        acoustic = FakeAcoustic(backends)
+        await encode(backends, voices(3))
+        acoustic.fail_with = grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(RequestError) as info:
+            await encode(backends, voices(3))
+        assert "acoustic service at 127.0.0.1:1" in info.value.status.message
+        assert acoustic.calls == ["samples", "digests"]  # no second try with the samples
+
+    asyncio.run(scenario())
