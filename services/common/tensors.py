@@ -60,11 +60,15 @@ def as_numpy(msg: mesh_pb2.Tensor) -> np.ndarray:
     return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
 
 
+# Off only in bench/paged_bench.py --copies, which times the plain copies beside these in one run.
+PINNED_COPIES = True
+
+
 def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`t` on `device` (and in `dtype`), queued on the device like a kernel. A plain copy from pageable host
     memory first waits for everything already queued on the device's stream, a pipelined step in flight
     included: from pinned memory the host goes on at once."""
-    if t.device.type == "cpu" and device.type == "cuda":
+    if PINNED_COPIES and t.device.type == "cpu" and device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return t.to(device, dtype)
 
