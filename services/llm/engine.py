@@ -293,6 +293,7 @@ class LMEngine:
                 places = [i for i, t in enumerate(stream.prompt_ids) if t == self.audio_token_id]
                 voices = to_device(stream.voice_embeddings, self.device, self.dtype)
                 embeds.index_copy_(0, device_tensor(places, self.device), voices)
+                stream.voice_embeddings = None  # in the prompt's embeddings now: its pinned host memory goes back
         if stream.history is None:
             stream.plan = new_stream(stream.prompt_ids, embeds)
         else:
