@@ -122,7 +122,7 @@ def test_a_keyed_stream_whose_subscriber_falls_behind_is_held_until_it_reads(ckp
         llm_frames += await frames_of(slow)
         assert [f.index for f in [first, *rest]] == list(range(FRAMES)) == [f.index for f in llm_frames]
         await until(lambda: not lm.streams)
-        return np.concatenate([f.audio.numpy() for f in [first, *rest]])
+        return np.concatenate([f.audio for f in [first, *rest]])
 
     held = asyncio.run(main())
     expected = alone(ckpt, 1)

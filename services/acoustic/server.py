@@ -26,7 +26,7 @@ from services.common.model_args import add_model_args, resolve_dtype
 from services.common.model_info import model_info
 from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
-from services.common.tensors import from_proto, to_proto
+from services.common.tensors import array_proto, from_proto, to_proto
 from services.render.audio_out import AudioRouter, Routed, all_routed, checked_key
 from services.render.shared_memory import AcousticSharedMemory
 from services.render.values import RenderStep
@@ -236,10 +236,10 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         try:
             async with aclosing(self.audio_out.subscribe(request.audio_key)) as frames:
                 async for frame in frames:
-                    response = mesh_pb2.StreamAudioResponse(index=frame.index, audio=to_proto(frame.audio))
+                    response = mesh_pb2.StreamAudioResponse(index=frame.index, audio=array_proto(frame.audio))
                     if request.frame_states:
-                        response.latent.CopyFrom(to_proto(frame.latent))
-                        response.semantic.CopyFrom(to_proto(frame.semantic))
+                        response.latent.CopyFrom(array_proto(frame.latent))
+                        response.semantic.CopyFrom(array_proto(frame.semantic))
                     yield response
         except RequestError as e:
             await abort(context, e)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 from google.rpc import code_pb2
 
 from services.common.errors import RequestError, invalid_argument, status_error
@@ -37,12 +37,13 @@ RESUME_FRAMES = 225  # ...until it is no more than this many (30 s) behind
 
 @dataclass(frozen=True)
 class AudioFrame:
-    """One frame of a keyed stream, on the host in float32."""
+    """One frame of a keyed stream, on the host in float32: numpy rows, so that serving them on the event loop
+    makes no torch call (each would let the step's thread take the GIL, and the loop wait to get it back)."""
 
     index: int
-    audio: torch.Tensor
-    latent: torch.Tensor
-    semantic: torch.Tensor
+    audio: np.ndarray
+    latent: np.ndarray
+    semantic: np.ndarray
 
 
 @dataclass
@@ -116,7 +117,9 @@ class AudioRouter:
         frames = []
         if rows and result.audio is not None:
             index = device_tensor([row for row, _ in rows], result.audio.device)
-            parts = [t.index_select(0, index).float().cpu() for t in (result.audio, result.latents, result.semantic)]
+            parts = [
+                t.index_select(0, index).float().cpu().numpy() for t in (result.audio, result.latents, result.semantic)
+            ]
             frames = [(s, AudioFrame(-1, *(p[i] for p in parts))) for i, (_, s) in enumerate(rows)]
         return Routed(starts, frames, [s for s in step.ends if s in keyed])
 
