@@ -41,7 +41,7 @@ from vibevoice.tts.v1 import tts_pb2
 from services.common.errors import RequestError
 from services.common.frames import FRAMES_PER_SECOND
 from services.common.logs import escape
-from services.common.tensors import from_proto
+from services.common.tensors import as_numpy
 from services.jobs import store as states
 from services.jobs.checks import check_job_audio
 from services.jobs.frame_log import FrameLog, read_frames
@@ -287,7 +287,7 @@ class Runner:
             elif isinstance(event, mesh_pb2.GeneratedFrame) and event.index < frame_log.frames:
                 run.regenerated += 1  # stored already
             elif isinstance(event, mesh_pb2.GeneratedFrame):
-                samples = from_proto(event.audio).float().numpy()
+                samples = as_numpy(event.audio)  # no torch call on the loop that relays every job's frames
                 frame_log.append(event.index, event.segment_index, samples, FrameState.of(event))
                 run.frames = frame_log.frames
                 if frame_log.frames - frame_log.synced >= CHECKPOINT_FRAMES:

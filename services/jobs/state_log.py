@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from vibevoice.mesh.v1 import mesh_pb2
 
-from services.common.tensors import from_proto, to_proto
+from services.common.tensors import as_numpy, to_proto
 from services.jobs.appends import sync, write_at
 from services.jobs.store import Store
 
@@ -50,7 +50,7 @@ class FrameState:
         """The frame's state, or None when its llm sent none."""
         if not frame.HasField("latent") or not frame.HasField("semantic"):
             return None
-        latent, semantic = (from_proto(t).float().reshape(-1).numpy() for t in (frame.latent, frame.semantic))
+        latent, semantic = (as_numpy(t).astype(np.float32).reshape(-1) for t in (frame.latent, frame.semantic))
         return cls(list(frame.tokens_before), latent, semantic)
 
 
