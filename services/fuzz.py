@@ -172,8 +172,10 @@ def _speakers_in(text: str) -> list[int]:
 
 
 def _turns_of(text: str) -> list[tuple[int, str]]:
+    """A text script's turns as Turn fields: a speaker number past uint32 (the text's own hostile case) becomes
+    the largest a Turn can carry."""
     return [
-        (int(m.group(1)), m.group(2))
+        (min(int(m.group(1)), 2**32 - 1), m.group(2))
         for line in text.splitlines()
         if (m := re.match(r"^\s*Speaker\s+(\d+)\s*:\s*(.*)$", line, re.IGNORECASE))
     ]
