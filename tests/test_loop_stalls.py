@@ -25,17 +25,23 @@ def test_only_wakes_later_than_the_threshold_count_and_a_report_waits_a_second()
     assert later is not None and "1 time(s)" in later and f"longest {SLOW_MS + 10:.0f} ms" in later
 
 
-def test_a_callback_that_holds_the_loop_is_reported(caplog):
+def reports_while(hold, caplog) -> list[str]:
+    """The stall reports of a loop on which `hold()` runs once, a report's second later."""
+
     async def main():
         watcher = asyncio.create_task(loop_stalls.watch())
         await asyncio.sleep(0.05)
-        time.sleep(0.12)  # holds the loop, as a large message built on it would
+        hold()
         await asyncio.sleep(REPORT_EVERY_S + 0.2)
         watcher.cancel()
 
     with caplog.at_level(logging.WARNING, logger=loop_stalls.__name__):
         asyncio.run(main())
-    reports = [r.getMessage() for r in caplog.records if r.name == loop_stalls.__name__]
+    return [r.getMessage() for r in caplog.records if r.name == loop_stalls.__name__]
+
+
+def test_a_callback_that_holds_the_loop_is_reported(caplog):
+    reports = reports_while(lambda: time.sleep(0.12), caplog)  # as a large message built on the loop would
     assert len(reports) == 1, reports
     longest = int(reports[0].rsplit("longest ", 1)[1].split(" ms")[0])
     assert 100 <= longest < 1000
@@ -52,21 +58,11 @@ def test_the_report_names_where_the_loop_was_held_and_which_threads_ran_python(c
             n += 1
 
     def hold_the_loop():
+        threading.Thread(target=spin_in_python, name="spinner").start()
+        spinning.wait()
         time.sleep(0.15)
 
-    async def main():
-        watcher = asyncio.create_task(loop_stalls.watch())
-        await asyncio.sleep(0.05)
-        spinner = threading.Thread(target=spin_in_python, name="spinner")
-        spinner.start()
-        spinning.wait()
-        hold_the_loop()
-        await asyncio.sleep(REPORT_EVERY_S + 0.2)
-        watcher.cancel()
-
-    with caplog.at_level(logging.WARNING, logger=loop_stalls.__name__):
-        asyncio.run(main())
-    reports = [r.getMessage() for r in caplog.records if r.name == loop_stalls.__name__]
+    reports = reports_while(hold_the_loop, caplog)
     assert len(reports) == 1, reports
     held, _, busy = reports[0].partition("; other threads running Python: ")
     assert "the loop was in test_loop_stalls.py:" in held and "hold_the_loop" in held, reports[0]
