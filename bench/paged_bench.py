@@ -279,26 +279,46 @@ def capacity_plan(lm: LMEngine, gib: float) -> dict:
     }
 
 
-def one_long_job_memory(ckpt, ids: list[int]) -> dict:
-    """Peak memory of one 90-minute job at its last position, with the pool sized to that job."""
+def one_long_job_memory(ckpt, ids: list[int], history: str | None = None) -> dict:
+    """Peak memory of one 90-minute job at its last position, with the pool sized to that job; `stages` splits it
+    into what each phase holds after it and its own peak. `history`: also write the allocator's history there
+    (a `torch.cuda.memory._snapshot()` pickle, for `bench/memory_peak.py`)."""
     prompt, frames = NINETY_MINUTES
     lm = None
     gc.collect()
     torch.cuda.empty_cache()
+    if history:
+        torch.cuda.memory._record_memory_history(max_entries=500_000)
     defaults = user_defaults()
     probe_pages = memory_plan.expected_pages(prompt, frames, 128) + 1
+    stages: dict[str, dict] = {}
     torch.cuda.reset_peak_memory_stats()
+    start_bytes = torch.cuda.memory_allocated()
+
+    def stage(name: str) -> None:
+        torch.cuda.synchronize()
+        stages[name] = {
+            "allocated_gib": (torch.cuda.memory_allocated() - start_bytes) / 2**30,
+            "peak_gib": (torch.cuda.max_memory_allocated() - start_bytes) / 2**30,
+        }
+        torch.cuda.reset_peak_memory_stats()
+
     lm, acoustic = build(ckpt, defaults, kv_pages=probe_pages, max_streams=1)
+    stage("engines built")
     job_kv = (probe_pages - 1) * lm.page_bytes
     weights = weights_bytes(lm, acoustic)
     conv = acoustic.decoder_state.bytes_per_row() + acoustic.semantic_state.bytes_per_row()
     long_ids = filler_prompt(ids, prompt)
     streams = start(lm, acoustic, long_ids, 1, 20, 40_000)
+    stage("prompt prefilled")
     lm.place(streams[0], (prompt + frames - 1, SEGMENT, frames - 1))
     for _ in range(10):
         step(lm, acoustic)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    stage("steps at the last position")
+    peak = max(s["peak_gib"] for s in stages.values()) * 2**30
+    if history:
+        torch.cuda.memory._dump_snapshot(history)
+        torch.cuda.memory._record_memory_history(enabled=None)
     finish(lm, acoustic, streams)
     return {
         "prompt_tokens": prompt,
@@ -307,6 +327,7 @@ def one_long_job_memory(ckpt, ids: list[int]) -> dict:
         "job_kv_gib": job_kv / 2**30,
         "conv_state_gib": conv / 2**30,
         "peak_gib": peak / 2**30,
+        "stages": stages,
         "peak_over_weights_plus_kv": peak / (weights + job_kv + conv),
         # the issue's bound: weights plus 1.1 times the job's own KV
         "target_gib": (weights + 1.1 * job_kv) / 2**30,
@@ -323,6 +344,7 @@ def main() -> None:
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the one 90-minute job's peak memory")
+    p.add_argument("--memory-history", help="write the 90-minute job's allocator history to this pickle")
     p.add_argument("--playing", type=int, default=64, help="streams playing while the long prompts arrive")
     p.add_argument("--no-prefill-graphs", action="store_true", help="the llm's --no-prefill-graphs")
     p.add_argument(
@@ -343,7 +365,7 @@ def main() -> None:
     cases = args.cases.split(",")
     results: dict = {"shape": args.shape, "rows": []}
     if args.memory_only:
-        results["one_long_job"] = one_long_job_memory(ckpt, ids)
+        results["one_long_job"] = one_long_job_memory(ckpt, ids, args.memory_history)
         common.save(f"paged-{args.shape}-memory", results)
         return
 
@@ -410,7 +432,7 @@ def main() -> None:
     del lm, acoustic
     RUNNERS.clear()  # a runner holds its engines: the memory case must start from an empty GPU
     if not args.no_memory:
-        results["one_long_job"] = one_long_job_memory(ckpt, ids)
+        results["one_long_job"] = one_long_job_memory(ckpt, ids, args.memory_history)
     common.save(f"paged-{args.shape}", results)
 
 
