@@ -134,21 +134,20 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
             await abort(context, e)
             return
         async with self.encode_lock:
-            if not request.voice_digests:
-                return await asyncio.to_thread(self._encoded_voices, voices, request.seed)
-            answer = await asyncio.to_thread(self._cached_voices, digests, request.seed)
+            if request.voice_digests:
+                answer = await asyncio.to_thread(self._encoded, self.engine.encode_cached_voices, digests, request.seed)
+            else:
+                answer = await asyncio.to_thread(self._encoded, self.engine.encode_voices, voices, request.seed)
         if isinstance(answer, int):
             reason = f"voice_digests[{answer}]: not in this service's voice cache; send the voice's samples"
             await abort(context, status_error(code_pb2.NOT_FOUND, reason))
             return
         return answer
 
-    def _encoded_voices(self, voices: list[torch.Tensor], seed: int) -> mesh_pb2.EncodeVoiceResponse:
-        embeddings, frames = self.engine.encode_voices(voices, seed)
-        return mesh_pb2.EncodeVoiceResponse(embeddings=to_proto(embeddings), frames=frames)
-
-    def _cached_voices(self, digests: list[bytes], seed: int) -> mesh_pb2.EncodeVoiceResponse | int:
-        encoded = self.engine.encode_cached_voices(digests, seed)
+    @staticmethod
+    def _encoded(encode, voices, seed: int) -> mesh_pb2.EncodeVoiceResponse | int:
+        """`encode(voices, seed)` answered as a message; an int (the index of a digest not held) passes through."""
+        encoded = encode(voices, seed)
         if isinstance(encoded, int):
             return encoded
         embeddings, frames = encoded
