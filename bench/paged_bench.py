@@ -27,7 +27,7 @@ from services.common.audio import FRAME_MS
 from services.common.checkpoint import resolve_checkpoint
 from services.common.model_args import resolve_dtype
 from services.common.reference import load_reference
-from services.llm import memory_plan, paged_attention, paged_kv
+from services.llm import decoder, memory_plan, paged_attention, paged_kv
 from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
 from services.llm.server import parser as llm_parser
@@ -345,6 +345,9 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the one 90-minute job's peak memory")
     p.add_argument("--memory-history", help="write the 90-minute job's allocator history to this pickle")
+    p.add_argument(
+        "--mlp-tokens", type=int, default=decoder.MLP_TOKENS, help="a prompt piece's MLP, this many tokens at a time"
+    )
     p.add_argument("--playing", type=int, default=64, help="streams playing while the long prompts arrive")
     p.add_argument("--no-prefill-graphs", action="store_true", help="the llm's --no-prefill-graphs")
     p.add_argument(
@@ -363,7 +366,8 @@ def main() -> None:
     ckpt = resolve_checkpoint(str(path))
     ids = common.prompt_ids(path)
     cases = args.cases.split(",")
-    results: dict = {"shape": args.shape, "rows": []}
+    results: dict = {"shape": args.shape, "rows": [], "mlp_tokens": args.mlp_tokens}
+    decoder.MLP_TOKENS = args.mlp_tokens
     if args.memory_only:
         results["one_long_job"] = one_long_job_memory(ckpt, ids, args.memory_history)
         common.save(f"paged-{args.shape}-memory", results)

@@ -23,6 +23,8 @@ from services.llm.paged_attention import paged_decode, paged_prefill
 from services.llm.paged_kv import PagedKV, causal_visibility, gathered
 from services.llm.paged_kv import prompt_chunk as prompt_chunk_attention
 
+MLP_TOKENS = 512  # a prompt piece's MLP, this many tokens at a time (`PagedDecoder.after_attention`)
+
 
 class PagedDecoder:
     def __init__(self, lm, kv: PagedKV) -> None:
@@ -118,8 +120,16 @@ class PagedDecoder:
         return q, k, v
 
     def after_attention(self, layer, gate_up_weight, x, out) -> torch.Tensor:
-        """The rest of the layer: output projection, residuals and the MLP."""
+        """The rest of the layer: output projection, residuals and the MLP. A long prompt piece's MLP runs
+        `MLP_TOKENS` tokens at a time: its intermediate activations (about 6x the hidden size, three times over)
+        are what a step's memory peaks at, and a slice of this many tokens keeps the matmuls as efficient."""
         batch, tokens = x.shape[:2]
         x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        if tokens <= MLP_TOKENS:
+            return x + self.mlp(layer, gate_up_weight, x)
+        return torch.cat([s + self.mlp(layer, gate_up_weight, s) for s in x.split(MLP_TOKENS, dim=1)], dim=1)
+
+    @staticmethod
+    def mlp(layer, gate_up_weight, x) -> torch.Tensor:
         gate, up = F.linear(layer.post_attention_layernorm(x), gate_up_weight).chunk(2, dim=-1)
-        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
