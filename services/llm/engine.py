@@ -54,6 +54,7 @@ from services.llm.prefill_plan import (
     POSITIVE,
     UNCONDITIONAL,
     PrefillPlan,
+    PromptEmbeddings,
     StepHistory,
     new_stream,
     resumed_stream,
@@ -287,25 +288,27 @@ class LMEngine:
         self.guidance[stream.slot] = stream.cfg_scale
         # On the scheduler's loop beside a step in flight: nothing here may wait for the device.
         with torch.inference_mode():
-            embeds = self.embed_tokens(device_tensor(stream.prompt_ids, self.device))
+            # The voices fill the placeholder positions in order, as the reference's masked_scatter does; the
+            # embeddings are made a piece at a time as the prefill reads them.
+            places = [i for i, t in enumerate(stream.prompt_ids) if t == self.audio_token_id]
+            voices = None
             if stream.voice_embeddings is not None:
-                # The voices fill the placeholder positions in order, as the reference's masked_scatter does.
-                places = [i for i, t in enumerate(stream.prompt_ids) if t == self.audio_token_id]
                 voices = to_device(stream.voice_embeddings, self.device, self.dtype)
-                embeds.index_copy_(0, device_tensor(places, self.device), voices)
-                stream.voice_embeddings = None  # in the prompt's embeddings now: its pinned host memory goes back
-        if stream.history is None:
-            stream.plan = new_stream(stream.prompt_ids, embeds)
-        else:
-            stream.plan = resumed_stream(
-                stream.prompt_ids,
-                embeds,
-                stream.history,
-                self.embed_tokens,
-                self.audio_token_id,
-                self.audio_bos_token_id,
-            )
-            stream.history = None  # the plan holds what its prefill reads; the frames' embeddings can go
+                stream.voice_embeddings = None  # on the device now: its pinned host memory goes back
+            ids = device_tensor(stream.prompt_ids, self.device)
+            embeds = PromptEmbeddings(ids, self.embed_tokens, places if voices is not None else [], voices)
+            if stream.history is None:
+                stream.plan = new_stream(stream.prompt_ids, embeds)
+            else:
+                stream.plan = resumed_stream(
+                    stream.prompt_ids,
+                    embeds,
+                    stream.history,
+                    self.embed_tokens,
+                    self.audio_token_id,
+                    self.audio_bos_token_id,
+                )
+                stream.history = None  # the plan holds what its prefill reads; the frames' embeddings can go
         return True
 
     def _rows(self, slot: int) -> slice:
@@ -508,7 +511,7 @@ class LMEngine:
             while stream.prefilled < target and budget > 0:
                 branch, inputs, a = plan.locate(stream.prefilled)
                 # A captured chunk has `prefill_chunk` queries; a launched one takes the step's whole budget.
-                b = min(inputs.shape[0], a + (chunk if launched else self.prefill_chunk), a + budget)
+                b = min(len(inputs), a + (chunk if launched else self.prefill_chunk), a + budget)
                 if not self._grow(stream, branch, b):
                     return ready  # the pool is full: the running streams come first
                 self._write_chunk(inputs[a:b], BRANCHES * stream.slot + branch, a, launched)

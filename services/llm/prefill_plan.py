@@ -16,6 +16,7 @@ chunks, through the same paged path as prompts.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,9 +37,44 @@ class StepHistory:
     frame_embeddings: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """A prompt's input embeddings, made a piece at a time as its prefill reads them (`prompt[a:b]`): the token
+    embeddings, with the voices' embeddings at the placeholder positions, in order, as the reference's
+    masked_scatter places them. A 45-minute prompt's embeddings held whole would be 38 MB (1.5B) for as long as
+    its prefill runs, on top of the step's own activations; its ids and voices are a few."""
+
+    ids: torch.Tensor  # (n,) on the device
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor]
+    places: list[int]  # the voice placeholders' positions, ascending
+    voices: torch.Tensor | None  # (len(places), hidden), on the device
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, piece: slice) -> torch.Tensor:
+        a, b, step = piece.indices(len(self))
+        assert step == 1, "pieces are contiguous"
+        embeds = self.embed_tokens(self.ids[a:b])
+        first, last = bisect.bisect_left(self.places, a), bisect.bisect_left(self.places, b)
+        if last > first:
+            at = device_tensor([p - a for p in self.places[first:last]], embeds.device)
+            embeds.index_copy_(0, at, self.voices[first:last])
+        return embeds
+
+    def first(self, n: int) -> PromptEmbeddings:
+        """The first `n` positions."""
+        kept = bisect.bisect_left(self.places, n)
+        voices = self.voices[:kept] if self.voices is not None else None
+        return PromptEmbeddings(self.ids[:n], self.embed_tokens, self.places[:kept], voices)
+
+
+Inputs = torch.Tensor | PromptEmbeddings  # (n, hidden), sliced by pieces
+
+
 @dataclass
 class PrefillPlan:
-    parts: list[tuple[int, torch.Tensor]]  # (branch, inputs (n, hidden) it writes from position 0), in order
+    parts: list[tuple[int, Inputs]]  # (branch, inputs (n, hidden) it writes from position 0), in order
     next_input: torch.Tensor  # (hidden,): the positive and negative branches' next input
     next_token: int  # the unconditional branch reads this token's embedding next
     frames: int = 0  # frames made before
@@ -46,38 +82,40 @@ class PrefillPlan:
 
     @property
     def positions(self) -> int:
-        return sum(inputs.shape[0] for _, inputs in self.parts)
+        return sum(len(inputs) for _, inputs in self.parts)
 
     @property
     def lengths(self) -> tuple[int, ...]:
         """Positions per branch once prefilled."""
         lengths = [0] * BRANCHES
         for branch, inputs in self.parts:
-            lengths[branch] = inputs.shape[0]
+            lengths[branch] = len(inputs)
         return tuple(lengths)
 
-    def locate(self, done: int) -> tuple[int, torch.Tensor, int]:
+    def locate(self, done: int) -> tuple[int, Inputs, int]:
         """The part that position `done` of the whole prefill falls in: (branch, inputs, offset within them)."""
         for branch, inputs in self.parts:
-            if done < inputs.shape[0]:
+            if done < len(inputs):
                 return branch, inputs, done
-            done -= inputs.shape[0]
+            done -= len(inputs)
         raise IndexError("the prefill is complete")
 
 
-def new_stream(prompt_ids: list[int], prompt_embeds: torch.Tensor) -> PrefillPlan:
-    return PrefillPlan([(POSITIVE, prompt_embeds[:-1])], prompt_embeds[-1], prompt_ids[-1])
+def new_stream(prompt_ids: list[int], prompt: PromptEmbeddings) -> PrefillPlan:
+    n = len(prompt_ids)
+    return PrefillPlan([(POSITIVE, prompt.first(n - 1))], prompt[n - 1 : n][0], prompt_ids[-1])
 
 
 def resumed_stream(
     prompt_ids: list[int],
-    prompt_embeds: torch.Tensor,
+    prompt: PromptEmbeddings,
     history: StepHistory,
     embed_tokens: Callable[[torch.Tensor], torch.Tensor],
     audio_token_id: int,
     audio_bos_token_id: int,
 ) -> PrefillPlan:
     tokens = history.tokens
+    prompt_embeds = prompt[:]  # the positive branch reads it joined to the steps' inputs
     device = prompt_embeds.device
     token_embeds = embed_tokens(device_tensor(tokens, device))
     speech = device_tensor([t == audio_token_id for t in tokens], device)
