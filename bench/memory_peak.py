@@ -18,13 +18,19 @@ from pathlib import Path
 OWN_CODE = ("/services/", "/bench/")
 
 
+def short(filename: str) -> str:
+    """The file and its folder: services/llm/engine.py and services/acoustic/engine.py differ by it."""
+    path = Path(filename)
+    return f"{path.parent.name}/{path.name}"
+
+
 def own_frame(frames: list[dict], torch_frame: bool) -> str:
     for i, f in enumerate(frames):
         if any(part in f["filename"] for part in OWN_CODE):
-            where = f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+            where = f"{short(f['filename'])}:{f['line']} {f['name']}"
             if torch_frame and i > 0:
                 inner = frames[i - 1]
-                where += f" <- {Path(inner['filename']).name}:{inner['line']} {inner['name']}"
+                where += f" <- {short(inner['filename'])}:{inner['line']} {inner['name']}"
             return where
     return "(outside the project: " + (frames[0]["name"] if frames else "no stack") + ")"
 
