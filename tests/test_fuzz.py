@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from services.fuzz import ALLOWED, GOOD_TOLERANCE, Generator, Seeds, run_fuzz
+from services.fuzz import ALLOWED, GOOD_TOLERANCE, Generator, Report, Seeds, run_fuzz
+from services.synthesis.voice_cache import CACHE_BYTES
 
 REQUESTS = 2000
 FULL_RUN_SEED = 20251202  # `make fuzz`'s default seed
@@ -30,3 +31,19 @@ def test_the_generator_makes_every_case_of_a_full_run():
     cases = [generator.case(i) for i in range(20_000)]
     assert all(isinstance(c.payload, bytes) for c in cases)
     assert len({c.family.split(".")[0] for c in cases}) > 5  # every kind of mutation was drawn
+
+
+def test_memory_may_grow_by_a_bounded_cache_and_no_more():
+    """The gateway keeps decoded voices up to CACHE_BYTES, and the fuzz's mutated voices are many distinct files:
+    that growth is allowed to the gateway, not to a service without such a cache, and not beyond the bound."""
+    mib = 2**20
+
+    def problems(name: str, before: int, after: int) -> list[str]:
+        report = Report(good_runs=1)
+        report.rss_before, report.rss_after = {name: before}, {name: after}
+        return [p for p in report.problems() if "RSS" in p]
+
+    assert not problems("gateway", 350 * mib, 350 * mib + CACHE_BYTES)
+    assert problems("gateway", 350 * mib, 350 * mib + 35 * mib + CACHE_BYTES + mib)
+    assert problems("llm", 350 * mib, 350 * mib + 40 * mib)
+    assert problems("gateway", 350 * mib, 300 * mib)  # a drop past the tolerance is still reported
