@@ -290,13 +290,13 @@ class LMEngine:
         with torch.inference_mode():
             # The voices fill the placeholder positions in order, as the reference's masked_scatter does; the
             # embeddings are made a piece at a time as the prefill reads them.
-            places = [i for i, t in enumerate(stream.prompt_ids) if t == self.audio_token_id]
-            voices = None
+            places, voices = [], None
             if stream.voice_embeddings is not None:
+                places = [i for i, t in enumerate(stream.prompt_ids) if t == self.audio_token_id]
                 voices = to_device(stream.voice_embeddings, self.device, self.dtype)
                 stream.voice_embeddings = None  # on the device now: its pinned host memory goes back
             ids = device_tensor(stream.prompt_ids, self.device)
-            embeds = PromptEmbeddings(ids, self.embed_tokens, places if voices is not None else [], voices)
+            embeds = PromptEmbeddings(ids, self.embed_tokens, places, voices)
             if stream.history is None:
                 stream.plan = new_stream(stream.prompt_ids, embeds)
             else:
