@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common.audio import AudioError, decode_voice, normalize_voice
+from services.common.audio import AudioError, decode_voice, normalize_voice, voice_digest
 from services.synthesis.voice_cache import DecodedVoices
 from tests.conftest import VOICES
 
@@ -61,5 +61,8 @@ def test_a_kept_voice_is_the_voice_a_fresh_decode_gives():
     cache = DecodedVoices()
     model_voice = lambda b: normalize_voice(decode_voice(b))  # noqa: E731
     kept = cache.get(data, model_voice)
-    assert np.array_equal(cache.get(data, model_voice), model_voice(data))
-    assert kept.dtype == np.float32 and len(kept) > 24_000
+    fresh = model_voice(data)
+    assert np.array_equal(cache.get(data, model_voice).samples, fresh)
+    assert kept.samples.dtype == np.float32 and len(kept.samples) > 24_000
+    # the digest kept beside it is the one EncodeVoice would compute from a fresh decode's samples
+    assert kept.digest == voice_digest(fresh)

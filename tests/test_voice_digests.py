@@ -12,7 +12,9 @@ from vibevoice.mesh.v1 import mesh_pb2
 
 from services.common.audio import voice_digest
 from services.common.errors import RequestError
+from services.synthesis import backends as backends_module
 from services.synthesis.backends import Backends
+from services.synthesis.voice_cache import Voice
 
 EMBEDDINGS = mesh_pb2.EncodeVoiceResponse(embeddings=mesh_pb2.Tensor(dtype="float32", shape=[1, 1]), frames=[1])
 
@@ -43,15 +45,15 @@ class FakeAcoustic:
         return EMBEDDINGS
 
 
-async def encode(backends: Backends, voices: list[np.ndarray]) -> mesh_pb2.GenerateRequest:
+async def encode(backends: Backends, voices: list[Voice]) -> mesh_pb2.GenerateRequest:
     generate = mesh_pb2.GenerateRequest(seed=3)
     await backends.encode_voices(generate, list(range(len(voices))), voices, None)
     return generate
 
 
-def voices(seed: int, n: int = 2) -> list[np.ndarray]:
+def voices(seed: int, n: int = 2) -> list[Voice]:
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(4000 + i).astype(np.float32) for i in range(n)]
+    return [Voice.of(rng.standard_normal(4000 + i).astype(np.float32)) for i in range(n)]
 
 
 def test_samples_go_once_then_digests_and_samples_again_when_the_acoustic_service_lost_them():
@@ -82,5 +84,24 @@ def test_an_acoustic_failure_other_than_not_found_is_the_callers_error():
             await encode(backends, voices(3))
         assert "acoustic service at 127.0.0.1:1" in info.value.status.message
         assert acoustic.calls == ["samples", "digests"]  # no second try with the samples
+
+    asyncio.run(scenario())
+
+
+def test_the_digests_kept_are_the_most_recently_used(monkeypatch):
+    monkeypatch.setattr(backends_module, "VOICES_SENT_KEPT", 2)
+
+    async def scenario():
+        backends = Backends("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1")
+        acoustic = FakeAcoustic(backends)
+        a, b, c = voices(4, 3)
+        await encode(backends, [a])
+        await encode(backends, [b])
+        await encode(backends, [a])  # by digest: a is now the most recently used
+        await encode(backends, [c])  # a third: b, the least recently used, is forgotten
+        assert acoustic.calls == ["samples", "samples", "digests", "samples"]
+        await encode(backends, [a])
+        await encode(backends, [b])
+        assert acoustic.calls[-2:] == ["digests", "samples"]
 
     asyncio.run(scenario())

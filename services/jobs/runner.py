@@ -33,7 +33,6 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 from google.rpc import code_pb2, status_pb2
 from vibevoice.mesh.v1 import mesh_pb2
 from vibevoice.tts.v1 import tts_pb2
@@ -53,6 +52,7 @@ from services.synthesis.backends import Backends, Prepared, decode_voices
 from services.synthesis.estimates import estimated_positions
 from services.synthesis.options import Options, check_options
 from services.synthesis.segments import Finished, Progress, Resume, SegmentStart, run_segments
+from services.synthesis.voice_cache import Voice
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class Runner:
         frame_log: FrameLog,
         prepared: Prepared,
         options: Options,
-        voices: list[np.ndarray],
+        voices: list[Voice],
         start: SegmentStart | None,
         resume: Resume | None,
     ) -> None:

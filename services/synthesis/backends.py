@@ -4,6 +4,7 @@ carried back in the caller's terms (the failing hop named, its status kept)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,14 +14,14 @@ import numpy as np
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from vibevoice.tts.v1 import tts_pb2
 
-from services.common.audio import MEDIA_TYPES, AudioError, decode_voice, normalize_voice, voice_digest
+from services.common.audio import MEDIA_TYPES, AudioError, decode_voice, normalize_voice
 from services.common.errors import from_rpc_error, invalid_argument, unavailable
 from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import insecure_channel
 from services.common.logs import mark_random_weights
 from services.common.tensors import array_proto
 from services.synthesis.options import Options
-from services.synthesis.voice_cache import DecodedVoices
+from services.synthesis.voice_cache import DecodedVoices, Voice
 
 VOICE_TIMEOUT_S = 10.0
 VOICES_SENT_KEPT = 4096  # digests (32 bytes each) of voices the acoustic service has taken
@@ -47,9 +48,9 @@ def _model_voice(data: bytes) -> np.ndarray:
     return normalize_voice(decode_voice(data))
 
 
-def decode_voices(request: tts_pb2.SynthesizeRequest) -> list[np.ndarray]:
-    """The request's voices as the model takes them (float32 at 24 kHz, normalised); files seen before come from
-    `DECODED_VOICES`. The arrays may be shared with other requests: read them, never write them."""
+def decode_voices(request: tts_pb2.SynthesizeRequest) -> list[Voice]:
+    """The request's voices as the model takes them (float32 at 24 kHz, normalised) with their digests; files seen
+    before come from `DECODED_VOICES`. The arrays may be shared with other requests: read them, never write them."""
     voices = []
     for i, v in enumerate(request.voices):
         try:
@@ -101,8 +102,9 @@ class Backends:
             method_path("LLM", "Generate"), response_deserializer=mesh_pb2.GenerateResponse.FromString
         )
         self._model: mesh_pb2.ModelInfo | None = None
-        # Digests of voices whose samples the acoustic service took, oldest first: those go by digest next time.
-        self._voices_sent: dict[bytes, None] = {}
+        # Digests of voices whose samples the acoustic service took, least recently used first: those go by digest
+        # next time.
+        self._voices_sent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     async def call(self, hop: str, coro):
         try:
@@ -139,7 +141,7 @@ class Backends:
         request: tts_pb2.SynthesizeRequest,
         options: Options,
         request_id: str,
-        voices: list[np.ndarray],
+        voices: list[Voice],
         timeout: float | None,
     ) -> Prepared:
         """The segments' prompts (text_parser's Plan) and the header; the voices' embeddings are encoded per
@@ -154,7 +156,7 @@ class Backends:
             else mesh_pb2.ParseRequest(text=request.text)
         )
         script.voices.extend(
-            mesh_pb2.VoiceSlot(speaker=v.speaker, frames=-(-len(s) // SAMPLES_PER_FRAME))
+            mesh_pb2.VoiceSlot(speaker=v.speaker, frames=-(-len(s.samples) // SAMPLES_PER_FRAME))
             for v, s in zip(request.voices, voices, strict=True)
         )
         model = await self.call("llm", self.model(timeout))
@@ -194,7 +196,7 @@ class Backends:
         self,
         generate: mesh_pb2.GenerateRequest,
         voice_order: list[int],
-        voices: list[np.ndarray],
+        voices: list[Voice],
         time_remaining: float | None,
     ) -> None:
         """The prompt embeddings of the voices in `voice_order` (indices into `voices`), sampled by the acoustic
@@ -204,10 +206,12 @@ class Backends:
         ordered = [voices[i] for i in voice_order]
         # a restarting acoustic service gets a few seconds to come back
         timeout = min(time_remaining or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S)
-        digests = await asyncio.to_thread(lambda: [voice_digest(v) for v in ordered])
+        digests = [v.digest for v in ordered]
         encoded = None
         if all(d in self._voices_sent for d in digests):
-            # Voices the acoustic service has encoded go by their digests: no megabytes built, sent or hashed.
+            for d in digests:
+                self._voices_sent.move_to_end(d)
+            # Voices the acoustic service has encoded go by their digests: no megabytes built or sent.
             by_digest = mesh_pb2.EncodeVoiceRequest(voice_digests=digests, seed=generate.seed)
             try:
                 encoded = await self.acoustic.EncodeVoice(by_digest, timeout=timeout, wait_for_ready=True)
@@ -217,15 +221,17 @@ class Backends:
         if encoded is None:
 
             def request() -> bytes:
-                voice_protos = [array_proto(v) for v in ordered]
+                voice_protos = [array_proto(v.samples) for v in ordered]
                 return mesh_pb2.EncodeVoiceRequest(voices=voice_protos, seed=generate.seed).SerializeToString()
 
             encoded = await self.call(
                 "acoustic", self._encode_voice(await asyncio.to_thread(request), timeout=timeout, wait_for_ready=True)
             )
-            self._voices_sent.update(dict.fromkeys(digests))
+            for d in digests:
+                self._voices_sent[d] = None
+                self._voices_sent.move_to_end(d)
             while len(self._voices_sent) > VOICES_SENT_KEPT:
-                self._voices_sent.pop(next(iter(self._voices_sent)))
+                self._voices_sent.popitem(last=False)
         generate.voice_embeddings.CopyFrom(encoded.embeddings)
         generate.voice_count = len(ordered)
         generate.voice_max_frames = max(encoded.frames)

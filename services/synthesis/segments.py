@@ -20,13 +20,13 @@ import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import numpy as np
 from google.rpc import code_pb2, status_pb2
 from vibevoice.mesh.v1 import mesh_pb2
 
 from services.common.errors import RequestError
 from services.synthesis.backends import Backends, Prepared, finish_reason
 from services.synthesis.options import Options
+from services.synthesis.voice_cache import Voice
 
 SEED_BITS = 63  # the seeds the API hands out are below 2**63
 
@@ -87,7 +87,7 @@ async def run_segments(
     backends: Backends,
     prepared: Prepared,
     options: Options,
-    voices: list[np.ndarray],
+    voices: list[Voice],
     time_remaining: Callable[[], float | None],
     start: SegmentStart | None = None,
     resume: Resume | None = None,
