@@ -13,7 +13,6 @@ from services.acoustic.engine import AcousticEngine
 from services.common.checkpoint import resolve_checkpoint
 from services.common.frames import SAMPLES_PER_FRAME
 from services.common.reference import load_reference, reference_audio
-from services.llm import engine as engine_module
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
 from services.render.local import LocalLink
@@ -164,34 +163,6 @@ def test_prompts_with_nothing_playing_are_launched_whole_and_the_rest_replay_the
     for a, b in zip(exact, mixed, strict=True):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
-
-
-def test_a_step_with_nothing_playing_launches_its_budget_in_pieces_of_at_most_the_piece_size(ckpt, monkeypatch):
-    """A lone prompt's step takes `idle_prefill_chunks` chunks, launched back to back in pieces of at most
-    `PIECE_CHUNKS` chunks (what a piece's activations hold is bounded by the piece, not the step); the audio is
-    that of one chunk a step."""
-    monkeypatch.setattr(engine_module, "PIECE_CHUNKS", 2)
-    steps: list[list[int]] = []
-    prefill, write_chunk = LMEngine.prefill, LMEngine._write_chunk
-
-    def recording_prefill(self, budget=None):
-        steps.append([])
-        return prefill(self, budget)
-
-    def recording_write(self, inputs, row, start, launched):
-        steps[-1].append(inputs.shape[0])
-        return write_chunk(self, inputs, row, start, launched)
-
-    requests = [{"prompt": prompt(ckpt, 700, 24), "frames": 4, "seed": 1}]
-    exact = run(ckpt, requests, max_streams=2, prefill_chunk=64)
-    monkeypatch.setattr(LMEngine, "prefill", recording_prefill)
-    monkeypatch.setattr(LMEngine, "_write_chunk", recording_write)
-    pieces = run(ckpt, requests, max_streams=2, prefill_chunk=64, budget=None, idle_prefill_chunks=4)
-    with_pieces = [s for s in steps if s]
-    # 700 positions (the prompt's last token, audio_bos, is the first step's input): steps of 4 chunks (256
-    # tokens) in pieces of 2 chunks (128), the last step what is left
-    assert with_pieces == [[128, 128], [128, 128], [128, 60]]
-    assert np.abs(exact[0] - pieces[0]).max() <= 1e-5 * np.abs(exact[0]).max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -60,13 +60,11 @@ from services.llm.prefill_plan import (
     resumed_stream,
 )
 
-# Prompt chunks a step while no stream is decoding (one while streams play). Each step ends by waiting for the
-# device, so fewer, longer steps bring a lone prompt's first frame sooner (45-minute prompt, 1.5B, H100, one
-# piece a step: 198 ms at 4, 181 ms at 8, 161 ms at 16). A step's budget is launched in pieces of at most
-# PIECE_CHUNKS chunks, queued back to back: a piece's activations, not the step's, are what the memory holds (8
-# keeps them, estimated at 0.6 GiB for 7B, inside the activation reserve of `memory_plan`).
-IDLE_PREFILL_CHUNKS = 16
-PIECE_CHUNKS = 8
+# Prompt chunks a step while no stream is decoding (one while streams play). A launched step's host work hardly
+# grows with its length, so fewer, longer steps bring a lone prompt's first frame sooner (45-minute prompt, 1.5B,
+# H100: 268 ms at 4, 202 ms at 8). 8 keeps a piece's activations (estimated at 0.6 GiB for 7B) inside the
+# activation reserve of `memory_plan`.
+IDLE_PREFILL_CHUNKS = 8
 CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU at least, where there is no GPU budget to plan from
 
 log = logging.getLogger(__name__)
@@ -170,8 +168,7 @@ class LMEngine:
         self.eos_token_id = cfg.eos_token_id
         self.hidden = text.hidden_size
         self.prefill_chunk = prefill_chunk
-        self.idle_prefill_chunks = idle_prefill_chunks
-        self.piece_tokens = prefill_chunk * min(idle_prefill_chunks, PIECE_CHUNKS)  # the chunk buffers' size
+        self.idle_prefill_chunks = idle_prefill_chunks  # at most this many: the chunk buffers are sized for it
 
         # Memory is planned here, once: a pool of KV pages for every branch of every stream, from the budget.
         max_len = min(max_context or text.max_position_embeddings, text.max_position_embeddings)
@@ -228,7 +225,7 @@ class LMEngine:
             self.audio_token_embedding = self.embed_tokens(torch.tensor(self.audio_token_id, device=self.device))
         # A prompt chunk's tokens, row, first position and token count live in device buffers, so that a graph
         # can replay any chunk (`_chunk_step`).
-        longest = self.piece_tokens
+        longest = idle_prefill_chunks * prefill_chunk
         self.chunk_inputs = torch.zeros(longest, self.hidden, device=self.device, dtype=dtype)
         self.chunk_row = torch.zeros(1, device=self.device, dtype=torch.long)
         self.chunk_start = torch.zeros((), device=self.device, dtype=torch.long)
@@ -513,10 +510,8 @@ class LMEngine:
                 break  # a prompt that gave its pages back starts again only when the whole of it fits
             while stream.prefilled < target and budget > 0:
                 branch, inputs, a = plan.locate(stream.prefilled)
-                # A captured chunk has `prefill_chunk` queries; a launched piece takes the step's budget, up to
-                # `piece_tokens` a piece.
-                piece = min(chunk, self.piece_tokens) if launched else self.prefill_chunk
-                b = min(len(inputs), a + piece, a + budget)
+                # A captured chunk has `prefill_chunk` queries; a launched one takes the step's whole budget.
+                b = min(len(inputs), a + (chunk if launched else self.prefill_chunk), a + budget)
                 if not self._grow(stream, branch, b):
                     return ready  # the pool is full: the running streams come first
                 self._write_chunk(inputs[a:b], BRANCHES * stream.slot + branch, a, launched)
