@@ -13,6 +13,7 @@ from services.acoustic.engine import AcousticEngine
 from services.common.checkpoint import resolve_checkpoint
 from services.common.frames import SAMPLES_PER_FRAME
 from services.common.reference import load_reference, reference_audio
+from services.llm import decoder as decoder_module
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
 from services.render.local import LocalLink
@@ -163,6 +164,24 @@ def test_prompts_with_nothing_playing_are_launched_whole_and_the_rest_replay_the
     for a, b in zip(exact, mixed, strict=True):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_a_long_pieces_mlp_in_slices_equals_the_whole_and_leaves_its_input_alone(ckpt, monkeypatch):
+    """A launched piece's MLP runs `MLP_TOKENS` tokens at a time, adding into the layer's residual in place: the
+    same hidden states as the MLP over the whole piece, a last slice shorter than the others included, and the
+    layer's input unchanged."""
+    lm = LMEngine(ckpt, "cpu", max_streams=1)
+    dec, layer = lm.decoder, lm.lm.layers[1]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 37, lm.hidden, generator=g)
+    out = torch.randn(1, dec.q_size // dec.head_dim, 37, dec.head_dim, generator=g)
+    before = x.clone()
+    monkeypatch.setattr(decoder_module, "MLP_TOKENS", 1_000)
+    whole = dec.after_attention(layer, dec.gate_up[1], x, out)
+    monkeypatch.setattr(decoder_module, "MLP_TOKENS", 8)
+    sliced = dec.after_attention(layer, dec.gate_up[1], x, out)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

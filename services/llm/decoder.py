@@ -121,15 +121,25 @@ class PagedDecoder:
 
     def after_attention(self, layer, gate_up_weight, x, out) -> torch.Tensor:
         """The rest of the layer: output projection, residuals and the MLP. A long prompt piece's MLP runs
-        `MLP_TOKENS` tokens at a time: its intermediate activations (about 6x the hidden size, three times over)
-        are what a step's memory peaks at, and a slice of this many tokens keeps the matmuls as efficient."""
+        `MLP_TOKENS` tokens at a time: its intermediate activations (about 6x the hidden size, twice over) are
+        what a step's memory peaks at, and a slice of this many tokens keeps the matmuls as efficient. The norm
+        runs once for the piece and each slice adds into the residual in place: a launched piece's host work is
+        its op count, and per slice it stays at the MLP's own few ops."""
         batch, tokens = x.shape[:2]
         x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
         if tokens <= MLP_TOKENS:
             return x + self.mlp(layer, gate_up_weight, x)
-        return torch.cat([s + self.mlp(layer, gate_up_weight, s) for s in x.split(MLP_TOKENS, dim=1)], dim=1)
+        h = layer.post_attention_layernorm(x)
+        for x_slice, h_slice in zip(x.split(MLP_TOKENS, dim=1), h.split(MLP_TOKENS, dim=1), strict=True):
+            x_slice += self.gated(layer, gate_up_weight, h_slice)
+        return x
+
+    @classmethod
+    def mlp(cls, layer, gate_up_weight, x) -> torch.Tensor:
+        return cls.gated(layer, gate_up_weight, layer.post_attention_layernorm(x))
 
     @staticmethod
-    def mlp(layer, gate_up_weight, x) -> torch.Tensor:
-        gate, up = F.linear(layer.post_attention_layernorm(x), gate_up_weight).chunk(2, dim=-1)
-        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    def gated(layer, gate_up_weight, h) -> torch.Tensor:
+        """The MLP of normed inputs `h`: down(act(gate) * up), the product written over the activation."""
+        gate, up = F.linear(h, gate_up_weight).chunk(2, dim=-1)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate).mul_(up))
