@@ -107,6 +107,7 @@ class LLMConfig:
     pipelined_steps: bool = True  # over the wire: one half of the batch renders while the other decodes
     profile_dir: str | None = None  # a profile of the first steps with a prompt chunk under load goes here
     profile_min_playing: int | None = None  # the load that starts the profile: streams playing (None: 8)
+    profile_min_prompt: int | None = None  # ...and the longest prompt prefilled, in tokens (None: any)
 
     def argv(self) -> list[str]:
         return _argv(self)

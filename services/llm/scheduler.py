@@ -185,8 +185,10 @@ class Scheduler:
     async def _one_step(self) -> None:
         started = time.perf_counter()
         # Only while the profile waits: otherwise a step does not look at every stream for it.
-        prefilling = self.profile.waiting and any(s.plan is not None for s in self.engine.streams)
-        with self.profile.around(prefilling, self.engine.decoding_count if prefilling else 0):
+        prompt = 0
+        if self.profile.waiting:
+            prompt = max((len(s.prompt_ids) for s in self.engine.streams if s.plan is not None), default=0)
+        with self.profile.around(prompt, self.engine.decoding_count if prompt else 0):
             plan = await self._step_once()
         if self.active:
             elapsed_ms = (time.perf_counter() - started) * 1000

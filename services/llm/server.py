@@ -313,6 +313,12 @@ def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
         help=f"streams playing for a step with a prompt chunk to start the profile (default {MIN_PLAYING})",
     )
     p.add_argument(
+        "--profile-min-prompt",
+        type=int,
+        default=None,
+        help="tokens of the longest prompt a step prefills for it to start the profile (default: any)",
+    )
+    p.add_argument(
         "--allow-fixed-frames",
         action="store_true",
         help="accept the fixed_frames request option, a test and benchmark option that overrides the model's decisions",
@@ -361,7 +367,9 @@ async def serve(
         link,
         pipelined=not args.no_pipelined_steps,
         profile=StepProfile(
-            args.profile_dir, min_playing=MIN_PLAYING if args.profile_min_playing is None else args.profile_min_playing
+            args.profile_dir,
+            min_playing=MIN_PLAYING if args.profile_min_playing is None else args.profile_min_playing,
+            min_prompt=args.profile_min_prompt or 1,
         ),
     )
     names = [mesh_pb2.DESCRIPTOR.services_by_name["LLM"].full_name, *(extra or {})]

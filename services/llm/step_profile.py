@@ -1,5 +1,6 @@
 """A one-shot profile of the llm's steps under load: the first steps that carry a prompt chunk while streams
-play (`vvmesh serve llm --profile-dir DIR`).
+play (`vvmesh serve llm --profile-dir DIR`), or, with `--profile-min-playing 0 --profile-min-prompt N`, the
+first steps of a lone prompt of N tokens or more.
 
 Those steps are what real-time capacity and time to first audio hang on (README, "Through Envoy and the whole
 mesh"), and the step log only says how long they took. The profile says where the time went, host and device:
@@ -26,10 +27,13 @@ TABLE_ROWS = 40
 
 
 class StepProfile:
-    def __init__(self, directory: str | None, steps: int = PROFILED_STEPS, min_playing: int = MIN_PLAYING) -> None:
+    def __init__(
+        self, directory: str | None, steps: int = PROFILED_STEPS, min_playing: int = MIN_PLAYING, min_prompt: int = 1
+    ) -> None:
         self.directory = Path(directory) if directory else None
         self.steps = steps
         self.min_playing = min_playing
+        self.min_prompt = max(1, min_prompt)  # tokens of the longest prompt a step prefills
         self.left = steps if directory else 0  # steps still to record
         self._profile: profile | None = None
 
@@ -39,9 +43,10 @@ class StepProfile:
         return self._profile is None and self.left > 0
 
     @contextlib.contextmanager
-    def around(self, prefilling: bool, playing: int) -> Iterator[None]:
-        """Run one step, recorded if the profile waits for a step like it or has begun."""
-        if self.waiting and prefilling and playing >= self.min_playing:
+    def around(self, prompt_tokens: int, playing: int) -> Iterator[None]:
+        """Run one step, recorded if the profile waits for a step like it or has begun. `prompt_tokens`: the
+        longest prompt the step prefills (0: none)."""
+        if self.waiting and prompt_tokens >= self.min_prompt and playing >= self.min_playing:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self._profile = profile(activities=activities, record_shapes=True)
             self._profile.__enter__()
