@@ -25,13 +25,19 @@ class FakeAcoustic:
     def __init__(self, backends: Backends) -> None:
         self.held: set[bytes] = set()
         self.calls: list[str] = []
+        self.timeouts: list[float | None] = []
         self.fail_with: grpc.StatusCode | None = None
         backends._encode_voice = self.by_samples
+        backends._acoustic_ready = self.ready
         backends.acoustic = self
 
-    async def by_samples(self, data: bytes, **_) -> mesh_pb2.EncodeVoiceResponse:
+    async def ready(self, timeout: float) -> None:
+        pass
+
+    async def by_samples(self, data: bytes, timeout: float | None = None, **_) -> mesh_pb2.EncodeVoiceResponse:
         request = mesh_pb2.EncodeVoiceRequest.FromString(data)
         self.calls.append("samples")
+        self.timeouts.append(timeout)
         for v in request.voices:
             self.held.add(voice_digest(np.frombuffer(v.data, dtype=np.float32)))
         return EMBEDDINGS
@@ -105,3 +111,35 @@ def test_the_digests_kept_are_the_most_recently_used(monkeypatch):
         assert acoustic.calls[-2:] == ["digests", "samples"]
 
     asyncio.run(scenario())
+
+
+def test_the_encoding_has_the_callers_deadline_not_the_wait_for_a_restarting_service():
+    """Four long voices on a CPU take longer than the seconds a restarting acoustic service gets: the encoding
+    itself runs to the caller's deadline, or to `VOICE_ENCODE_S` without one."""
+
+    async def scenario():
+        backends = Backends("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1")
+        acoustic = FakeAcoustic(backends)
+        generate = mesh_pb2.GenerateRequest(seed=3)
+        await backends.encode_voices(generate, [0], voices(5, 1), 42.0)
+        await backends.encode_voices(generate, [0], voices(6, 1), None)
+        assert acoustic.timeouts == [42.0, backends_module.VOICE_ENCODE_S]
+        assert backends_module.VOICE_ENCODE_S > backends_module.VOICE_READY_S
+
+    asyncio.run(scenario())
+
+
+def test_an_acoustic_service_that_never_answers_is_unavailable_after_the_ready_wait(monkeypatch):
+    monkeypatch.setattr(backends_module, "VOICE_READY_S", 0.3)
+
+    async def scenario():
+        backends = Backends("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1")  # nothing listens on port 1
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RequestError) as info:
+            await backends.encode_voices(mesh_pb2.GenerateRequest(seed=3), [0], voices(7, 1), None)
+        assert asyncio.get_running_loop().time() - started < 5.0
+        return info.value.status
+
+    status = asyncio.run(scenario())
+    assert status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "acoustic service at 127.0.0.1:1" in status.message

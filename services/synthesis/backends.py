@@ -23,7 +23,8 @@ from services.common.tensors import array_proto
 from services.synthesis.options import Options
 from services.synthesis.voice_cache import DecodedVoices, Voice
 
-VOICE_TIMEOUT_S = 10.0
+VOICE_READY_S = 10.0  # how long a restarting acoustic service gets to come back
+VOICE_ENCODE_S = 600.0  # an encoding's bound without a caller's deadline: four 60 s voices on a slow CPU fit
 VOICES_SENT_KEPT = 4096  # digests (32 bytes each) of voices the acoustic service has taken
 CAPACITY_TIMEOUT_S = 2.0
 
@@ -91,6 +92,7 @@ class Backends:
         self.addresses = {"text_parser": text_parser, "acoustic": acoustic, "llm": llm}
         self.parser = mesh_pb2_grpc.TextParserStub(insecure_channel(text_parser))
         acoustic_channel, llm_channel = insecure_channel(acoustic), insecure_channel(llm)
+        self._acoustic_channel = acoustic_channel
         self.acoustic = mesh_pb2_grpc.AcousticStub(acoustic_channel)
         self.llm = mesh_pb2_grpc.LLMStub(llm_channel)
         # The two calls that carry megabytes (a request's voice samples; their embeddings with the prompt) take
@@ -204,8 +206,10 @@ class Backends:
         if not voice_order:
             return
         ordered = [voices[i] for i in voice_order]
-        # a restarting acoustic service gets a few seconds to come back
-        timeout = min(time_remaining or VOICE_TIMEOUT_S, VOICE_TIMEOUT_S)
+        # A restarting acoustic service gets a few seconds to come back; the encoding itself has the caller's
+        # deadline, since long voices on a CPU take longer than those seconds.
+        timeout = VOICE_ENCODE_S if time_remaining is None else time_remaining
+        await self._acoustic_ready(min(timeout, VOICE_READY_S))
         digests = [v.digest for v in ordered]
         encoded = None
         if all(d in self._voices_sent for d in digests):
@@ -214,7 +218,7 @@ class Backends:
             # Voices the acoustic service has encoded go by their digests: no megabytes built or sent.
             by_digest = mesh_pb2.EncodeVoiceRequest(voice_digests=digests, seed=generate.seed)
             try:
-                encoded = await self.acoustic.EncodeVoice(by_digest, timeout=timeout, wait_for_ready=True)
+                encoded = await self.acoustic.EncodeVoice(by_digest, timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: evicted or restarted, so the samples go
                     raise from_rpc_error(e, f"acoustic service at {self.addresses['acoustic']}") from e
@@ -224,9 +228,7 @@ class Backends:
                 voice_protos = [array_proto(v.samples) for v in ordered]
                 return mesh_pb2.EncodeVoiceRequest(voices=voice_protos, seed=generate.seed).SerializeToString()
 
-            encoded = await self.call(
-                "acoustic", self._encode_voice(await asyncio.to_thread(request), timeout=timeout, wait_for_ready=True)
-            )
+            encoded = await self.call("acoustic", self._encode_voice(await asyncio.to_thread(request), timeout=timeout))
             for d in digests:
                 self._voices_sent[d] = None
                 self._voices_sent.move_to_end(d)
@@ -235,6 +237,14 @@ class Backends:
         generate.voice_embeddings.CopyFrom(encoded.embeddings)
         generate.voice_count = len(ordered)
         generate.voice_max_frames = max(encoded.frames)
+
+    async def _acoustic_ready(self, timeout: float) -> None:
+        """Waits up to `timeout` for the acoustic service to be reachable; UNAVAILABLE naming it when it is not."""
+        try:
+            await asyncio.wait_for(self._acoustic_channel.channel_ready(), timeout)
+        except TimeoutError as e:
+            where = f"acoustic service at {self.addresses['acoustic']}"
+            raise unavailable(f"{where} did not become reachable in {timeout:.0f} s; retry shortly") from e
 
     async def generate(
         self, generate: mesh_pb2.GenerateRequest, timeout: float | None
