@@ -172,7 +172,10 @@ class Seeds:
 
 
 def _speakers_in(text: str) -> list[int]:
-    return sorted({int(m) for m in re.findall(r"^\s*Speaker\s+(\d+)\s*:", text, re.IGNORECASE | re.MULTILINE)})
+    """The speaker numbers a text script names, as a VoicePrompt can carry them: one past uint32 (the text's own
+    hostile case) becomes the largest."""
+    found = re.findall(r"^\s*Speaker\s+(\d+)\s*:", text, re.IGNORECASE | re.MULTILINE)
+    return sorted({min(int(m), 2**32 - 1) for m in found})
 
 
 def _turns_of(text: str) -> list[tuple[int, str]]:

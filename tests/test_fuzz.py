@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.fuzz import ALLOWED, GOOD_TOLERANCE, Generator, Report, Seeds, run_fuzz
 from services.synthesis.voice_cache import CACHE_BYTES
 
@@ -24,11 +26,13 @@ def test_fuzzed_requests_are_answered_cleanly(mesh, envoy_address):
     assert report.good_max_difference < GOOD_TOLERANCE
 
 
-def test_the_generator_makes_every_case_of_a_full_run():
-    """`make fuzz` sends 20,000 cases: each must be a request, whatever mutations came before it."""
-    seeds = Seeds.load(seed=FULL_RUN_SEED)
-    generator = Generator(seeds, FULL_RUN_SEED)
-    cases = [generator.case(i) for i in range(20_000)]
+# `make fuzz`'s run, and a seed whose mutated script named a speaker past uint32 for one of its voices
+@pytest.mark.parametrize(("seed", "requests"), [(FULL_RUN_SEED, 20_000), (20261212, 6_000)])
+def test_the_generator_makes_every_case_of_a_full_run(seed, requests):
+    """A fuzz run's cases must each be a request, whatever mutations came before it."""
+    seeds = Seeds.load(seed=seed)
+    generator = Generator(seeds, seed)
+    cases = [generator.case(i) for i in range(requests)]
     assert all(isinstance(c.payload, bytes) for c in cases)
     assert len({c.family.split(".")[0] for c in cases}) > 5  # every kind of mutation was drawn
 
