@@ -238,6 +238,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="the llm profiles its first steps with a prompt chunk")
     p.add_argument("--profile-min-playing", type=int, default=8, help="...once this many streams play")
     p.add_argument("--profile-min-prompt", type=int, default=None, help="...and a prompt this long is prefilled")
+    p.add_argument("--profile-steps", type=int, default=None, help="steps the profile records")
     p.add_argument("--no-long", action="store_true", help="skip the 45-minute script cases")
     p.add_argument("--playing", type=int, default=64)
     p.add_argument("--arrivals", type=int, default=8)
@@ -253,6 +254,7 @@ def main() -> None:
             profile_dir=str(common.out_dir() / "llm-profile"),
             profile_min_playing=args.profile_min_playing,
             profile_min_prompt=args.profile_min_prompt,
+            profile_steps=args.profile_steps,
         )
     results: dict = {
         "shape": args.shape,

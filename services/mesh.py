@@ -108,6 +108,7 @@ class LLMConfig:
     profile_dir: str | None = None  # a profile of the first steps with a prompt chunk under load goes here
     profile_min_playing: int | None = None  # the load that starts the profile: streams playing (None: 8)
     profile_min_prompt: int | None = None  # ...and the longest prompt prefilled, in tokens (None: any)
+    profile_steps: int | None = None  # steps recorded once it starts (None: 20)
 
     def argv(self) -> list[str]:
         return _argv(self)

@@ -31,7 +31,7 @@ from services.common.tensors import from_proto, to_proto
 from services.llm.engine import LMEngine, LMStream
 from services.llm.resume import ResumeFrames, ResumeLimits, checked_resume, rebuild_history
 from services.llm.scheduler import Failed, Finished, Frame, Job, PromptDone, Scheduler, StillWorking
-from services.llm.step_profile import MIN_PLAYING, StepProfile
+from services.llm.step_profile import MIN_PLAYING, PROFILED_STEPS, StepProfile
 from services.render.audio_out import checked_key
 from services.render.link import RenderLink, RenderUnavailable
 from services.render.shared_memory import LLMSharedMemory
@@ -319,6 +319,12 @@ def parser(prog: str = "vvmesh serve llm") -> argparse.ArgumentParser:
         help="tokens of the longest prompt a step prefills for it to start the profile (default: any)",
     )
     p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=None,
+        help=f"steps the profile records once it starts (default {PROFILED_STEPS})",
+    )
+    p.add_argument(
         "--allow-fixed-frames",
         action="store_true",
         help="accept the fixed_frames request option, a test and benchmark option that overrides the model's decisions",
@@ -368,6 +374,7 @@ async def serve(
         pipelined=not args.no_pipelined_steps,
         profile=StepProfile(
             args.profile_dir,
+            steps=args.profile_steps or PROFILED_STEPS,
             min_playing=MIN_PLAYING if args.profile_min_playing is None else args.profile_min_playing,
             min_prompt=args.profile_min_prompt or 1,
         ),
