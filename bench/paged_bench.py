@@ -293,13 +293,16 @@ def one_long_job_memory(ckpt, ids: list[int], history: str | None = None) -> dic
     probe_pages = memory_plan.expected_pages(prompt, frames, 128) + 1
     stages: dict[str, dict] = {}
     torch.cuda.reset_peak_memory_stats()
-    start_bytes = torch.cuda.memory_allocated()
+    start_bytes, start_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
 
     def stage(name: str) -> None:
         torch.cuda.synchronize()
         stages[name] = {
             "allocated_gib": (torch.cuda.memory_allocated() - start_bytes) / 2**30,
             "peak_gib": (torch.cuda.max_memory_allocated() - start_bytes) / 2**30,
+            # what the allocator holds from the device: the graphs' pools (held whole, tensors live or not) and
+            # its cache
+            "reserved_gib": (torch.cuda.max_memory_reserved() - start_reserved) / 2**30,
         }
         torch.cuda.reset_peak_memory_stats()
 
@@ -327,6 +330,7 @@ def one_long_job_memory(ckpt, ids: list[int], history: str | None = None) -> dic
         "job_kv_gib": job_kv / 2**30,
         "conv_state_gib": conv / 2**30,
         "peak_gib": peak / 2**30,
+        "peak_reserved_gib": max(s["reserved_gib"] for s in stages.values()),
         "stages": stages,
         "peak_over_weights_plus_kv": peak / (weights + job_kv + conv),
         # the issue's bound: weights plus 1.1 times the job's own KV
@@ -358,8 +362,9 @@ def main() -> None:
     )
     p.add_argument(
         "--idle-chunks",
-        default=str(IDLE_PREFILL_CHUNKS),
-        help="prompt chunks a step with nothing playing: the lone prompt is timed at each count given",
+        type=int,
+        default=IDLE_PREFILL_CHUNKS,
+        help="prompt chunks a step with nothing playing (the llm's piece, captured at start-up)",
     )
     args = p.parse_args()
     path = common.checkpoint(args.shape)
@@ -386,9 +391,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     defaults = user_defaults(*(["--no-prefill-graphs"] if args.no_prefill_graphs else []))
-    idle_chunks = [int(n) for n in args.idle_chunks.split(",")]
-    lm, acoustic = build(ckpt, defaults, idle_prefill_chunks=max([*idle_chunks, IDLE_PREFILL_CHUNKS]))
-    lm.idle_prefill_chunks = IDLE_PREFILL_CHUNKS
+    lm, acoustic = build(ckpt, defaults, idle_prefill_chunks=args.idle_chunks)
     results["configuration"] = {
         "max_context": lm.kv.max_len,
         "max_streams": lm.max_streams,
@@ -396,6 +399,8 @@ def main() -> None:
         "prefill_chunk": lm.prefill_chunk,
         "cuda_graphs": bool(lm.graphs),
         "prefill_graphs": lm.chunk_graph is not None,
+        "idle_prefill_tokens": lm.piece_tokens,
+        "piece_graph": lm.piece_graph is not None,
         "compiled": lm._compiled,
         "page_size": lm.blocks.page_size,
         "kv_pages": lm.blocks.usable,
@@ -423,11 +428,6 @@ def main() -> None:
             prefill_run(lm, acoustic, ids, 0, 1, ids),
             prefill_run(lm, acoustic, ids, args.playing, 8, ids),
         ]
-        for n in idle_chunks:  # the lone prompt at other idle step sizes (the default's row is the second above)
-            if n != IDLE_PREFILL_CHUNKS:
-                lm.idle_prefill_chunks = n
-                results["prefill"].append({**prefill_run(lm, acoustic, ids, 0, 1, ids), "idle_chunks": n})
-        lm.idle_prefill_chunks = IDLE_PREFILL_CHUNKS
         print(results["prefill"], flush=True)
         common.save(f"paged-{args.shape}", results)
     results["capacity"] = [capacity_plan(lm, 22.0), capacity_plan(lm, 139.8)]  # an A10G's usable 24 GB; an H200

@@ -15,6 +15,7 @@ from services.common.frames import SAMPLES_PER_FRAME
 from services.common.reference import load_reference, reference_audio
 from services.llm import decoder as decoder_module
 from services.llm.engine import LMEngine, LMStream
+from services.llm.piece_graphs import Launched, PieceGraphs
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
 from services.render.local import LocalLink
 from services.render.values import RenderStep, StreamSpec
@@ -40,24 +41,33 @@ def run(
     device: str = "cpu",
     padded_chunks: bool = False,
     budget: int | None = -1,
-    graph_replays: list[int] | None = None,
+    graph_replays: list[tuple[int, int]] | None = None,
+    piece_stages: bool = False,
     **engine_options,
 ) -> list[np.ndarray]:
     """Run requests through the scheduler together; returns each one's audio. `budget`: prompt tokens a step
     (-1: one chunk; None: the engine's own, as the server runs it). `graph_replays`: stand in for the GPU's chunk
-    graph with the same padded step run eagerly, counting its replays into the list."""
+    and piece graphs with the same padded steps run eagerly, listing their replays as (queries, prompt tokens).
+    `piece_stages`: whole pieces go through the piece graphs' own stages and buffers, each stage called instead
+    of replayed."""
 
     async def main():
         lm = LMEngine(ckpt, device, max_streams=max_streams, prefill_chunk=prefill_chunk, **engine_options)
         lm.padded_chunks = lm.padded_chunks or padded_chunks
         if graph_replays is not None:
 
-            def replay():
-                graph_replays.append(1)
+            def replay(queries: int):
+                graph_replays.append((queries, int(lm.chunk_tokens)))
                 keys = lm._keys(int(lm.chunk_start) + int(lm.chunk_tokens))
-                lm._chunk_step(lm.prefill_chunk, keys, padded=True)
+                lm._chunk_step(queries, keys, padded=True)
 
-            lm.padded_chunks, lm.chunk_graph = True, SimpleNamespace(replay=replay)
+            lm.padded_chunks = True
+            lm.chunk_graph = SimpleNamespace(replay=lambda: replay(lm.prefill_chunk))
+            lm.piece_graph = SimpleNamespace(run=lambda start: replay(lm.piece_tokens))
+        if piece_stages:
+            inputs = lm.chunk_inputs[None, : lm.piece_tokens]
+            lm.padded_chunks = True
+            lm.piece_graph = PieceGraphs(lm.decoder, inputs, lm.chunk_row, lm.chunk_start, Launched)
         acoustic = AcousticEngine(ckpt, device, max_streams=max_streams)
         scheduler = Scheduler(lm, LocalLink(acoustic), prefill_chunk if budget == -1 else budget)
         jobs = []
@@ -145,25 +155,83 @@ def test_padded_prompt_chunks_give_the_audio_of_exact_ones(ckpt):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
 
 
-def test_prompts_with_nothing_playing_are_launched_whole_and_the_rest_replay_the_chunk_graph(ckpt):
-    """With the server's budget, a step with no stream playing launches several chunks' worth as one piece
-    (the host delays nobody then) and steps beside playing streams replay the chunk graph; the audio is that of
-    exact chunks either way. The third stream waits for the second's slot, so its prompt arrives while the first
-    plays."""
+def test_prompts_with_nothing_playing_replay_the_piece_graph_and_the_rest_the_chunk_graph(ckpt):
+    """With the server's budget, a step with no stream playing replays the graph of a whole piece (several
+    chunks) while a piece's worth of prompt is left, and chunks after that; steps beside playing streams replay
+    the chunk graph. The audio is that of exact chunks either way. The third stream waits for the second's
+    slot, so its prompt arrives while the first plays."""
     requests = [
         {"prompt": prompt(ckpt, 700, 21), "frames": 10, "seed": 1},
         {"prompt": prompt(ckpt, 90, 22), "frames": 3, "seed": 2},  # leaves while the first plays on
         {"prompt": prompt(ckpt, 300, 23), "frames": 4, "seed": 3},
     ]
     exact = run(ckpt, requests, max_streams=2, prefill_chunk=128)
-    mixed_replays: list[int] = []
-    mixed = run(ckpt, requests, max_streams=2, prefill_chunk=128, budget=None, graph_replays=mixed_replays)
-    every_chunk_replays: list[int] = []
-    run(ckpt, requests, max_streams=2, prefill_chunk=128, graph_replays=every_chunk_replays)
-    assert 0 < len(mixed_replays) < len(every_chunk_replays)
+    replays: list[tuple[int, int]] = []
+    mixed = run(
+        ckpt, requests, max_streams=2, prefill_chunk=128, budget=None, graph_replays=replays, idle_prefill_chunks=2
+    )
+    # (queries, tokens): the first prompt's 700 positions alone, as two pieces and then chunks; the second's 90,
+    # 68 in that step's budget and the rest once the first plays; the third's 300 beside the first.
+    assert replays == [(256, 256), (256, 256), (128, 128), (128, 60), (128, 68), (128, 22)] + [
+        (128, 128),
+        (128, 128),
+        (128, 44),
+    ]
     for a, b in zip(exact, mixed, strict=True):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_pieces_through_the_piece_graphs_stages_give_the_audio_of_exact_chunks(ckpt, monkeypatch):
+    """The piece graphs' stages (graph 0, then the rest of one layer and the next up to attention, attention
+    launched between them through the static buffers), run as plain calls: the audio of exact chunks. Each
+    prompt takes two pieces, at their own starts, and its last positions in chunks (the second after the first
+    has finished); a stage that read a stale buffer or another start would change it."""
+    requests = [
+        {"prompt": prompt(ckpt, 700, 21), "frames": 5, "seed": 1},
+        {"prompt": prompt(ckpt, 600, 22), "frames": 5, "seed": 2},
+    ]
+    exact = run(ckpt, requests, max_streams=1, prefill_chunk=128)
+    starts: list[int] = []
+    piece = PieceGraphs.run
+    monkeypatch.setattr(PieceGraphs, "run", lambda self, start: starts.append(start) or piece(self, start))
+    staged = run(
+        ckpt, requests, max_streams=1, prefill_chunk=128, budget=None, piece_stages=True, idle_prefill_chunks=2
+    )
+    assert starts == [0, 256, 0, 256]
+    for a, b in zip(exact, staged, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_the_piece_graphs_stages_equal_the_launched_piece_at_every_layer(ckpt):
+    """A piece at a later start through the stages and static buffers against the same piece launched whole:
+    the same keys and values in every layer and the same final hidden states (a residual stream not carried
+    from one stage to the next changes the latter)."""
+    lm = LMEngine(ckpt, "cpu", max_streams=1, prefill_chunk=16, idle_prefill_chunks=2)
+    tokens, start = lm.piece_tokens, 24
+    lm.kv.page_table[0, :] = torch.arange(1, lm.kv.max_pages + 1, dtype=torch.int32) % lm.kv.k[0].shape[1]
+    g = torch.Generator().manual_seed(5)
+    earlier = torch.randn(start, lm.hidden, generator=g)
+    lm._write_chunk(earlier, 0, 0, None)  # the keys before the piece
+    inputs = torch.randn(tokens, lm.hidden, generator=g)
+    lm.chunk_inputs[:tokens] = inputs
+    lm.chunk_row.fill_(0)
+    lm.chunk_start.fill_(start)
+    lm.chunk_tokens.fill_(tokens)
+    saved = [(k.clone(), v.clone()) for k, v in zip(lm.kv.k, lm.kv.v, strict=True)]
+    launched = lm._chunk_step(tokens, start + tokens).clone()
+    launched_kv = [(k.clone(), v.clone()) for k, v in zip(lm.kv.k, lm.kv.v, strict=True)]
+    for (k, v), (sk, sv) in zip(zip(lm.kv.k, lm.kv.v, strict=True), saved, strict=True):
+        k.copy_(sk)
+        v.copy_(sv)
+    graphs = PieceGraphs(lm.decoder, lm.chunk_inputs[None, :tokens], lm.chunk_row, lm.chunk_start, Launched)
+    lm.chunk_inputs[:tokens] = inputs  # the stages' calls while they were made wrote over the buffers
+    staged = graphs.run(start)
+    for (k, v), (lk, lv) in zip(zip(lm.kv.k, lm.kv.v, strict=True), launched_kv, strict=True):
+        torch.testing.assert_close(k, lk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, lv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(staged, launched, rtol=1e-5, atol=1e-5)
 
 
 def test_a_long_pieces_mlp_in_slices_equals_the_whole_and_leaves_its_input_alone(ckpt, monkeypatch):
@@ -186,18 +254,20 @@ def test_a_long_pieces_mlp_in_slices_equals_the_whole_and_leaves_its_input_alone
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt):
-    """Prompt chunks replayed as one graph (the Triton kernel reading the page table) against the same chunks
-    launched (gathered keys, SDPA): prompts over several chunks, one ending inside a chunk, two streams
-    prefilled in the same steps. Two different attention kernels sum in different orders, so the bound is
-    rounding of bf16 (a step of 3.9e-3), not the bit-level agreement of one kernel: on an H100 the first frame
-    differed by 6.0e-4 of the peak and the six frames by 6.6e-4. A wrong page, position or mask differs by the
-    signal itself."""
+    """Prompt chunks and pieces replayed as graphs (the Triton kernel reading the page table) against the same
+    prompts launched (gathered keys, SDPA): prompts over several chunks, one ending inside a chunk, two streams
+    prefilled in the same steps, the first prompt's first two pieces of two chunks each. Two different attention
+    kernels sum in different orders, so the bound is rounding of bf16 (a step of 3.9e-3), not the bit-level
+    agreement of one kernel: on an H100 the first frame differed by 6.0e-4 of the peak and the six frames by
+    6.6e-4 (chunks alone). A wrong page, position or mask differs by the signal itself."""
     requests = [
         {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
         {"prompt": prompt(ckpt, 90, 22), "frames": 6, "seed": 2},
     ]
     launched = run(ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=False)
-    captured = run(ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=True)
+    captured = run(
+        ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=True, budget=None, idle_prefill_chunks=2
+    )
     for a, b in zip(launched, captured, strict=True):
         assert a.shape == b.shape
         peak = np.abs(a).max()

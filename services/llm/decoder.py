@@ -66,11 +66,7 @@ class PagedDecoder:
         other parts through `compiled_parts` (the decode step's graphs). `writes` (R,) or (R, T) bool: the rows,
         or the positions, whose keys and values are kept; the others write to the scratch page.
         """
-        cos, sin = self.lm.rotary_emb(x, positions)
-        write = self.kv.pool_index(rows, positions)
-        if writes is not None:
-            keep = writes if writes.dim() == 2 else writes[:, None]
-            write = torch.where(keep, write, SCRATCH_PAGE * self.kv.page_size)
+        cos, sin, write = self.layer_inputs(x, rows, positions, writes)
         if keys is None and x.shape[1] == 1:
             table, lengths = self.kv.page_table[rows], (positions[:, 0] + 1).to(torch.int32)
 
@@ -84,10 +80,7 @@ class PagedDecoder:
                 return paged_prefill(q, k_pool, v_pool, table, positions[0], self.scaling, self.kv.page_size)
 
         elif prompt_chunk:
-            gather = self.kv.gather_index(rows, keys)
-
-            def attend(q, k_pool, v_pool):
-                return prompt_chunk_attention(q, k_pool, v_pool, gather, self.scaling)
+            attend = self.prompt_chunk_attention(rows, keys)
 
         else:
             gather, visible = self.kv.gather_index(rows, keys), causal_visibility(keys, positions)
@@ -95,16 +88,49 @@ class PagedDecoder:
             def attend(q, k_pool, v_pool):
                 return gathered(q, k_pool, v_pool, gather, visible, self.scaling)
 
-        before, after = self.compiled_parts if compiled else (self.before_attention, self.after_attention)
-        for i, layer in enumerate(self.lm.layers):
-            k_pool, v_pool = self.kv.k[i], self.kv.v[i]
-            q, k, v = before(layer, self.qkv[i], x, cos, sin)
-            # Written outside the compiled regions: a compiled write into the pool (a graph input) would copy it.
-            k_pool[0][:, write] = k.transpose(0, 1)
-            v_pool[0][:, write] = v.transpose(0, 1)
-            out = attend(q, k_pool, v_pool)
-            x = after(layer, self.gate_up[i], x, out)
+        parts = self.compiled_parts if compiled else None
+        for i in range(len(self.lm.layers)):
+            q = self.enter(i, x, cos, sin, write, parts)
+            out = attend(q, self.kv.k[i], self.kv.v[i])
+            x = self.leave(i, x, out, parts)
         return self.lm.norm(x)
+
+    def layer_inputs(
+        self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, writes: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every layer reads besides its input: the rotary embedding's (cos, sin) at `positions`, and the
+        pool index each position's keys and values go to (the scratch page where `writes` is False)."""
+        cos, sin = self.lm.rotary_emb(x, positions)
+        write = self.kv.pool_index(rows, positions)
+        if writes is not None:
+            keep = writes if writes.dim() == 2 else writes[:, None]
+            write = torch.where(keep, write, SCRATCH_PAGE * self.kv.page_size)
+        return cos, sin, write
+
+    def enter(self, i: int, x, cos, sin, write, parts=None) -> torch.Tensor:
+        """Layer `i` up to its attention: writes its keys and values, returns its queries. `parts`: the
+        (before, after) attention functions to run (default: eager)."""
+        before = parts[0] if parts else self.before_attention
+        q, k, v = before(self.lm.layers[i], self.qkv[i], x, cos, sin)
+        # Written outside the compiled regions: a compiled write into the pool (a graph input) would copy it.
+        k_pool, v_pool = self.kv.k[i], self.kv.v[i]
+        k_pool[0][:, write] = k.transpose(0, 1)
+        v_pool[0][:, write] = v.transpose(0, 1)
+        return q
+
+    def leave(self, i: int, x, out, parts=None) -> torch.Tensor:
+        """The rest of layer `i`, from its attention's output `out`: the layer's output."""
+        after = parts[1] if parts else self.after_attention
+        return after(self.lm.layers[i], self.gate_up[i], x, out)
+
+    def prompt_chunk_attention(self, rows: torch.Tensor, keys: int):
+        """Attention for one row whose queries are the last of its first `keys` positions (a prompt chunk)."""
+        gather = self.kv.gather_index(rows, keys)
+
+        def attend(q, k_pool, v_pool):
+            return prompt_chunk_attention(q, k_pool, v_pool, gather, self.scaling)
+
+        return attend
 
     def before_attention(self, layer, qkv, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A Qwen2 layer up to attention: this step's queries, keys and values (R, heads, T, head_dim). No

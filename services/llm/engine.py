@@ -49,6 +49,7 @@ from services.llm.block_manager import SCRATCH_PAGE, BlockManager, StreamPages
 from services.llm.decoder import PagedDecoder
 from services.llm.memory_plan import BRANCHES, KVShape, planned_pages
 from services.llm.paged_kv import PAGE_SIZE, PagedKV
+from services.llm.piece_graphs import PieceGraphs, graphed
 from services.llm.prefill_plan import (
     NEGATIVE,
     POSITIVE,
@@ -225,7 +226,7 @@ class LMEngine:
             self.audio_token_embedding = self.embed_tokens(torch.tensor(self.audio_token_id, device=self.device))
         # A prompt chunk's tokens, row, first position and token count live in device buffers, so that a graph
         # can replay any chunk (`_chunk_step`).
-        longest = idle_prefill_chunks * prefill_chunk
+        longest = self.piece_tokens = idle_prefill_chunks * prefill_chunk  # a step's prompt tokens, nothing playing
         self.chunk_inputs = torch.zeros(longest, self.hidden, device=self.device, dtype=dtype)
         self.chunk_row = torch.zeros(1, device=self.device, dtype=torch.long)
         self.chunk_start = torch.zeros((), device=self.device, dtype=torch.long)
@@ -236,6 +237,9 @@ class LMEngine:
         # step eagerly (a CPU test of what the graph replays).
         self.padded_chunks = False
         self.chunk_graph: CapturedStep | None = None
+        # A whole idle piece (`idle_prefill_chunks` chunks) as graphs between its layers' attention: launched, its
+        # thousands of kernels cost the host more than the GPU's work (`services/llm/piece_graphs.py`).
+        self.piece_graph: PieceGraphs | None = None
         self._compiled = torch_compile and cuda_graphs and self.device.type == "cuda"
         if self._compiled:
             self.decoder.compile()
@@ -497,10 +501,10 @@ class LMEngine:
         # With nothing playing, no step waits on the prefill: more chunks a step bring the first audio sooner.
         chunk = self.prefill_chunk * (1 if self.decoding_count else self.idle_prefill_chunks)
         budget = chunk if budget is None else budget
-        # With no stream playing the host's launches delay nobody, and one launched piece of a budget of several
-        # chunks costs less GPU time than as many replays of the chunk graph.
-        idle_piece = not self.decoding_count and budget > self.prefill_chunk
-        launched = not self.padded_chunks or (self.chunk_graph is not None and idle_piece)
+        # Padded (the graphs), a step with nothing playing takes whole pieces while a piece's worth is left, and
+        # chunks after that; launched (no graphs), exactly its tokens up to the step's chunk.
+        launched = not self.padded_chunks
+        piece = self.piece_tokens if not self.decoding_count else self.prefill_chunk
         for stream in [s for s in self.streams[self.decoding_count :] if s.plan is not None]:
             if budget <= 0:
                 break
@@ -510,11 +514,16 @@ class LMEngine:
                 break  # a prompt that gave its pages back starts again only when the whole of it fits
             while stream.prefilled < target and budget > 0:
                 branch, inputs, a = plan.locate(stream.prefilled)
-                # A captured chunk has `prefill_chunk` queries; a launched one takes the step's whole budget.
-                b = min(len(inputs), a + (chunk if launched else self.prefill_chunk), a + budget)
+                left = min(len(inputs) - a, budget)
+                if launched:
+                    b, queries = a + min(left, chunk), None
+                elif left >= piece:
+                    b, queries = a + piece, piece
+                else:
+                    b, queries = a + min(left, self.prefill_chunk), self.prefill_chunk
                 if not self._grow(stream, branch, b):
                     return ready  # the pool is full: the running streams come first
-                self._write_chunk(inputs[a:b], BRANCHES * stream.slot + branch, a, launched)
+                self._write_chunk(inputs[a:b], BRANCHES * stream.slot + branch, a, queries)
                 stream.prefilled, budget = stream.prefilled + (b - a), budget - (b - a)
             if stream.prefilled == target:
                 # The first step's input for every branch: a new stream's is the prompt's last token (audio_bos),
@@ -530,20 +539,23 @@ class LMEngine:
                 ready.append(stream)
         return ready
 
-    def _write_chunk(self, inputs: torch.Tensor, row: int, start: int, launched: bool) -> None:
-        """The keys and values of `inputs` (tokens, hidden), KV row `row`'s positions from `start` on; `launched`:
-        exactly its tokens as one launched step, else a padded chunk (the graph's replay where it exists)."""
+    def _write_chunk(self, inputs: torch.Tensor, row: int, start: int, queries: int | None) -> None:
+        """The keys and values of `inputs` (tokens, hidden), KV row `row`'s positions from `start` on. `queries`:
+        a padded step of that many (a chunk or a piece: the graph's replay where it exists); None: exactly its
+        tokens as one launched step."""
         tokens = inputs.shape[0]
         self.chunk_inputs[:tokens] = inputs
         self.chunk_row.fill_(row)
         self.chunk_start.fill_(start)
         self.chunk_tokens.fill_(tokens)
-        if launched:
+        if queries is None:
             self._chunk_step(tokens, start + tokens)
-        elif self.chunk_graph is not None:
+        elif queries == self.piece_tokens and self.piece_graph is not None:
+            self.piece_graph.run(start)
+        elif queries == self.prefill_chunk and self.chunk_graph is not None:
             self.chunk_graph.replay()
         else:
-            self._chunk_step(self.prefill_chunk, self._keys(start + tokens), padded=True)
+            self._chunk_step(queries, self._keys(start + tokens), padded=True)
 
     def _chunk_step(self, queries: int, keys: int | None, padded: bool = False) -> torch.Tensor:
         """The prompt chunk the buffers hold, as `queries` queries over its row's first `keys` positions.
@@ -562,11 +574,18 @@ class LMEngine:
 
     def _capture_chunk_graph(self) -> None:
         self.padded_chunks = True
-        pool = torch.cuda.graph_pool_handle()  # not the decode graphs': their outputs outlive a chunk
-        step = functools.partial(self._chunk_step, self.prefill_chunk, None, padded=True)
+        # Not the decode graphs' pool: their outputs outlive a chunk. The chunk and piece graphs share one: a
+        # prefill keeps nothing of theirs between replays.
+        pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
+            if self.piece_tokens > self.prefill_chunk:
+                inputs = self.chunk_inputs[None, : self.piece_tokens]
+                self.piece_graph = PieceGraphs(self.decoder, inputs, self.chunk_row, self.chunk_start, graphed(pool))
+            step = functools.partial(self._chunk_step, self.prefill_chunk, None, padded=True)
             self.chunk_graph = CapturedStep(step, pool)
-        log.info("captured the prompt-chunk graph: %d tokens at any position", self.prefill_chunk)
+        log.info(
+            "captured the prompt-chunk graphs: %d and %d tokens at any position", self.prefill_chunk, self.piece_tokens
+        )
 
     # ------------------------------------------------------------------ decode
 
