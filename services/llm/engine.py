@@ -578,7 +578,8 @@ class LMEngine:
         # prefill keeps nothing of theirs between replays.
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
-            if self.piece_tokens > self.prefill_chunk:
+            # A context shorter than a piece never has a whole one left (and its page tables could not index it).
+            if self.prefill_chunk < self.piece_tokens <= self.kv.max_len:
                 inputs = self.chunk_inputs[None, : self.piece_tokens]
                 self.piece_graph = PieceGraphs(self.decoder, inputs, self.chunk_row, self.chunk_start, graphed(pool))
             step = functools.partial(self._chunk_step, self.prefill_chunk, None, padded=True)
