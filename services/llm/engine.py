@@ -61,10 +61,10 @@ from services.llm.prefill_plan import (
     resumed_stream,
 )
 
-# Prompt chunks a step while no stream is decoding (one while streams play). A launched step's host work hardly
-# grows with its length, so fewer, longer steps bring a lone prompt's first frame sooner (45-minute prompt, 1.5B,
-# H100: 268 ms at 4, 202 ms at 8). 8 keeps a piece's activations (estimated at 0.6 GiB for 7B) inside the
-# activation reserve of `memory_plan`.
+# Prompt chunks a step while no stream is decoding (one while streams play): one piece, which replays the piece
+# graphs (`services/llm/piece_graphs.py`). Fewer, longer steps brought a lone prompt's first frame sooner when
+# pieces were launched (45-minute prompt, 1.5B, H100: 268 ms at 4, 202 ms at 8). 8 keeps a piece's activations
+# (estimated at 0.6 GiB for 7B) inside the activation reserve of `memory_plan`.
 IDLE_PREFILL_CHUNKS = 8
 CPU_KV_BYTES = 256 * 2**20  # the pool on the CPU at least, where there is no GPU budget to plan from
 
