@@ -145,7 +145,22 @@ def main() -> None:
     ckpt = resolve_checkpoint(str(path))
     lm, acoustic = build(ckpt, user_defaults())
     ids = filler_prompt(common.prompt_ids(path), min(LONG_PROMPT, lm.max_positions // 2))
-    results: dict = {"shape": args.shape, "prompt_tokens": len(ids) - 1, "piece_tokens": lm.piece_tokens, "runs": {}}
+    results: dict = {
+        "shape": args.shape,
+        "prompt_tokens": len(ids) - 1,
+        "configuration": {
+            "max_context": lm.kv.max_len,
+            "max_streams": lm.max_streams,
+            "prefill_chunk": lm.prefill_chunk,
+            "piece_tokens": lm.piece_tokens,
+            "piece_graphs": lm.piece_graph is not None,
+            "chunk_graph": lm.chunk_graph is not None,
+            "compiled_decode": lm._compiled,
+            "dtype": str(lm.dtype),
+        },
+        "runs": {},
+    }
+    print(results["configuration"], flush=True)
     runs = results["runs"]
     with torch.inference_mode():
         graphs = lm.piece_graph
