@@ -25,10 +25,12 @@ from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_generate
 from services.llm import scheduler as scheduler_module
 from services.llm.engine import FINISH_CONTEXT, FINISH_EOS, FINISH_MAX_FRAMES, LMEngine, LMStream
+from services.llm.piece_graphs import PieceGraphs
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler, StillWorking
 from services.render.local import LocalLink
 from services.render.values import StreamSpec
 from tests.conftest import SCRIPTS, VOICES
+from tests.piece_stages import use_piece_stages
 from tests.prompts import reference_prompt
 
 SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
@@ -49,11 +51,21 @@ def letters(config, tokens: list[int]) -> str:
     return "".join(names.get(t, "X" if t == config.eos_token_id else "?") for t in tokens)
 
 
-def run(ckpt, requests: list[dict], max_streams: int = 8, max_context: int | None = None, **engine) -> list[dict]:
-    """Run requests through the scheduler (staggered by `after` steps); each one's tokens, frames and finish."""
+def run(
+    ckpt,
+    requests: list[dict],
+    max_streams: int = 8,
+    max_context: int | None = None,
+    piece_stages: bool = False,
+    **engine,
+) -> list[dict]:
+    """Run requests through the scheduler (staggered by `after` steps); each one's tokens, frames and finish.
+    `piece_stages`: whole prompt pieces go through the piece graphs' stages (`tests/piece_stages.py`)."""
 
     async def main():
         lm = LMEngine(ckpt, max_streams=max_streams, max_context=max_context, **engine)
+        if piece_stages:
+            use_piece_stages(lm)
         scheduler = Scheduler(lm, LocalLink(AcousticEngine(ckpt, max_streams=max_streams)))
         tokens: dict[int, list[int]] = {}
         mixed_steps = []
@@ -133,7 +145,8 @@ def test_own_decisions_equal_the_reference_alone(ckpt, reference):
     assert_same(model.config, ours, audio, tokens)
 
 
-def test_own_decisions_with_voices(ckpt, reference):
+def voices_case(ckpt, reference) -> tuple[dict, np.ndarray, list[int]]:
+    """A request with two voices, and the reference's audio and tokens for it."""
     model, tokenizer = reference
     voices = [sf.read(VOICES / name, dtype="float32")[0] for name in ("en-Carter_man.wav", "en-Maya_woman.wav")]
     frames = [-(-len(v) // 3200) for v in voices]
@@ -147,8 +160,27 @@ def test_own_decisions_with_voices(ckpt, reference):
     embeddings, voice_frames = acoustic.encode_voices([torch.from_numpy(normalize_voice(v)) for v in voices], 1)
     assert voice_frames == frames
     request = {"prompt": prompt, "seed": 1, "voices": embeddings, "voice_shape": (2, max(frames))}
+    return request, audio, tokens
+
+
+def test_own_decisions_with_voices(ckpt, reference):
+    request, audio, tokens = voices_case(ckpt, reference)
     ((ours,), _) = run(ckpt, [request])
-    assert_same(model.config, ours, audio, tokens)
+    assert_same(reference[0].config, ours, audio, tokens)
+
+
+def test_own_decisions_with_voices_through_the_piece_graphs_stages(ckpt, reference, monkeypatch):
+    """The prompt, voices included, prefilled in whole pieces through the piece graphs' stages (and its last
+    positions in chunks, both padded as the GPU's graphs are): the model's own decisions and audio equal the
+    reference's."""
+    request, audio, tokens = voices_case(ckpt, reference)
+    starts: list[int] = []
+    piece = PieceGraphs.run
+    monkeypatch.setattr(PieceGraphs, "run", lambda self, start: starts.append(start) or piece(self, start))
+    ((ours,), _) = run(ckpt, [request], piece_stages=True, prefill_chunk=16, idle_prefill_chunks=4)
+    pieces = (len(request["prompt"]) - 1) // 64
+    assert pieces >= 2 and starts == [64 * k for k in range(pieces)]
+    assert_same(reference[0].config, ours, audio, tokens)
 
 
 def test_own_decisions_inside_a_batch_at_other_points(ckpt, reference):

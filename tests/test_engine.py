@@ -19,6 +19,7 @@ from services.llm.piece_graphs import Launched, PieceGraphs
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
 from services.render.local import LocalLink
 from services.render.values import RenderStep, StreamSpec
+from tests.piece_stages import use_piece_stages
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,7 @@ def run(
             lm.chunk_graph = SimpleNamespace(replay=lambda: replay(lm.prefill_chunk))
             lm.piece_graph = SimpleNamespace(run=lambda start: replay(lm.piece_tokens))
         if piece_stages:
-            inputs = lm.chunk_inputs[None, : lm.piece_tokens]
-            lm.padded_chunks = True
-            lm.piece_graph = PieceGraphs(lm.decoder, inputs, lm.chunk_row, lm.chunk_start, Launched)
+            use_piece_stages(lm)
         acoustic = AcousticEngine(ckpt, device, max_streams=max_streams)
         scheduler = Scheduler(lm, LocalLink(acoustic), prefill_chunk if budget == -1 else budget)
         jobs = []
