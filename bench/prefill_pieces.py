@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import threading
 import time
 from pathlib import Path
@@ -131,7 +130,7 @@ def one_piece(lm: LMEngine, acoustic, ids: list[int]) -> dict:
 
         results["chunk_graph_replays"] = timed(chunks, starts, lm)
     inputs = torch.randn(tokens, lm.hidden, device=lm.device, dtype=lm.dtype)
-    results["launched"] = timed(functools.partial(lambda start: lm._write_chunk(inputs, row, start, None)), starts, lm)
+    results["launched"] = timed(lambda start: lm._write_chunk(inputs, row, start, None), starts, lm)
     finish(lm, acoustic, streams)
     return results
 
@@ -162,8 +161,8 @@ def main() -> None:
     }
     print(results["configuration"], flush=True)
     runs = results["runs"]
+    padded = lm.padded_chunks
     with torch.inference_mode():
-        graphs = lm.piece_graph
         for way in ("piece_graphs", "launched"):
             # Without padding the engine launches its pieces (on a CPU it pads them eagerly).
             lm.padded_chunks = way == "piece_graphs"
@@ -175,7 +174,7 @@ def main() -> None:
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 whole_prompt(lm, acoustic, ids, 50_000 + 10 * len(runs), args.profile / f"{way}.txt")
-        lm.padded_chunks, lm.piece_graph = True, graphs
+        lm.padded_chunks = padded
         if torch.cuda.is_available():  # the forms are CUDA graphs
             results["one_piece_ms_by_start"] = one_piece(lm, acoustic, ids)
             print(results["one_piece_ms_by_start"], flush=True)
