@@ -13,6 +13,12 @@ over the keys and values the rows really hold.
 
 times the Triton kernel alone, replayed from a CUDA graph as the decode step runs it (so no launch cost), over
 its launch shapes (positions per inner step, warps, pipelined loads) and split counts.
+
+    python bench/attention_bench.py --prefill
+
+times the prefill kernel the chunk graph runs: one 512-token chunk of a row's prompt at several starts (the
+45-minute prompt's last chunk among them), replayed from CUDA graphs over its launch shapes and split counts,
+against SDPA's flash kernel over the row's gathered keys (what a launched chunk runs) in the same run.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ CASES = {
     "b256@2K-6K": np.linspace(2_000, 6_000, 256).astype(int).tolist(),
 }
 SPLITS = (None, 1, 8, 32)  # None: the kernel's own choice
+CHUNK = 512  # the chunk graph's queries (LLMConfig.prefill_chunk)
+CHUNK_STARTS = (0, 4_096, 12_043, 30_000)  # 12,043: the 45-minute prompt's last chunk
 
 
 def place(kv: paged_kv.PagedKV, positions: list[int]) -> torch.Tensor:
@@ -176,11 +184,72 @@ def tiles_case(name: str, positions: list[int]) -> list[dict]:
     return out_rows
 
 
+@torch.inference_mode()
+def prefill_case(start: int) -> list[dict]:
+    """One chunk of CHUNK queries at `start` over row 0's pages: the prefill kernel by launch shape, against
+    flash attention over the gathered keys."""
+    name = f"chunk of {CHUNK} at {start}"
+    kv = paged_kv.PagedKV(1, KV_HEADS, HEAD_DIM, POOL_PAGES, 1, 65_536, "cuda", torch.bfloat16)
+    kv.k[0].normal_()
+    kv.v[0].normal_()
+    keys = start + CHUNK
+    free = torch.randperm(kv.pages - 1).add(1).tolist()
+    kv.set_pages([(0, i, free.pop()) for i in range(-(-keys // kv.page_size))])
+    q = torch.randn(1, HEADS, CHUNK, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    positions = torch.arange(start, keys, device="cuda")
+    table, scale = kv.page_table[0], HEAD_DIM**-0.5
+    rows = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def flash():
+        return paged_kv.prompt_chunk(q, kv.k[0], kv.v[0], kv.gather_index(rows, keys), scale)
+
+    reference = flash()
+    try:
+        flash_ms = graph_ms(flash)
+    except RuntimeError:  # not capturable with this torch: launched, with its launch cost
+        flash_ms = common.gpu_ms(flash)
+    out_rows = [{"case": name, "kernel": "gather + SDPA flash", "ms": flash_ms}]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for rows_, block, warps, splits in itertools.product((64, 128), (64, 128), (4, 8), (1, 2, 4, 8, 16, None)):
+        tiles = paged_attention.PrefillTiles(rows_, block, warps, splits)
+        row = {"case": name, "rows": rows_, "block": block, "warps": warps, "splits": splits}
+
+        def call(tiles=tiles):
+            return paged_attention.paged_prefill(q, kv.k[0], kv.v[0], table, positions, scale, kv.page_size, tiles)
+
+        try:
+            row["max_diff"] = float((call().float() - reference.float()).abs().max())
+            row["ms"] = graph_ms(call)
+        except Exception as e:  # a shape that does not fit the GPU's shared memory
+            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        out_rows.append(row)
+    default = paged_attention.PrefillTiles()
+    group_pad = 8  # 6 query heads a KV head
+    chosen = paged_attention.prefill_splits_for(-(-CHUNK // (default.rows // group_pad)) * KV_HEADS, sms)
+    for row in out_rows[1:]:
+        row["default"] = (row["rows"], row["block"], row["warps"]) == (default.rows, default.block, default.warps)
+        row["default"] = row["default"] and row["splits"] is None
+        row["chosen_splits"] = chosen
+    done = sorted((r for r in out_rows[1:] if "ms" in r), key=lambda r: r["ms"])
+    print(name, "flash:", round(out_rows[0]["ms"], 4), "ms", flush=True)
+    print(name, "default:", [r for r in done if r["default"]], flush=True)
+    for r in done[:6]:
+        print(name, r, flush=True)
+    return out_rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiles", action="store_true", help="sweep the kernel's launch shapes in CUDA graphs")
+    p.add_argument("--prefill", action="store_true", help="the prefill kernel's launch shapes on a prompt chunk")
     args = p.parse_args()
     results = {"rows": []}
+    if args.prefill:
+        for start in CHUNK_STARTS:
+            results["rows"] += prefill_case(start)
+            torch.cuda.empty_cache()
+        common.save("attention-prefill", results)
+        return
     for name, positions in CASES.items():
         results["rows"] += (tiles_case if args.tiles else run_case)(name, positions)
         torch.cuda.empty_cache()

@@ -56,6 +56,9 @@ def test_splits_fill_the_gpu_and_never_exceed_a_rows_blocks():
     assert paged_attention.splits_for(rows=192, kv_heads=2, max_len=65_536, sm_count=132) == 4
     assert paged_attention.splits_for(rows=768, kv_heads=2, max_len=65_536, sm_count=132) == 1
     assert paged_attention.splits_for(rows=3, kv_heads=2, max_len=300, sm_count=132) == 2
+    # A 512-token chunk of 1.5B: 64 query blocks of 8 positions (6 heads padded to 8) for each of 2 KV heads.
+    assert paged_attention.prefill_splits_for(programs=128, sm_count=132) == 4
+    assert paged_attention.prefill_splits_for(programs=4096, sm_count=132) == 1
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int], scale: float):
@@ -111,17 +114,20 @@ def test_a_prompt_chunk_attends_causally_to_its_row_only(page_size):
     ("start", "tokens", "queries", "head_dim"),
     [(255, 45, 64, 32), (0, 70, 70, 32), (120, 1, 16, 32), (200, 33, 40, 24)],
 )
+@pytest.mark.parametrize("splits", [1, 4, 16])
 def test_the_prefill_kernel_attends_causally_to_its_row_through_the_page_table(
-    page_size, start, tokens, queries, head_dim
+    page_size, start, tokens, queries, head_dim, splits
 ):
     """The captured chunks' kernel: a chunk of `tokens` from `start`, padded to `queries` (padding at `start`, as
-    the engine pads), over row 0's pages scattered in the pool; the other row's keys never leak in."""
+    the engine pads), over row 0's pages scattered in the pool; the other row's keys never leak in. With its keys
+    split, early queries see no key of the last splits, and at 16 some splits hold no block at all."""
     kv, _ = filled_pool(page_size, [300, 200], heads=6, kv_heads=2, head_dim=head_dim, dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 6, queries, head_dim, generator=g).to(DEVICE)
     offsets = torch.arange(queries, device=DEVICE)
     positions = start + torch.where(offsets < tokens, offsets, 0)
-    out = paged_attention.paged_prefill(q, kv.k[0], kv.v[0], kv.page_table[0], positions, 0.3, page_size)
+    tiles = paged_attention.PrefillTiles(splits=splits)
+    out = paged_attention.paged_prefill(q, kv.k[0], kv.v[0], kv.page_table[0], positions, 0.3, page_size, tiles)
     row = kv.gather_index(torch.tensor([0], device=DEVICE), 300)[0]
     expected = plain_attention(q[0], kv.k[0][0][:, row], kv.v[0][0][:, row], positions.tolist(), 0.3)
     assert torch.allclose(out[0], expected, atol=1e-5, rtol=1e-4), (out[0] - expected).abs().max()

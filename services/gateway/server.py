@@ -16,7 +16,7 @@ from services.common.errors import RequestError, abort, from_rpc_error
 from services.common.grpc_server import Service
 from services.common.logs import escape, setup_logging
 from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
-from services.common.telemetry import setup_tracing
+from services.common.telemetry import mark, setup_tracing
 from services.common.tensors import as_numpy
 from services.gateway.admission import Admission, Room
 from services.synthesis.backends import Backends, api_key, decode_voices
@@ -49,6 +49,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
             try:
                 cost = estimated_positions(request)
                 admitted = await self.admission.acquire(key, cost)
+                mark("admitted")
             except grpc.aio.AioRpcError as e:
                 raise from_rpc_error(e, f"llm service at {self.backends.addresses['llm']}") from e
             async for response in self._synthesize(request, options, request_id, started, context):
@@ -69,6 +70,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
 
     async def _synthesize(self, request, options: Options, request_id: str, started: float, context):
         voices = await asyncio.to_thread(decode_voices, request)
+        mark("voices read")
         prepared = await self.backends.prepare(request, options, request_id, voices, context.time_remaining())
         responses = Responses(prepared.header, options.encoder, started)
         header_sent = False

@@ -9,8 +9,9 @@ the launch is captured in the decode step's CUDA graphs. Triton comes with PyTor
 for the GPU it finds, with no CUDA toolkit on the user's machine.
 
 `paged_prefill` is the same for a chunk of one row's prompt: many queries, each attending to the row's positions
-up to its own. It reads the positions through the page table too, so a captured chunk's graph serves every
-chunk, wherever it starts, without gathering keys or masks sized to the context.
+up to its own, its keys split in the same way and combined by the same second kernel. It reads the positions
+through the page table too, so a captured chunk's graph serves every chunk, wherever it starts, without
+gathering keys or masks sized to the context.
 
 The same semantics in plain PyTorch (each row's positions gathered, then SDPA) are `paged_kv.gathered`, which
 CPU steps use; the tests hold the three equal over one page table.
@@ -32,6 +33,7 @@ except ImportError:  # CPU builds of PyTorch come without Triton; they use `page
 BLOCK = 128  # positions per inner step; any page size works, since each position looks up its own page
 TARGET_PROGRAMS_PER_SM = 12  # measured on an H100: ~12 programs per SM gives the lowest decode time, batch 1-256
 MAX_SPLITS = 128  # the most measured (best at batch 1); the rule alone would pick 256 there
+PREFILL_PROGRAMS_PER_SM = 4  # a prompt chunk's programs hold 64 queries each: fewer fit an SM than decode's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +101,11 @@ if triton is not None:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(visible, s, float("-inf"))
         new_best = tl.maximum(best, tl.max(s, 1))
-        rescale = tl.exp(best - new_best)
-        p = tl.exp(s - new_best[:, None])
+        # A query that sees none of its keys yet (a prefill split past its position) keeps a max of -inf; its
+        # exponentials are taken against 0 so they are 0, not NaN.
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)
+        rescale = tl.exp(best - shift)
+        p = tl.exp(s - shift[:, None])
         total = total * rescale + tl.sum(p, 1)
         v = tl.load(v_base + at[:, None] + d[None, :], mask=held[:, None] & dim[None, :], other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -228,6 +233,9 @@ if triton is not None:
         v_ptr,
         table_ptr,
         positions_ptr,
+        acc_ptr,
+        max_ptr,
+        sum_ptr,
         out_ptr,
         q_stride_h,
         q_stride_t,
@@ -237,6 +245,7 @@ if triton is not None:
         out_stride_t,
         tokens,
         scale,
+        HEADS: tl.constexpr,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -244,12 +253,14 @@ if triton is not None:
         DIM_PAD: tl.constexpr,
         PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # One program: BLOCK_M queries of the chunk times the GROUP query heads of one KV head, as one tile, so
-        # each key and value is read once for the group.
+        # each key and value is read once for the group; over one of SPLITS equal ranges of the keys' blocks.
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         r = tl.arange(0, BLOCK_M * GROUP_PAD)
         t = block * BLOCK_M + r // GROUP_PAD
         g = r % GROUP_PAD
@@ -268,11 +279,13 @@ if triton is not None:
         k_base = k_ptr + kv_head.to(tl.int64) * kv_stride_h
         v_base = v_ptr + kv_head.to(tl.int64) * kv_stride_h
         last = tl.max(pos, 0)
+        blocks = tl.cdiv(last + 1, BLOCK_N)
+        per_split = tl.cdiv(blocks, SPLITS)
 
         best = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_M * GROUP_PAD, DIM_PAD], tl.float32)
-        for b in range(0, tl.cdiv(last + 1, BLOCK_N)):
+        for b in range(split * per_split, tl.minimum(split * per_split + per_split, blocks)):
             key = b * BLOCK_N + n
             best, total, acc = _attend_block(
                 q,
@@ -293,9 +306,43 @@ if triton is not None:
                 PRECISION,
             )
 
-        out = acc / total[:, None]
-        at = out_ptr + heads[:, None] * out_stride_h + t[:, None] * out_stride_t + d[None, :]
-        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=real[:, None] & dim[None, :])
+        if SPLITS == 1:  # the only split: normalize and write the output directly
+            out = acc / total[:, None]
+            at = out_ptr + heads[:, None] * out_stride_h + t[:, None] * out_stride_t + d[None, :]
+            tl.store(at, out.to(out_ptr.dtype.element_ty), mask=real[:, None] & dim[None, :])
+        else:  # the same layout as the decode splits', a chunk's query in place of a row
+            index = (t * HEADS + heads) * SPLITS + split
+            tl.store(acc_ptr + index[:, None] * HEAD_DIM + d[None, :], acc, mask=real[:, None] & dim[None, :])
+            tl.store(max_ptr + index, best, mask=real)
+            tl.store(sum_ptr + index, total, mask=real)
+
+
+def _split_buffers(out: torch.Tensor, rows: int, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each split's unnormalized output, running max and sum for `rows` query rows of `out`'s heads (rows, heads,
+    splits[, head_dim]), in float32; with one split the kernel writes `out` itself and these are not read."""
+    if splits == 1:
+        return out, out, out
+    heads, head_dim = out.shape[1], out.shape[-1]
+    acc = torch.empty((rows, heads, splits, head_dim), device=out.device, dtype=torch.float32)
+    best = torch.empty((rows, heads, splits), device=out.device, dtype=torch.float32)
+    return acc, best, torch.empty_like(best)
+
+
+def _combine(acc, best, total, out: torch.Tensor, out_stride_r: int, out_stride_h: int) -> None:
+    """The splits of every (query row, head) merged into `out`, whose row and head strides are given."""
+    rows, heads, splits, head_dim = acc.shape
+    _combine_kernel[(rows, heads)](
+        acc,
+        best,
+        total,
+        out,
+        out_stride_r,
+        out_stride_h,
+        HEADS=heads,
+        HEAD_DIM=head_dim,
+        DIM_PAD=_dim_pad(head_dim),
+        SPLITS=splits,
+    )
 
 
 def paged_decode(
@@ -322,12 +369,7 @@ def paged_decode(
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 1
         splits = splits_for(rows, kv_heads, page_table.shape[1] * page_size, sms)
     out = torch.empty((rows, heads, 1, head_dim), device=q.device, dtype=q.dtype)
-    if splits > 1:
-        acc = torch.empty((rows, heads, splits, head_dim), device=q.device, dtype=torch.float32)
-        best = torch.empty((rows, heads, splits), device=q.device, dtype=torch.float32)
-        total = torch.empty_like(best)
-    else:
-        acc = best = total = out  # not read: the kernel writes the output itself
+    acc, best, total = _split_buffers(out, rows, splits)
     _split_kernel[(rows, kv_heads, splits)](
         q,
         k_pool,
@@ -359,23 +401,30 @@ def paged_decode(
         num_stages=tiles.stages,
     )
     if splits > 1:
-        _combine_kernel[(rows, heads)](
-            acc,
-            best,
-            total,
-            out,
-            out.stride(0),
-            out.stride(1),
-            HEADS=heads,
-            HEAD_DIM=head_dim,
-            DIM_PAD=_dim_pad(head_dim),
-            SPLITS=splits,
-        )
+        _combine(acc, best, total, out, out.stride(0), out.stride(1))
     return out
 
 
-PREFILL_TILE = 64  # query rows (chunk positions times grouped heads) a prefill program holds
-PREFILL_BLOCK = 64  # keys per inner step of a prefill program
+@dataclasses.dataclass(frozen=True)
+class PrefillTiles:
+    """The prefill kernel's launch shape: query rows (chunk positions times grouped heads) a program holds, keys
+    per inner step, warps per program, and splits of the keys (None: `prefill_splits_for`)."""
+
+    rows: int = 64
+    block: int = 64
+    warps: int = 4
+    splits: int | None = None
+
+
+def prefill_splits_for(programs: int, sm_count: int) -> int:
+    """Splits of a chunk's keys: the largest power of two that keeps programs at or under the target per SM (at
+    least one). A chunk's programs are few (a 512-token chunk of 1.5B has 128), each walking every key before its
+    queries' positions: alone they leave most of an SM's warps idle while they wait for keys."""
+    wanted = max(1, PREFILL_PROGRAMS_PER_SM * sm_count // programs)
+    splits = 1
+    while splits * 2 <= min(wanted, MAX_SPLITS):
+        splits *= 2
+    return splits
 
 
 def paged_prefill(
@@ -386,6 +435,7 @@ def paged_prefill(
     positions: torch.Tensor,
     scale: float,
     page_size: int,
+    tiles: PrefillTiles = PrefillTiles(),
 ) -> torch.Tensor:
     """q (1, heads, T, head_dim): a chunk of one row's prompt, query t at `positions[t]`, attending to the row's
     positions [0, positions[t]], which live in the pool at `page_table[position // page_size]` (the row's table).
@@ -399,14 +449,23 @@ def paged_prefill(
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
-    block_m = max(1, PREFILL_TILE // group_pad)
+    block_m = max(1, tiles.rows // group_pad)
+    query_blocks = triton.cdiv(tokens, block_m)
+    splits = tiles.splits
+    if splits is None:
+        sms = _sm_count(q.device.index or 0) if q.is_cuda else 1
+        splits = prefill_splits_for(query_blocks * kv_heads, sms)
     out = torch.empty((1, heads, tokens, head_dim), device=q.device, dtype=q.dtype)
-    _prefill_kernel[(triton.cdiv(tokens, block_m), kv_heads)](
+    acc, best, total = _split_buffers(out, tokens, splits)
+    _prefill_kernel[(query_blocks, kv_heads, splits)](
         q,
         k_pool,
         v_pool,
         page_table,
         positions,
+        acc,
+        best,
+        total,
         out,
         q.stride(1),
         q.stride(2),
@@ -416,13 +475,18 @@ def paged_prefill(
         out.stride(2),
         tokens,
         scale,
+        HEADS=heads,
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_M=block_m,
         HEAD_DIM=head_dim,
         DIM_PAD=_dim_pad(head_dim),
         PAGE=page_size,
-        BLOCK_N=PREFILL_BLOCK,
+        BLOCK_N=tiles.block,
+        SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=tiles.warps,
     )
+    if splits > 1:  # the decode splits' combine, with the chunk's queries as its rows
+        _combine(acc, best, total, out, out.stride(2), out.stride(1))
     return out

@@ -186,6 +186,7 @@ class LLM(mesh_pb2_grpc.LLMServicer):
         try:
             # Checking megabytes of voices and a long prompt is work off the loop that runs every stream's steps.
             job, resume = await asyncio.to_thread(self._job, request)
+            mark("request checked")
             if resume is not None:
                 await self._resumed(job, resume)
         except RequestError as e:
