@@ -252,20 +252,29 @@ def test_a_long_pieces_mlp_in_slices_equals_the_whole_and_leaves_its_input_alone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-parts", "compiled-parts"])
+def test_captured_prompt_chunks_give_the_audio_of_launched_ones(ckpt, compiled):
     """Prompt chunks and pieces replayed as graphs (the Triton kernel reading the page table) against the same
     prompts launched (gathered keys, SDPA): prompts over several chunks, one ending inside a chunk, two streams
     prefilled in the same steps, the first prompt's first two pieces of two chunks each. Two different attention
     kernels sum in different orders, so the bound is rounding of bf16 (a step of 3.9e-3), not the bit-level
     agreement of one kernel: on an H100 the first frame differed by 6.0e-4 of the peak and the six frames by
-    6.6e-4 (chunks alone). A wrong page, position or mask differs by the signal itself."""
+    6.6e-4 (chunks alone). A wrong page, position or mask differs by the signal itself. `compiled`: the graphs'
+    layer parts compiled, as `vvmesh up` runs them."""
     requests = [
         {"prompt": prompt(ckpt, 700, 21), "frames": 6, "seed": 1},
         {"prompt": prompt(ckpt, 90, 22), "frames": 6, "seed": 2},
     ]
     launched = run(ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=False)
     captured = run(
-        ckpt, requests, prefill_chunk=256, device="cuda", prefill_graphs=True, budget=None, idle_prefill_chunks=2
+        ckpt,
+        requests,
+        prefill_chunk=256,
+        device="cuda",
+        prefill_graphs=True,
+        budget=None,
+        idle_prefill_chunks=2,
+        torch_compile=compiled,
     )
     for a, b in zip(launched, captured, strict=True):
         assert a.shape == b.shape

@@ -246,7 +246,9 @@ class AcousticEngine:
                 [m + self.vae_std * std[i] * noise[i, : m.shape[0]] for i, m in enumerate(means)], dim=0
             )
             features = (latents + self.latent_bias) * self.latent_scale
-            return self.acoustic_connector(features).float().cpu(), frames
+            # In the connector's dtype: the llm takes them in its own (the same), so float32 would only double
+            # the megabytes on both hops.
+            return self.acoustic_connector(features).cpu(), frames
 
     # ------------------------------------------------------------------ streams
 

@@ -557,7 +557,7 @@ class LMEngine:
         else:
             self._chunk_step(queries, self._keys(start + tokens), padded=True)
 
-    def _chunk_step(self, queries: int, keys: int | None, padded: bool = False) -> torch.Tensor:
+    def _chunk_step(self, queries: int, keys: int | None, padded: bool = False, compiled: bool = False) -> torch.Tensor:
         """The prompt chunk the buffers hold, as `queries` queries over its row's first `keys` positions.
 
         Launched (on every device without the chunk graph), it has exactly its tokens as queries and the
@@ -565,12 +565,15 @@ class LMEngine:
         chunk size, and the queries past its tokens are padding that writes to the scratch page. With `keys`
         None (what the chunk graph captures) the keys are read through the row's page table up to each query's
         position, so one graph serves every chunk; with `keys` (the same step eagerly, where Triton is absent)
-        they are gathered, the keys past the chunk masked out."""
+        they are gathered, the keys past the chunk masked out. `compiled`: the layers' other parts compiled, as in the
+        decode graphs."""
         offsets = self._chunk_offsets[:queries]
         real = offsets < self.chunk_tokens
         positions = (self.chunk_start + torch.where(real, offsets, 0))[None]
         x = self.chunk_inputs[None, :queries]
-        return self.decoder.forward(x, self.chunk_row, positions, keys, writes=real[None], prompt_chunk=not padded)
+        return self.decoder.forward(
+            x, self.chunk_row, positions, keys, compiled, writes=real[None], prompt_chunk=not padded
+        )
 
     def _capture_chunk_graph(self) -> None:
         self.padded_chunks = True
@@ -581,8 +584,10 @@ class LMEngine:
             # A context shorter than a piece never has a whole one left (and its page tables could not index it).
             if self.prefill_chunk < self.piece_tokens <= self.kv.max_len:
                 inputs = self.chunk_inputs[None, : self.piece_tokens]
-                self.piece_graph = PieceGraphs(self.decoder, inputs, self.chunk_row, self.chunk_start, graphed(pool))
-            step = functools.partial(self._chunk_step, self.prefill_chunk, None, padded=True)
+                self.piece_graph = PieceGraphs(
+                    self.decoder, inputs, self.chunk_row, self.chunk_start, graphed(pool), self._compiled
+                )
+            step = functools.partial(self._chunk_step, self.prefill_chunk, None, padded=True, compiled=self._compiled)
             self.chunk_graph = CapturedStep(step, pool)
         log.info(
             "captured the prompt-chunk graphs: %d and %d tokens at any position", self.prefill_chunk, self.piece_tokens

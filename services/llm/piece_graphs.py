@@ -44,12 +44,20 @@ def graphed(pool) -> Capture:
 class PieceGraphs:
     """Prefill of one row's `tokens` positions from `start` on, for inputs in `x` (1, tokens, hidden): every
     position real (a piece is replayed only when it is whole). `row` (1,) and `start` () are device buffers the
-    caller fills before `run`."""
+    caller fills before `run`. `compiled`: the layers' parts run as `PagedDecoder.compile` made them, as in the
+    decode graphs."""
 
     def __init__(
-        self, decoder: PagedDecoder, x: torch.Tensor, row: torch.Tensor, start: torch.Tensor, capture: Capture
+        self,
+        decoder: PagedDecoder,
+        x: torch.Tensor,
+        row: torch.Tensor,
+        start: torch.Tensor,
+        capture: Capture,
+        compiled: bool = False,
     ) -> None:
         self.decoder = decoder
+        self.parts = decoder.compiled_parts if compiled else None
         self.row = row
         self.tokens = x.shape[1]
         layers = len(decoder.lm.layers)
@@ -73,13 +81,13 @@ class PieceGraphs:
         self.cos.copy_(cos)
         self.sin.copy_(sin)
         self.write.copy_(write)
-        self.queries.copy_(self.decoder.enter(0, self.x, self.cos, self.sin, self.write))
+        self.queries.copy_(self.decoder.enter(0, self.x, self.cos, self.sin, self.write, self.parts))
 
     def _between(self, i: int) -> None:
         """The rest of layer i-1 and layer i up to its attention; after the last layer, the final norm."""
-        x = self.decoder.leave(i - 1, self.x, self.attended)
+        x = self.decoder.leave(i - 1, self.x, self.attended, self.parts)
         if i < len(self.decoder.lm.layers):
-            self.queries.copy_(self.decoder.enter(i, x, self.cos, self.sin, self.write))
+            self.queries.copy_(self.decoder.enter(i, x, self.cos, self.sin, self.write, self.parts))
             self.x.copy_(x)
         else:
             self.x.copy_(self.decoder.lm.norm(x))
