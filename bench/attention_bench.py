@@ -224,7 +224,7 @@ def prefill_case(start: int) -> list[dict]:
             row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
         out_rows.append(row)
     default = paged_attention.PrefillTiles()
-    group_pad = 8  # 6 query heads a KV head
+    group_pad = 1 << (HEADS // KV_HEADS - 1).bit_length()  # the kernel's tile of a KV head's query heads
     chosen = paged_attention.prefill_splits_for(-(-CHUNK // (default.rows // group_pad)) * KV_HEADS, sms)
     for row in out_rows[1:]:
         row["default"] = (row["rows"], row["block"], row["warps"]) == (default.rows, default.block, default.warps)

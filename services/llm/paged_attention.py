@@ -33,7 +33,7 @@ except ImportError:  # CPU builds of PyTorch come without Triton; they use `page
 BLOCK = 128  # positions per inner step; any page size works, since each position looks up its own page
 TARGET_PROGRAMS_PER_SM = 12  # measured on an H100: ~12 programs per SM gives the lowest decode time, batch 1-256
 MAX_SPLITS = 128  # the most measured (best at batch 1); the rule alone would pick 256 there
-PREFILL_PROGRAMS_PER_SM = 4  # a prompt chunk's programs hold 64 queries each: fewer fit an SM than decode's
+PREFILL_PROGRAMS_PER_SM = 4  # a prompt chunk's programs hold 64 query rows each: fewer fit an SM than decode's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +62,12 @@ def _sm_count(device_index: int) -> int:
 def splits_for(rows: int, kv_heads: int, max_len: int, sm_count: int) -> int:
     """Splits per row: the largest power of two that keeps programs at or under the target per SM (at least
     one), never more than a row's blocks or MAX_SPLITS."""
-    programs = rows * kv_heads
-    wanted = max(1, TARGET_PROGRAMS_PER_SM * sm_count // programs)
-    most = max(1, -(-max_len // BLOCK))
-    splits = 1
-    while splits * 2 <= min(wanted, most, MAX_SPLITS):
-        splits *= 2
-    return splits
+    wanted = max(1, TARGET_PROGRAMS_PER_SM * sm_count // (rows * kv_heads))
+    return _power_of_two_at_most(min(wanted, max(1, -(-max_len // BLOCK)), MAX_SPLITS))
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 if triton is not None:
@@ -420,11 +419,7 @@ def prefill_splits_for(programs: int, sm_count: int) -> int:
     """Splits of a chunk's keys: the largest power of two that keeps programs at or under the target per SM (at
     least one). A chunk's programs are few (a 512-token chunk of 1.5B has 128), each walking every key before its
     queries' positions: alone they leave most of an SM's warps idle while they wait for keys."""
-    wanted = max(1, PREFILL_PROGRAMS_PER_SM * sm_count // programs)
-    splits = 1
-    while splits * 2 <= min(wanted, MAX_SPLITS):
-        splits *= 2
-    return splits
+    return _power_of_two_at_most(min(PREFILL_PROGRAMS_PER_SM * sm_count // programs, MAX_SPLITS))
 
 
 def paged_prefill(
