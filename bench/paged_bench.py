@@ -20,6 +20,7 @@ import time
 import common
 import numpy as np
 import torch
+from kernel_table import profile_steps
 
 from services.acoustic.engine import AcousticEngine
 from services.common import tensors
@@ -185,7 +186,7 @@ def attention_probe(lm: LMEngine, streams: int) -> dict:
     return {"paged_decode": common.gpu_ms(paged), "gathered_sdpa": common.gpu_ms(gathered), "keys": keys}
 
 
-def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], steps: int) -> dict:
+def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], steps: int, kernels: int = 0) -> dict:
     streams = start(lm, acoustic, ids, len(positions), steps + 20, 10_000)
     for s, p in zip(streams, positions, strict=True):
         lm.place(s, (p, min(SEGMENT, p - len(ids)), p - len(ids)))
@@ -199,9 +200,11 @@ def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], step
     sync()
     elapsed = time.perf_counter() - t
     attention = attention_probe(lm, len(positions)) if lm.device.type == "cuda" else None
+    profiled = profile_steps(lambda: step(lm, acoustic), kernels) if kernels and lm.device.type == "cuda" else None
     finish(lm, acoustic, streams)
     ms = elapsed / steps * 1000
     return {
+        **({"kernel_profile": profiled} if profiled else {}),
         "lm_ms": float(np.median(PHASES["lm"])),
         "attention_one_layer_ms": attention,
         "acoustic_ms": float(np.median(PHASES["acoustic"])),
@@ -354,6 +357,7 @@ def main() -> None:
     )
     p.add_argument("--playing", type=int, default=64, help="streams playing while the long prompts arrive")
     p.add_argument("--no-prefill-graphs", action="store_true", help="the llm's --no-prefill-graphs")
+    p.add_argument("--kernels", type=int, default=0, help="profile this many steps of each case, kernel by kernel")
     p.add_argument(
         "--copies",
         default="pinned",
@@ -413,7 +417,7 @@ def main() -> None:
     for name in cases:
         for mode in copies:
             tensors.PINNED_COPIES = mode == "pinned"
-            row = {**case_run(lm, acoustic, ids, name, CASES[name], args.steps), "copies": mode}
+            row = {**case_run(lm, acoustic, ids, name, CASES[name], args.steps, args.kernels), "copies": mode}
             if "reference" in results and row["streams"] == 1:
                 row["speedup_vs_reference"] = results["reference"]["ms_per_step"] / row["ms_per_step"]
             results["rows"].append(row)

@@ -56,8 +56,8 @@ def test_splits_fill_the_gpu_and_never_exceed_a_rows_blocks():
     assert paged_attention.splits_for(rows=192, kv_heads=2, max_len=65_536, sm_count=132) == 4
     assert paged_attention.splits_for(rows=768, kv_heads=2, max_len=65_536, sm_count=132) == 1
     assert paged_attention.splits_for(rows=3, kv_heads=2, max_len=300, sm_count=132) == 2
-    # A 512-token chunk of 1.5B: 64 query blocks of 8 positions (6 heads padded to 8) for each of 2 KV heads.
-    assert paged_attention.prefill_splits_for(programs=128, sm_count=132) == 4
+    # A 512-token chunk of 1.5B: 32 query blocks of 16 positions (6 heads padded to 8) for each of 2 KV heads.
+    assert paged_attention.prefill_splits_for(programs=64, sm_count=132) == 2
     assert paged_attention.prefill_splits_for(programs=4096, sm_count=132) == 1
 
 

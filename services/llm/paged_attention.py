@@ -33,7 +33,10 @@ except ImportError:  # CPU builds of PyTorch come without Triton; they use `page
 BLOCK = 128  # positions per inner step; any page size works, since each position looks up its own page
 TARGET_PROGRAMS_PER_SM = 12  # measured on an H100: ~12 programs per SM gives the lowest decode time, batch 1-256
 MAX_SPLITS = 128  # the most measured (best at batch 1); the rule alone would pick 256 there
-PREFILL_PROGRAMS_PER_SM = 4  # a prompt chunk's programs hold 64 query rows each: fewer fit an SM than decode's
+# A prompt chunk's program holds 128 query rows on 8 warps, so one fills an SM's warps where decode's fit 12.
+# Measured on an H100 (`bench/attention_bench.py --prefill`): 1.5B's 512-token chunk is fastest at 2 splits,
+# which this gives, at every start from 0 to 30,000.
+PREFILL_PROGRAMS_PER_SM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,15 +412,15 @@ class PrefillTiles:
     """The prefill kernel's launch shape: query rows (chunk positions times grouped heads) a program holds, keys
     per inner step, warps per program, and splits of the keys (None: `prefill_splits_for`)."""
 
-    rows: int = 64
+    rows: int = 128
     block: int = 64
-    warps: int = 4
+    warps: int = 8
     splits: int | None = None
 
 
 def prefill_splits_for(programs: int, sm_count: int) -> int:
     """Splits of a chunk's keys: the largest power of two that keeps programs at or under the target per SM (at
-    least one). A chunk's programs are few (a 512-token chunk of 1.5B has 128), each walking every key before its
+    least one). A chunk's programs are few (a 512-token chunk of 1.5B has 64), each walking every key before its
     queries' positions: alone they leave most of an SM's warps idle while they wait for keys."""
     return _power_of_two_at_most(min(PREFILL_PROGRAMS_PER_SM * sm_count // programs, MAX_SPLITS))
 
