@@ -7,23 +7,25 @@ Each part runs the engine's own compiled code for `n` streams, captured in a CUD
 acoustic step runs it. For each part it prints the GPU time, the kernels one replay launches (from a profile of
 the replays), and two floors on the same GPU: its weights read once (diffusion: once per diffusion step) at the
 GPU's copy bandwidth measured in the same run, and its kernels at the shortest kernel time the profile saw.
-The σ-VAE decode and semantic encode also run with the ConvNeXt blocks' depthwise convolution called through
-cuDNN (the "_cudnn" rows) instead of the engine's shifted taps, with the largest difference between the two.
+The σ-VAE decode and semantic encode also run with the fused block kernel at fewer stages ("_upto128", "_upto64")
+and with every ConvNeXt block as compiled PyTorch ("_unfused"), with the largest difference between the engine's
+decode and the unfused one.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import common
 import torch
 from paged_bench import user_defaults
 
+from services.acoustic import convnext_kernel
 from services.acoustic.engine import GRAPH_DIFFUSION_STEPS, AcousticEngine
-from services.acoustic.streaming import convnext_step, streaming_forward
+from services.acoustic.streaming import streaming_forward
 from services.common.checkpoint import resolve_checkpoint
-from services.common.cuda_graphs import compiled
 from services.common.model_args import resolve_dtype
 from services.render.values import RenderStep, StreamSpec
 
@@ -66,10 +68,13 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)
 
 
-def convnext_step_cudnn(block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """The engine's block step with its depthwise convolution called as the module (cuDNN) instead of written as
-    shifted taps: the previous form, kept to measure the taps against."""
-    return convnext_step(block, x, state, mix=lambda conv, padded: conv(padded))
+def stack(model, x, cache, block_step, limit: int) -> torch.Tensor:
+    """`streaming_forward` with the fused block kernel at stages of at most `limit` channels."""
+    default, convnext_kernel.MAX_CHANNELS = convnext_kernel.MAX_CHANNELS, limit
+    try:
+        return streaming_forward(model, x, cache, block_step)
+    finally:
+        convnext_kernel.MAX_CHANNELS = default
 
 
 def decoder_cache_tensors(cache) -> list[torch.Tensor]:
@@ -96,31 +101,31 @@ def parts(acoustic, n: int, bandwidth: float) -> dict:
             lambda: ac._compiled_diffusion(condition, noise, cfg, plan),
             weight_bytes(ac.diffusion_head) * GRAPH_DIFFUSION_STEPS,
         ),
-        "sigma_vae_decode": (
-            lambda: streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, ac._compiled_block),
-            weight_bytes(ac.audio_tower.decoder),
-        ),
-        "semantic_encode": (
-            lambda: streaming_forward(ac.semantic_encoder, audio, semantic_cache, ac._compiled_block),
-            weight_bytes(ac.semantic_encoder),
-        ),
     }
-    cudnn = compiled(convnext_step_cudnn)
-    pieces["sigma_vae_decode_cudnn"] = (
-        lambda: streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, cudnn),
-        weight_bytes(ac.audio_tower.decoder),
-    )
-    pieces["semantic_encode_cudnn"] = (
-        lambda: streaming_forward(ac.semantic_encoder, audio, semantic_cache, cudnn),
-        weight_bytes(ac.semantic_encoder),
-    )
-    # The variant's output against the engine's, from the same state
+    # The conv stacks again with the fused kernel at fewer stages (up to 128 or 64 channels) and at none: every
+    # block as compiled PyTorch, as before the kernel. The engine's block step reads the limit when it is called,
+    # so each variant's capture takes its own.
+    limits = {"": convnext_kernel.MAX_CHANNELS, "_upto128": 128, "_upto64": 64, "_unfused": 0}
+    for suffix, limit in limits.items():
+        for name, model, x, cache in (
+            ("sigma_vae_decode", ac.audio_tower.decoder, latent, decoder_cache),
+            ("semantic_encode", ac.semantic_encoder, audio, semantic_cache),
+        ):
+            pieces[name + suffix] = (
+                functools.partial(stack, model, x, cache, ac._compiled_block, limit),
+                weight_bytes(model),
+            )
+    # The unfused decode's output against the engine's, from the same state
     saved = [t.clone() for t in decoder_cache_tensors(decoder_cache)]
-    plain = streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, ac._compiled_block)
+    plain = stack(ac.audio_tower.decoder, latent, decoder_cache, ac._compiled_block, convnext_kernel.MAX_CHANNELS)
     for t, s in zip(decoder_cache_tensors(decoder_cache), saved, strict=True):
         t.copy_(s)
-    via_cudnn = streaming_forward(ac.audio_tower.decoder, latent, decoder_cache, cudnn)
-    out = {"streams": n, "cudnn_max_diff": float((plain.float() - via_cudnn.float()).abs().max())}
+    via_unfused = stack(ac.audio_tower.decoder, latent, decoder_cache, ac._compiled_block, 0)
+    out = {
+        "streams": n,
+        "unfused_max_diff": float((plain.float() - via_unfused.float()).abs().max()),
+        "audio_max": float(via_unfused.float().abs().max()),
+    }
     for name, (fn, nbytes) in pieces.items():
         graph = capture(fn)
         count, summed, shortest = kernels_of(graph)

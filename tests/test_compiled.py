@@ -18,6 +18,7 @@ from services.common.checkpoint import resolve_checkpoint
 from services.common.cuda_graphs import compiled
 from services.llm import paged_attention
 from services.llm.engine import LMEngine
+from tests.acoustic_frames import frames_both_ways
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler on the CPU")
 # The decode graphs' attention kernel is Triton: on these CPU tensors it runs only in Triton's interpreter (the
@@ -37,24 +38,7 @@ def test_compiled_acoustic_frame_equals_eager(ckpt):
     engine = AcousticEngine(ckpt, max_streams=3)
     engine._compiled_diffusion = compiled(engine._diffuse)
     engine._compiled_block = compiled(convnext_step)
-    g = torch.Generator().manual_seed(0)
-    n = 3
-    condition = torch.randn(2 * n, engine.hidden_size, generator=g)
-    noise = torch.randn(n, engine.latent_size, generator=g)
-    cfg = torch.tensor([[1.3], [1.0], [2.0]])
-    stores = (engine.decoder_state, engine.semantic_state)
-    start = [{k: torch.randn(t.shape, generator=g) for k, t in store.state.items()} for store in stores]
-    results = []
-    for use_compiled in (False, True):
-        for store, state in zip(stores, start, strict=True):
-            for k, t in store.state.items():
-                t.copy_(state[k])
-        with torch.inference_mode():
-            embeds, audio, latents, semantic = engine._frame(
-                condition, noise, cfg, engine._plan(10), *(s.leading(n) for s in stores), use_compiled=use_compiled
-            )
-        after = [torch.cat([t.flatten() for t in s.state.values()]) for s in stores]
-        results.append((embeds, audio, latents, semantic, *after))
+    results = frames_both_ways(engine, 3)
     for eager, comp in zip(*results, strict=True):
         assert torch.allclose(eager, comp, atol=1e-5, rtol=1e-4), (eager - comp).abs().max()
 

@@ -24,6 +24,7 @@ from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acousti
 )
 
 from services.acoustic.conv_state import ConvStateRows
+from services.acoustic.convnext_kernel import fused_block_step
 from services.acoustic.diffusion import fuse_head, guided_velocity
 from services.acoustic.dpm_solver import DPMSolverPlan
 from services.acoustic.receptive_field import state_frames
@@ -60,6 +61,7 @@ class AcousticEngine:
         max_streams: int = 256,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
+        fused_blocks: bool = True,
     ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
@@ -136,13 +138,16 @@ class AcousticEngine:
         self._render_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self._encode_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
 
-        # The captured steps may run torch.compile'd code (one compilation shared by all buckets); the eager
-        # path for unusual steps never does, so it cannot trigger a compilation while streams are playing.
+        # The captured steps may run torch.compile'd code (one compilation shared by all buckets) and the fused
+        # block kernel at the high-rate stages; the eager path for unusual steps never does, so it cannot trigger
+        # a compilation while streams are playing.
         self._compiled_diffusion = self._diffuse
         self._compiled_block = convnext_step
         if torch_compile and cuda and cuda_graphs:
             self._compiled_diffusion = compiled(self._diffuse)
             self._compiled_block = compiled(convnext_step)
+        if cuda and cuda_graphs and fused_blocks:
+            self._compiled_block = fused_block_step(self._compiled_block)
         # The usual step (every stream at GRAPH_DIFFUSION_STEPS) reads its inputs from these buffers and renders
         # the leading rows of a batch bucket. On the GPU it is captured per bucket; elsewhere it is called as
         # it is, so the CPU runs the control flow the graphs replay (row moves, padding rows put back).

@@ -1,0 +1,118 @@
+"""The fused ConvNeXt block kernel equals `convnext_step`, the block's own math: its output and the state it leaves,
+for frames longer and shorter than the state, tiles that split a frame, inputs that are views, and rows of a
+larger state tensor."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers.models.vibevoice_acoustic_tokenizer.configuration_vibevoice_acoustic_tokenizer import (
+    VibeVoiceAcousticTokenizerConfig,
+)
+from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acoustic_tokenizer import (
+    VibeVoiceAcousticTokenizerConvNext1dLayer,
+)
+
+from services.acoustic import convnext_kernel
+from services.acoustic.engine import AcousticEngine
+from services.acoustic.streaming import convnext_step
+from services.common.checkpoint import resolve_checkpoint
+from tests.acoustic_frames import frames_both_ways
+
+needs_kernel = pytest.mark.skipif(
+    convnext_kernel.triton is None or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="the fused block kernel needs Triton, on a GPU or with TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_block(channels: int, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    config = VibeVoiceAcousticTokenizerConfig(num_filters=channels)
+    block = VibeVoiceAcousticTokenizerConvNext1dLayer(config, hidden_size=channels, layer_idx=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():  # layer scales of 1e-6 would hide the mixer and the FFN
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 if p.dim() < 2 else p.shape[-1] ** -0.5))
+    return block.to(DEVICE, dtype).eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("channels", "samples", "streams"),
+    [(16, 1, 3), (32, 4, 2), (16, 6, 1), (32, 50, 2), (64, 33, 1), (16, 200, 1)],
+)
+def test_fused_block_equals_the_blocks_math(channels: int, samples: int, streams: int):
+    block = random_block(channels, seed=channels + samples, dtype=torch.float32)
+    g = torch.Generator().manual_seed(samples)
+    wide = torch.randn(streams, channels, samples + 3, generator=g).to(DEVICE)
+    x = wide[:, :, 3:]  # a view, as a resampling conv's trimmed output is
+    rows = torch.randn(streams + 2, channels, 6, generator=g).to(DEVICE)
+    state, expected_state = rows[1 : streams + 1], rows[1 : streams + 1].clone()
+    with torch.inference_mode():
+        for _ in range(2):  # the second frame starts from the state the first left
+            expected = convnext_step(block, x, expected_state)
+            out = convnext_kernel.convnext_block(block, x, state)
+            assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4), (out - expected).abs().max()
+            assert torch.allclose(state, expected_state, atol=1e-5), (state - expected_state).abs().max()
+            x = x.flip(-1)
+    assert rows[0].abs().sum() > 0 and rows[-1].abs().sum() > 0  # neighbours' rows untouched (checked below)
+
+
+@needs_kernel
+def test_fused_block_leaves_other_rows_alone_and_tiles_shrink_for_small_batches():
+    block = random_block(32, seed=1, dtype=torch.float32)
+    rows = torch.randn(4, 32, 6).to(DEVICE)
+    before = rows.clone()
+    with torch.inference_mode():
+        convnext_kernel.convnext_block(block, torch.randn(2, 32, 20).to(DEVICE), rows[1:3])
+    assert torch.equal(rows[0], before[0]) and torch.equal(rows[3], before[3])
+    assert not torch.equal(rows[1], before[1])
+    # One stream of 3,200 samples is cut into tiles of 16 so that its programs fill the GPU; 256 streams keep
+    # the widest tile.
+    assert convnext_kernel.tile_for(1, 32, 3200) == 16
+    assert convnext_kernel.tile_for(256, 32, 3200) == 256
+    assert convnext_kernel.tile_for(256, 256, 200) == 32
+
+
+def test_blocks_the_kernel_cannot_run_fall_back_to_the_plain_step():
+    block = random_block(32, seed=2, dtype=torch.float32).cpu()
+    x, state = torch.randn(1, 32, 8), torch.zeros(1, 32, 6)
+    calls = []
+
+    def fallback(b, x, s):
+        calls.append(x.shape)
+        return convnext_step(b, x, s)
+
+    with torch.inference_mode():
+        out = convnext_kernel.fused_block_step(fallback)(block, x, state)
+    assert calls == [x.shape]  # a CPU tensor: the plain step
+    assert out.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or convnext_kernel.triton is None, reason="bf16 kernels need a GPU")
+@pytest.mark.parametrize(("channels", "samples", "streams"), [(32, 3200, 1), (128, 800, 4), (256, 200, 64)])
+def test_fused_block_in_bf16_rounds_as_the_block_does(channels: int, samples: int, streams: int):
+    block = random_block(channels, seed=channels, dtype=torch.bfloat16)
+    x = torch.randn(streams, channels, samples, device=DEVICE, dtype=torch.bfloat16)
+    state = torch.randn(streams, channels, 6, device=DEVICE, dtype=torch.bfloat16)
+    expected_state = state.clone()
+    with torch.inference_mode():
+        expected = convnext_step(block, x, expected_state).float()
+        out = convnext_kernel.convnext_block(block, x, state).float()
+    # bf16 keeps 8 bits: a few of its steps apart at most, where float32 sums meet bf16 roundings in another order
+    assert (out - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert torch.allclose(state.float(), expected_state.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or convnext_kernel.triton is None, reason="needs a GPU")
+def test_a_frame_through_fused_blocks_equals_the_plain_frame(tiny_checkpoint):
+    """The engine's frame (diffusion, σ-VAE decode, semantic encode, connectors) with the fused kernel at every
+    stage it takes (16-256 channels in the tiny model) against the plain blocks, in float32, from the same state;
+    the states left behind agree too."""
+    engine = AcousticEngine(resolve_checkpoint(str(tiny_checkpoint)), "cuda", torch.float32, 3, cuda_graphs=False)
+    engine._compiled_block = convnext_kernel.fused_block_step(convnext_step)
+    results = frames_both_ways(engine, 3)
+    for plain, fused in zip(*results, strict=True):
+        assert torch.allclose(plain, fused, atol=1e-4, rtol=1e-4), (plain - fused).abs().max()
