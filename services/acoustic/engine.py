@@ -139,7 +139,7 @@ class AcousticEngine:
         self._encode_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
 
         # The captured steps may run torch.compile'd code (one compilation shared by all buckets) and the fused
-        # block kernel at the high-rate stages; the eager path for unusual steps never does, so it cannot trigger
+        # block kernel at the highest-rate stages; the eager path for unusual steps never does, so it cannot trigger
         # a compilation while streams are playing.
         self._compiled_diffusion = self._diffuse
         self._compiled_block = convnext_step
