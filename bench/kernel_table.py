@@ -15,7 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 
 # A kernel's kind, by the first pattern its name contains (lower case).
 KINDS = (
-    ("attention", ("_decode_kernel", "_prefill_kernel", "_combine", "flash", "fmha", "attention")),
+    ("attention", ("_split_kernel", "_prefill_kernel", "_combine", "flash", "fmha", "attention")),
+    ("convnext block", ("_block_kernel",)),
     ("matmul", ("gemm", "gemv", "cutlass", "sm90_", "sm80_", "cublas", "matmul", "splitk")),
     ("convolution", ("conv", "cudnn", "implicit")),
     ("compiled fusion", ("triton_",)),
