@@ -28,8 +28,8 @@ needs_kernel = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_block(channels: int, seed: int, dtype: torch.dtype) -> torch.nn.Module:
-    config = VibeVoiceAcousticTokenizerConfig(num_filters=channels)
+def random_block(channels: int, seed: int, dtype: torch.dtype, **config_changes) -> torch.nn.Module:
+    config = VibeVoiceAcousticTokenizerConfig(num_filters=channels, **config_changes)
     block = VibeVoiceAcousticTokenizerConvNext1dLayer(config, hidden_size=channels, layer_idx=0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -74,6 +74,24 @@ def test_fused_block_leaves_other_rows_alone_and_tiles_shrink_for_small_batches(
     assert convnext_kernel.tile_for(1, 32, 3200) == 16
     assert convnext_kernel.tile_for(256, 32, 3200) == 256
     assert convnext_kernel.tile_for(256, 256, 200) == 32
+
+
+def test_the_kernel_takes_only_blocks_whose_math_it_computes():
+    assert convnext_kernel.kernel_applies(random_block(32, seed=3, dtype=torch.float32))
+    assert convnext_kernel.kernel_applies(random_block(16, seed=3, dtype=torch.float32, hidden_act="gelu_python"))
+    # Another activation, a wider or narrower stage, a dilated or even-sized convolution: the plain block.
+    for channels, changes in [
+        (32, {"hidden_act": "gelu_new"}),
+        (32, {"hidden_act": "relu"}),
+        (128, {}),
+        (8, {}),
+        (48, {}),
+        (32, {"kernel_size": 32}),
+    ]:
+        assert not convnext_kernel.kernel_applies(random_block(channels, seed=3, dtype=torch.float32, **changes))
+    dilated = random_block(32, seed=3, dtype=torch.float32)
+    dilated.mixer.conv.dilation = (2,)
+    assert not convnext_kernel.kernel_applies(dilated)
 
 
 def test_blocks_the_kernel_cannot_run_fall_back_to_the_plain_step():

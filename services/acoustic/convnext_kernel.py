@@ -25,6 +25,7 @@ so those stages keep them.
 from __future__ import annotations
 
 import torch
+from transformers.activations import GELUActivation
 
 from services.acoustic.streaming import BlockStep
 
@@ -41,21 +42,38 @@ HIDDEN_SLICE = 64  # FFN hidden channels per inner step
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100 or H200: smaller tiles until a batch has as many
 
 
+def kernel_applies(block: torch.nn.Module) -> bool:
+    """Whether the kernel computes this block's math: the tokenizer's ConvNeXt block with a causal depthwise
+    convolution of stride and dilation 1 (its state shorter than a tile), biases, layer scales and the exact
+    (erf) GELU, at 16 to MAX_CHANNELS channels, a power of two. A checkpoint with anything else keeps the plain
+    block."""
+    conv, ffn = block.mixer.conv, block.ffn
+    channels = conv.in_channels
+    return (
+        MIN_TILE <= channels <= MAX_CHANNELS
+        and channels & (channels - 1) == 0
+        and conv.groups == conv.out_channels == channels
+        and conv.stride[0] == 1
+        and conv.dilation[0] == 1
+        and conv.padding == (0,)
+        and 1 <= conv.kernel_size[0] <= MIN_TILE + 1
+        and conv.bias is not None
+        and isinstance(ffn.activation, GELUActivation)
+        and ffn.linear1.bias is not None
+        and ffn.linear2.bias is not None
+        and isinstance(block.gamma, torch.Tensor)
+        and isinstance(block.ffn_gamma, torch.Tensor)
+    )
+
+
 def _fits(block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor) -> bool:
-    conv = block.mixer.conv
-    channels = x.shape[1]
     return (
         triton is not None
         and x.is_cuda
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and MIN_TILE <= channels <= MAX_CHANNELS
-        and channels & (channels - 1) == 0
-        and conv.groups == conv.in_channels == conv.out_channels == channels
-        and conv.stride[0] == 1
-        and conv.dilation[0] == 1
-        and conv.bias is not None
-        and state.shape[-1] == conv.kernel_size[0] - 1
-        and state.shape[-1] <= MIN_TILE
+        and x.shape[1] == block.mixer.conv.in_channels
+        and state.shape[-1] == block.mixer.conv.kernel_size[0] - 1
+        and kernel_applies(block)
     )
 
 
