@@ -63,6 +63,8 @@ def kernel_applies(block: torch.nn.Module) -> bool:
         and ffn.linear2.bias is not None
         and isinstance(block.gamma, torch.Tensor)
         and isinstance(block.ffn_gamma, torch.Tensor)
+        # the kernel indexes the weights as dense row-major tensors
+        and all(w.is_contiguous() for w in (conv.weight, ffn.linear1.weight, ffn.linear2.weight))
     )
 
 
