@@ -40,15 +40,28 @@ def random_block(channels: int, seed: int, dtype: torch.dtype, **config_changes)
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("channels", "samples", "streams"),
-    [(16, 1, 3), (32, 4, 2), (16, 6, 1), (32, 50, 2), (64, 33, 1), (16, 200, 1)],
+    ("channels", "samples", "streams", "changes"),
+    [
+        (16, 1, 3, {}),
+        (32, 4, 2, {}),
+        (16, 6, 1, {}),
+        (32, 50, 2, {}),
+        (64, 33, 1, {}),
+        (16, 200, 1, {}),
+        # Another checkpoint's shapes: an FFN of 3x (its hidden layer not a multiple of the slice), a shorter
+        # convolution (a state of 2 samples, longer and shorter than the frame).
+        (32, 40, 2, {"ffn_expansion": 3}),
+        (16, 1, 2, {"kernel_size": 3}),
+        (16, 20, 1, {"kernel_size": 3, "ffn_expansion": 2}),
+    ],
 )
-def test_fused_block_equals_the_blocks_math(channels: int, samples: int, streams: int):
-    block = random_block(channels, seed=channels + samples, dtype=torch.float32)
+def test_fused_block_equals_the_blocks_math(channels: int, samples: int, streams: int, changes: dict):
+    block = random_block(channels, seed=channels + samples, dtype=torch.float32, **changes)
+    pad = block.mixer.conv.kernel_size[0] - 1
     g = torch.Generator().manual_seed(samples)
     wide = torch.randn(streams, channels, samples + 3, generator=g).to(DEVICE)
     x = wide[:, :, 3:]  # a view, as a resampling conv's trimmed output is
-    rows = torch.randn(streams + 2, channels, 6, generator=g).to(DEVICE)
+    rows = torch.randn(streams + 2, channels, pad, generator=g).to(DEVICE)
     state, expected_state = rows[1 : streams + 1], rows[1 : streams + 1].clone()
     with torch.inference_mode():
         for _ in range(2):  # the second frame starts from the state the first left
