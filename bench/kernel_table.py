@@ -32,9 +32,11 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_steps(step: Callable[[], object], steps: int, top: int = 15) -> dict:
+def profile_steps(step: Callable[[], object], steps: int, top: int = 15, trace: str | None = None) -> dict:
     """Run `step` `steps` times under the profiler; per step: wall ms, kernels, their summed and busy ms (the
-    union of their intervals), the time by kind, and the `top` kernels by time."""
+    union of their intervals), the time by kind, and the `top` kernels by time. `trace`: also write the profile
+    there as a Chrome trace (host and device on one timeline: chrome://tracing or Perfetto), which shows what
+    the GPU waits for between its busy spans."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = torch.cuda.Event(enable_timing=True)
@@ -45,6 +47,8 @@ def profile_steps(step: Callable[[], object], steps: int, top: int = 15) -> dict
         end.record()
         torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end) / steps
+    if trace:
+        prof.export_chrome_trace(trace)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, reach = 0.0, float("-inf")

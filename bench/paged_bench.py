@@ -200,7 +200,10 @@ def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], step
     sync()
     elapsed = time.perf_counter() - t
     attention = attention_probe(lm, len(positions)) if lm.device.type == "cuda" else None
-    profiled = profile_steps(lambda: step(lm, acoustic), kernels) if kernels and lm.device.type == "cuda" else None
+    profiled = None
+    if kernels and lm.device.type == "cuda":
+        trace = str(common.out_dir() / f"steps-{name.replace('@', '-at-')}.json")
+        profiled = profile_steps(lambda: step(lm, acoustic), kernels, trace=trace)
     finish(lm, acoustic, streams)
     ms = elapsed / steps * 1000
     return {
