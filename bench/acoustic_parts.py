@@ -7,9 +7,10 @@ Each part runs the engine's own compiled code for `n` streams, captured in a CUD
 acoustic step runs it. For each part it prints the GPU time, the kernels one replay launches (from a profile of
 the replays), and two floors on the same GPU: its weights read once (diffusion: once per diffusion step) at the
 GPU's copy bandwidth measured in the same run, and its kernels at the shortest kernel time the profile saw.
-The σ-VAE decode and semantic encode also run with the fused block kernel at fewer stages ("_upto128", "_upto64")
-and with every ConvNeXt block as compiled PyTorch ("_unfused"), with the largest difference between the engine's
-decode and the unfused one.
+The σ-VAE decode and semantic encode also run with the fused block kernel at more stages ("_upto256"), with
+smaller tiles on fewer warps ("_t2048w2", "_t1024w1": samples x channels a program holds, and its warps), and with
+every ConvNeXt block as compiled PyTorch ("_unfused"), with the largest difference between the engine's decode and
+the unfused one.
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)
 
 
-def stack(model, x, cache, block_step, limit: int) -> torch.Tensor:
-    """`streaming_forward` with the fused block kernel at stages of at most `limit` channels."""
-    default, convnext_kernel.MAX_CHANNELS = convnext_kernel.MAX_CHANNELS, limit
+def stack(model, x, cache, block_step, limit: int, tiles: convnext_kernel.BlockTiles | None = None) -> torch.Tensor:
+    """`streaming_forward` with the fused block kernel at stages of at most `limit` channels, launched with `tiles`
+    (default: the kernel's own)."""
+    default = convnext_kernel.MAX_CHANNELS, convnext_kernel.TILES
+    convnext_kernel.MAX_CHANNELS, convnext_kernel.TILES = limit, tiles or default[1]
     try:
         return streaming_forward(model, x, cache, block_step)
     finally:
-        convnext_kernel.MAX_CHANNELS = default
+        convnext_kernel.MAX_CHANNELS, convnext_kernel.TILES = default
 
 
 def decoder_cache_tensors(cache) -> list[torch.Tensor]:
@@ -102,17 +105,27 @@ def parts(acoustic, n: int, bandwidth: float) -> dict:
             weight_bytes(ac.diffusion_head) * GRAPH_DIFFUSION_STEPS,
         ),
     }
-    # The conv stacks again with the fused kernel at fewer stages (up to 128 or 64 channels) and at none: every
-    # block as compiled PyTorch, as before the kernel. The engine's block step reads the limit when it is called,
-    # so each variant's capture takes its own.
-    limits = {"": convnext_kernel.MAX_CHANNELS, "_upto128": 128, "_upto64": 64, "_unfused": 0}
-    for suffix, limit in limits.items():
+    # The conv stacks again with the fused kernel at more stages (up to 256 channels), with smaller tiles on fewer
+    # warps (a sample's channels, which each norm sums over, in fewer warps), and at no stage: every block as
+    # compiled PyTorch, as before the kernel. The engine's block step reads the limit and the tiles when it is
+    # called, so each variant's capture takes its own.
+    small, smaller = convnext_kernel.BlockTiles(2048, 2), convnext_kernel.BlockTiles(1024, 1)
+    variants = {
+        "": (convnext_kernel.MAX_CHANNELS, None),
+        "_t2048w2": (convnext_kernel.MAX_CHANNELS, small),
+        "_t1024w1": (convnext_kernel.MAX_CHANNELS, smaller),
+        "_upto256": (256, None),
+        "_upto256_t2048w2": (256, small),
+        "_upto256_t1024w1": (256, smaller),
+        "_unfused": (0, None),
+    }
+    for suffix, (limit, tiles) in variants.items():
         for name, model, x, cache in (
             ("sigma_vae_decode", ac.audio_tower.decoder, latent, decoder_cache),
             ("semantic_encode", ac.semantic_encoder, audio, semantic_cache),
         ):
             pieces[name + suffix] = (
-                functools.partial(stack, model, x, cache, ac._compiled_block, limit),
+                functools.partial(stack, model, x, cache, ac._compiled_block, limit, tiles),
                 weight_bytes(model),
             )
     # The unfused decode's output against the engine's, from the same state

@@ -55,7 +55,8 @@ def random_block(channels: int, seed: int, dtype: torch.dtype, **config_changes)
         (16, 20, 1, {"kernel_size": 3, "ffn_expansion": 2}),
     ],
 )
-def test_fused_block_equals_the_blocks_math(channels: int, samples: int, streams: int, changes: dict):
+@pytest.mark.parametrize("tiles", [None, convnext_kernel.BlockTiles(1024, 1)], ids=["default-tiles", "small-tiles"])
+def test_fused_block_equals_the_blocks_math(channels: int, samples: int, streams: int, changes: dict, tiles):
     block = random_block(channels, seed=channels + samples, dtype=torch.float32, **changes)
     pad = block.mixer.conv.kernel_size[0] - 1
     g = torch.Generator().manual_seed(samples)
@@ -66,7 +67,7 @@ def test_fused_block_equals_the_blocks_math(channels: int, samples: int, streams
     with torch.inference_mode():
         for _ in range(2):  # the second frame starts from the state the first left
             expected = convnext_step(block, x, expected_state)
-            out = convnext_kernel.convnext_block(block, x, state)
+            out = convnext_kernel.convnext_block(block, x, state, tiles)
             assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4), (out - expected).abs().max()
             assert torch.allclose(state, expected_state, atol=1e-5), (state - expected_state).abs().max()
             x = x.flip(-1)

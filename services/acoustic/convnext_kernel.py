@@ -24,6 +24,8 @@ so those stages keep them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.activations import GELUActivation
 
@@ -36,10 +38,22 @@ except ImportError:  # CPU builds of PyTorch come without Triton; they run `conv
     triton = None
 
 MAX_CHANNELS = 64  # wider stages keep the compiled blocks (measured: see above)
-TILE_ELEMENTS = 8192  # samples x channels a program holds (its float32 tiles stay in registers)
 MIN_TILE = 16  # tl.dot's smallest side
 HIDDEN_SLICE = 64  # FFN hidden channels per inner step
 TARGET_PROGRAMS = 264  # about two programs per SM of an H100 or H200: smaller tiles until a batch has as many
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTiles:
+    """The kernel's launch shape: the most samples x channels a program holds (its float32 tiles stay in
+    registers), and its warps (None: 4 up to 4,096 elements, 8 above). Fewer warps keep a sample's channels, which
+    every norm sums over, within fewer warps; `bench/acoustic_parts.py` times the shapes."""
+
+    elements: int = 8192
+    warps: int | None = None
+
+
+TILES = BlockTiles()  # read at each launch, so a benchmark can try others
 
 
 def kernel_applies(block: torch.nn.Module) -> bool:
@@ -79,10 +93,11 @@ def _fits(block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor) -> bool:
     )
 
 
-def tile_for(streams: int, channels: int, samples: int) -> int:
-    """Samples a program holds: as many as its tiles allow, no more than the frame has, and fewer while the batch
-    would have too few programs to fill the GPU."""
-    tile = max(MIN_TILE, min(TILE_ELEMENTS // channels, triton.next_power_of_2(samples)))
+def tile_for(streams: int, channels: int, samples: int, elements: int | None = None) -> int:
+    """Samples a program holds: as many as its tiles allow (`elements`, default TILES'), no more than the frame
+    has, and fewer while the batch would have too few programs to fill the GPU."""
+    elements = elements or TILES.elements
+    tile = max(MIN_TILE, min(elements // channels, triton.next_power_of_2(samples)))
     while tile > MIN_TILE and streams * triton.cdiv(samples, tile) < TARGET_PROGRAMS:
         tile //= 2
     return tile
@@ -100,13 +115,17 @@ def fused_block_step(fallback: BlockStep) -> BlockStep:
     return step
 
 
-def convnext_block(block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+def convnext_block(
+    block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor, tiles: BlockTiles | None = None
+) -> torch.Tensor:
     """`convnext_step(block, x, state)` in one launch: x (n, channels, T) -> (n, channels, T); state (n, channels,
     kernel - 1) is updated in place."""
     n, channels, samples = x.shape
     conv, ffn = block.mixer.conv, block.ffn
     hidden = ffn.linear1.weight.shape[0]
-    tile = tile_for(n, channels, samples)
+    tiles = tiles or TILES
+    tile = tile_for(n, channels, samples, tiles.elements)
+    warps = tiles.warps or (4 if tile * channels <= 4096 else 8)
     out = torch.empty((n, channels, samples), device=x.device, dtype=x.dtype)
     _block_kernel[(n, triton.cdiv(samples, tile))](
         x,
@@ -138,7 +157,7 @@ def convnext_block(block: torch.nn.Module, x: torch.Tensor, state: torch.Tensor)
         SLICE=min(HIDDEN_SLICE, triton.next_power_of_2(hidden)),
         PAD_TILE=triton.next_power_of_2(max(1, state.shape[-1])),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4 if tile * channels <= 4096 else 8,
+        num_warps=warps,
     )
     return out
 
