@@ -187,7 +187,7 @@ def attention_probe(lm: LMEngine, streams: int) -> dict:
 
 
 def case_run(lm, acoustic, ids: list[int], name: str, positions: list[int], steps: int, kernels: int = 0) -> dict:
-    streams = start(lm, acoustic, ids, len(positions), steps + 20, 10_000)
+    streams = start(lm, acoustic, ids, len(positions), steps + kernels + 20, 10_000)  # none ends while timed
     for s, p in zip(streams, positions, strict=True):
         lm.place(s, (p, min(SEGMENT, p - len(ids)), p - len(ids)))
     for _ in range(3):

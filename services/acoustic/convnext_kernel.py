@@ -8,8 +8,9 @@ but their own latency.
 Here a program takes a tile of one stream's samples, all channels: it normalizes the seven shifted windows the
 depthwise convolution reads (the first tile takes the samples before the frame from the block's state), applies
 the layer scale and residual, and runs the FFN with its hidden layer kept on chip, a slice of hidden channels
-at a time. The activations are read once and written once. The program of the first tile, the only one that
-reads the state, writes the new state after it has read the old.
+at a time. The activations come from DRAM once and go back once (the taps' overlapping windows come from
+cache). The program of the first tile, the only one that reads the state, writes the new state after it has read
+the old.
 
 The roundings are the module's: the normalized activations, the mixer's residual sum, the FFN's input, its
 first layer, its GELU and its output are each rounded to the activations' dtype, and every sum in between is

@@ -61,7 +61,6 @@ class AcousticEngine:
         max_streams: int = 256,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
-        fused_blocks: bool = True,
     ) -> None:
         cfg = ckpt.config
         self.ckpt = ckpt
@@ -146,7 +145,7 @@ class AcousticEngine:
         if torch_compile and cuda and cuda_graphs:
             self._compiled_diffusion = compiled(self._diffuse)
             self._compiled_block = compiled(convnext_step)
-        if cuda and cuda_graphs and fused_blocks:
+        if cuda and cuda_graphs:  # `convnext_kernel.MAX_CHANNELS` says at which stages
             self._compiled_block = fused_block_step(self._compiled_block)
         # The usual step (every stream at GRAPH_DIFFUSION_STEPS) reads its inputs from these buffers and renders
         # the leading rows of a batch bucket. On the GPU it is captured per bucket; elsewhere it is called as

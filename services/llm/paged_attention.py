@@ -34,8 +34,8 @@ BLOCK = 128  # positions per inner step; any page size works, since each positio
 TARGET_PROGRAMS_PER_SM = 12  # measured on an H100: ~12 programs per SM gives the lowest decode time, batch 1-256
 MAX_SPLITS = 128  # the most measured (best at batch 1); the rule alone would pick 256 there
 # A prompt chunk's program holds 128 query rows on 8 warps, so one fills an SM's warps where decode's fit 12.
-# Measured on an H100 (`bench/attention_bench.py --prefill`): 1.5B's 512-token chunk is fastest at 2 splits,
-# which this gives, at every start from 0 to 30,000.
+# Measured on an H100 (`bench/attention_bench.py --prefill`): with that shape 1.5B's 512-token chunk is fastest
+# at 2 splits, which this gives, at starts 0 to 12,043, and within 1% of the best (4) at 30,000.
 PREFILL_PROGRAMS_PER_SM = 1
 
 
