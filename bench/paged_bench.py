@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import time
 
 import common
@@ -32,6 +33,7 @@ from services.llm import decoder, memory_plan, paged_attention, paged_kv
 from services.llm.engine import IDLE_PREFILL_CHUNKS, LMEngine, LMStream
 from services.llm.runner import StepPlan, StepRunner
 from services.llm.server import parser as llm_parser
+from services.render.audio_out import AudioRouter
 from services.render.local import LocalLink
 from services.render.values import RenderStep, StreamSpec
 
@@ -111,12 +113,23 @@ ACOUSTIC_IDS: dict[int, int] = {}  # id(LMStream) -> its acoustic stream id
 
 def admit(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], n: int, frames: int, first_id: int):
     streams = [LMStream(ids, None, fixed_frames=frames, max_frames=frames) for _ in range(n)]
-    specs = [StreamSpec(first_id + i, i, 1.3, 10) for i in range(n)]
+    # Keyed, as the gateway's streams are: their frames go to a mailbox each, which a subscriber drains.
+    key = "bench-{}" if FRAMES_TO == "consumers" else ""
+    specs = [StreamSpec(first_id + i, i, 1.3, 10, audio_key=key.format(first_id + i)) for i in range(n)]
     for s, spec in zip(streams, specs, strict=True):
         assert lm.admit(s), "no room to admit"
         ACOUSTIC_IDS[id(s)] = spec.stream_id
-    acoustic.step(RenderStep(starts=specs))
+    link = runner(lm, acoustic).link
+    LOOP.run_until_complete(link.step(RenderStep(starts=specs)))
+    if link.audio_out is not None:
+        DRAINS.update(LOOP.create_task(drain(link.audio_out, spec.audio_key)) for spec in specs)
     return streams
+
+
+async def drain(router: AudioRouter, key: str) -> None:
+    """A consumer that reads every frame as it comes."""
+    async for _ in router.subscribe(key):
+        pass
 
 
 def start(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], n: int, frames: int, first_id: int):
@@ -128,13 +141,17 @@ def start(lm: LMEngine, acoustic: AcousticEngine, ids: list[int], n: int, frames
 
 PHASES: dict[str, list[float]] = {"lm": [], "acoustic": []}
 LOOP = asyncio.new_event_loop()  # one loop (and thread pool) for every step, as in the llm's server
-RUNNERS: dict[int, StepRunner] = {}
+RUNNERS: dict[tuple[int, str], StepRunner] = {}
+# Where the frames go: "consumers" (keyed streams' mailboxes, as in the mesh) or "llm" (to the llm's host).
+FRAMES_TO = "consumers"
+DRAINS: set[asyncio.Task] = set()
 
 
 def runner(lm: LMEngine, acoustic: AcousticEngine) -> StepRunner:
-    if id(lm) not in RUNNERS:
-        RUNNERS[id(lm)] = StepRunner(lm, LocalLink(acoustic))
-    return RUNNERS[id(lm)]
+    if (id(lm), FRAMES_TO) not in RUNNERS:
+        router = AudioRouter() if FRAMES_TO == "consumers" else None
+        RUNNERS[id(lm), FRAMES_TO] = StepRunner(lm, LocalLink(acoustic, router))
+    return RUNNERS[id(lm), FRAMES_TO]
 
 
 def step(lm: LMEngine, acoustic: AcousticEngine, prefill_budget: int | None = 0) -> int:
@@ -155,10 +172,16 @@ def sync() -> None:
 
 
 def finish(lm: LMEngine, acoustic: AcousticEngine, streams) -> None:
-    for s in streams:
-        if id(s) in ACOUSTIC_IDS:
-            lm.release(s)
-            acoustic.end(ACOUSTIC_IDS.pop(id(s)))
+    ended = [s for s in streams if id(s) in ACOUSTIC_IDS]
+    for s in ended:
+        lm.release(s)
+    link = runner(lm, acoustic).link
+    LOOP.run_until_complete(link.step(RenderStep(ends=[ACOUSTIC_IDS.pop(id(s)) for s in ended])))
+    LOOP.run_until_complete(link.routed())
+    drains = [t for t in DRAINS if not t.done()]
+    DRAINS.clear()
+    if drains:
+        LOOP.run_until_complete(asyncio.wait(drains, timeout=5))  # their streams ended: each reads to the end
 
 
 @torch.inference_mode()
@@ -368,6 +391,13 @@ def main() -> None:
         "each case timed with each in turn",
     )
     p.add_argument(
+        "--frames",
+        default="consumers",
+        choices=["consumers", "llm", "both"],
+        help="where each frame's audio goes: consumers (keyed streams' mailboxes, as in the mesh), the llm's host "
+        "(before each step returns), or both, each case timed with each in turn",
+    )
+    p.add_argument(
         "--idle-chunks",
         type=int,
         default=IDLE_PREFILL_CHUNKS,
@@ -417,16 +447,20 @@ def main() -> None:
     }
     print(results["configuration"], flush=True)
     copies = ["pinned", "pageable"] if args.copies == "both" else [args.copies]
+    frames_to = ["consumers", "llm"] if args.frames == "both" else [args.frames]
+    global FRAMES_TO
     for name in cases:
-        for mode in copies:
+        for mode, FRAMES_TO in itertools.product(copies, frames_to):
             tensors.PINNED_COPIES = mode == "pinned"
             row = {**case_run(lm, acoustic, ids, name, CASES[name], args.steps, args.kernels), "copies": mode}
+            row["frames_to"] = FRAMES_TO
             if "reference" in results and row["streams"] == 1:
                 row["speedup_vs_reference"] = results["reference"]["ms_per_step"] / row["ms_per_step"]
             results["rows"].append(row)
             print(row, flush=True)
             common.save(f"paged-{args.shape}", results)  # each row as it comes: a run cut short keeps them
     tensors.PINNED_COPIES = True
+    FRAMES_TO = frames_to[0]
     if not args.no_prefill:
         # The first long prompt after start-up also pays one-time costs (kernels loaded on first use): timed
         # apart from a second one, which is what every later request sees.

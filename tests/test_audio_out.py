@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import threading
 
 import pytest
 import torch
@@ -184,4 +186,47 @@ async def test_the_llm_gets_only_embeddings_when_every_frame_went_to_its_consume
     assert keyed.embeddings.shape[0] == 2 and keyed.audio is None and keyed.latents is None
     mixed = await link.step(RenderStep(1, [spec(3)], [1, 2, 3]))  # stream 3 has no key: its audio goes to the llm
     assert mixed.audio[:, 0].tolist() == [1001.0, 2001.0, 3001.0]
+    await link.routed()
     assert [f.index for f in router.boxes["a"].frames] == [0, 1]
+
+
+class GatedEngine(RowsEngine):
+    """Rows whose copy to the host waits until the test opens `gate`: a render still running on the GPU."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def step(self, step: RenderStep) -> RenderResult:
+        rendered = super().step(step)
+        gate = self.gate
+
+        class Pending(torch.Tensor):
+            def cpu(self, *args, **kwargs):
+                assert gate.wait(5), "the test never let the render finish"
+                return super().cpu(*args, **kwargs)
+
+        # The router copies one tensor of the keyed rows to the host; make that copy wait for the gate.
+        return RenderResult(
+            *(t.as_subclass(Pending) if t is not None else None for t in dataclasses.astuple(rendered)[:4])
+        )
+
+
+@on_loop
+async def test_a_step_answers_before_its_frames_reach_the_host_and_mailboxes_keep_render_order():
+    """The llm gets a step's embeddings while its frames still wait for the GPU; the next step delivers them first,
+    so a subscriber sees every frame once, in order, and the stream's end after them."""
+    engine = GatedEngine()
+    router = AudioRouter()
+    link = LocalLink(engine, router)
+    first = await asyncio.wait_for(link.step(RenderStep(0, [spec(1, "a")], [1])), 1)
+    assert first.embeddings.shape[0] == 1 and first.audio is None
+    second = asyncio.create_task(link.step(RenderStep(1, [], [1])))
+    await asyncio.sleep(0.05)
+    assert "a" not in router.keys.values()  # neither its start nor its frame has been delivered...
+    assert not second.done()  # ...and the next step waits for them
+    engine.gate.set()
+    assert (await asyncio.wait_for(second, 1)).audio is None
+    await link.step(RenderStep(2, [], [1], ends=[1]))
+    await link.close()
+    frames = await collect(router, "a")
+    assert [(f.index, f.audio[0]) for f in frames] == [(0, 1000.0), (1, 1001.0), (2, 1002.0)]

@@ -27,7 +27,7 @@ from services.common.model_info import model_info
 from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
 from services.common.tensors import array_proto, from_proto, to_proto
-from services.render.audio_out import AudioRouter, Routed, all_routed, checked_key
+from services.render.audio_out import AudioRouter, Gathered, checked_key
 from services.render.shared_memory import AcousticSharedMemory
 from services.render.values import RenderStep
 
@@ -166,17 +166,17 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
 
     def _step(
         self, conn: int, request: mesh_pb2.RenderRequest, shared: AcousticSharedMemory | None
-    ) -> tuple[mesh_pb2.RenderResponse, Routed]:
+    ) -> tuple[mesh_pb2.RenderResponse, Gathered]:
         t0 = time.perf_counter()
         conditions = shared.conditions_for(len(request.stream_ids)) if request.stream_ids and shared else None
         step = RenderStep.from_proto(request, lambda s: _key(conn, s), conditions)
         t1 = time.perf_counter()
         result = self.engine.step(step)
         t2 = time.perf_counter()
-        routed = self.audio_out.take(step, result)
+        gathered = self.audio_out.gather(step, result)
         # A step whose every stream is keyed gives the llm only what it needs: the embeddings.
         response = mesh_pb2.RenderResponse(
-            step=request.step, stream_ids=request.stream_ids, frames_routed=all_routed(step, routed)
+            step=request.step, stream_ids=request.stream_ids, frames_routed=gathered.all_frames(step)
         )
         if step.ids and shared is not None:
             # the llm waits for it on the GPU, not here
@@ -186,7 +186,7 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         t3 = time.perf_counter()
         phases = {"unpack": (t1 - t0) * 1000, "render": (t2 - t1) * 1000, "pack": (t3 - t2) * 1000}
         self.stats.add(len(step.ids), phases, context=f" ({len(step.starts)} joining)")
-        return response, routed
+        return response, gathered
 
     async def Render(self, request_iterator: AsyncIterator, context) -> AsyncIterator:  # noqa: N802
         conn = next(self._connections)
@@ -218,11 +218,15 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
                 started.update(s.stream_id for s in request.starts)
                 started.difference_update(request.ends)
                 async with self.lock:
-                    response, routed = await asyncio.to_thread(self._step, conn, request, shared)
-                    self.audio_out.deliver(routed)
+                    response, gathered = await asyncio.to_thread(self._step, conn, request, shared)
+                # As of the steps delivered so far: a report one frame late holds a stream one frame later.
                 behind = set(self.audio_out.behind(_key(conn, s) for s in started))
                 response.behind_streams.extend(s for s in started if _key(conn, s) in behind)
                 yield response
+                # The answer goes before the frames' copy to the host: with shared GPU memory the llm queues its
+                # next step while the GPU still renders this one. The next request is read after the delivery, so
+                # mailboxes get every stream's start, frames and end in render order.
+                self.audio_out.deliver(await asyncio.to_thread(gathered.to_host))
         finally:
             # The llm went away: release whatever its streams held, and tell their audio's subscribers.
             lost = unavailable(f"the llm's render stream {conn} closed mid-stream")

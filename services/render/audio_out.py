@@ -10,6 +10,10 @@ A subscriber that reads more slowly than the stream is made (a client playing in
 reading) would make its mailbox hold the rest of the script. So a stream whose subscribed mailbox holds more
 than `LEAD_FRAMES` is reported `behind` to the llm, which holds it out of its steps until the mailbox is down to
 `RESUME_FRAMES`: the subscriber always has a minute of audio ready, and memory stays bounded.
+
+A rendered step's frames are `gather`ed on the device (a copy queued behind the render) and copied to the host
+with `Gathered.to_host` after the step has answered, so the llm's next step need not wait for a copy it does
+not read; `deliver` then puts them in their mailboxes, in the order the steps were rendered.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from google.rpc import code_pb2
 
 from services.common.errors import RequestError, invalid_argument, status_error
@@ -80,16 +85,39 @@ def checked_key(key: str, field: str = "audio_key") -> str:
 
 @dataclass(frozen=True)
 class Routed:
-    """A step's keyed frames, made on the render thread (host copies), delivered on the event loop."""
+    """A step's keyed frames on the host, delivered on the event loop."""
 
     starts: list[tuple[int, str, int]]  # engine stream id, audio key, index of its first frame
     frames: list[tuple[int, AudioFrame]]  # their indices are set at delivery
     ends: list[int]
 
 
-def all_routed(step: RenderStep, routed: Routed) -> bool:
-    """Whether every frame of a step with streams went to a mailbox: the llm then needs only its embeddings."""
-    return bool(step.ids) and len(routed.frames) == len(step.ids)
+@dataclass(frozen=True)
+class Gathered:
+    """A rendered step's keyed frames, still on the device: `gather` queues their copy without waiting for the
+    GPU, and `to_host` (any thread) waits for it, so that the step's answer need not wait for the render."""
+
+    starts: list[tuple[int, str, int]]
+    streams: list[int]  # the keyed stream of each row of `rows`
+    rows: torch.Tensor | None  # (len(streams), audio + latent + semantic): one copy to the host
+    widths: tuple[int, int]  # where the latent and the semantic features start in a row
+    ends: list[int]
+
+    def to_host(self) -> Routed:
+        frames = []
+        if self.streams:
+            host = self.rows.float().cpu().numpy()
+            a, b = self.widths
+            # Each frame owns its arrays: a view would keep the whole step's rows alive while any one waits unread.
+            frames = [
+                (s, AudioFrame(-1, row[:a].copy(), row[a:b].copy(), row[b:].copy()))
+                for s, row in zip(self.streams, host, strict=True)
+            ]
+        return Routed(self.starts, frames, self.ends)
+
+    def all_frames(self, step: RenderStep) -> bool:
+        """Whether every frame of a step with streams goes to a mailbox: the llm then needs only its embeddings."""
+        return bool(step.ids) and len(self.streams) == len(step.ids)
 
 
 class AudioRouter:
@@ -106,22 +134,28 @@ class AudioRouter:
         # Keys whose mailbox went unread past the TTL, and when: a late subscriber is told, not left waiting.
         self.expired: dict[str, float] = {}
 
-    def take(self, step: RenderStep, result: RenderResult) -> Routed:
-        """What of a rendered step goes to mailboxes: its keyed starts, frames and ends. Reads `keys` only (a
-        stream starts in an earlier delivery or in this step), so it may run off the loop between deliveries."""
+    def gather(self, step: RenderStep, result: RenderResult) -> Gathered:
+        """What of a rendered step goes to mailboxes: its keyed starts, frames (copied on the device, so the
+        engine may render the next step into the same buffers) and ends. Reads `keys` only (a stream starts in an
+        earlier delivery or in this step), so it may run off the loop between deliveries."""
         starts = [
             (s.stream_id, s.audio_key, s.history.frames_made if s.history else 0) for s in step.starts if s.audio_key
         ]
         keyed = set(self.keys.copy()) | {s for s, _, _ in starts}
         rows = [(row, s) for row, s in enumerate(step.ids) if s in keyed]
-        frames = []
-        if rows and result.audio is not None:
+        ends = [s for s in step.ends if s in keyed]
+        if not rows or result.audio is None:
+            return Gathered(starts, [], None, (0, 0), ends)
+        parts = (result.audio, result.latents, result.semantic)
+        if len(rows) < len(step.ids):
             index = device_tensor([row for row, _ in rows], result.audio.device)
-            parts = [
-                t.index_select(0, index).float().cpu().numpy() for t in (result.audio, result.latents, result.semantic)
-            ]
-            frames = [(s, AudioFrame(-1, *(p[i] for p in parts))) for i, (_, s) in enumerate(rows)]
-        return Routed(starts, frames, [s for s in step.ends if s in keyed])
+            parts = tuple(t.index_select(0, index) for t in parts)
+        a = parts[0].shape[1]
+        return Gathered(starts, [s for _, s in rows], torch.cat(parts, dim=1), (a, a + parts[1].shape[1]), ends)
+
+    def take(self, step: RenderStep, result: RenderResult) -> Routed:
+        """`gather`, then wait for the copy."""
+        return self.gather(step, result).to_host()
 
     def deliver(self, routed: Routed) -> None:
         self.sweep()
@@ -132,6 +166,8 @@ class AudioRouter:
             box.started = True
             box.wake.set()
         for stream, frame in routed.frames:
+            if stream not in self.counts:  # ended, or lost, since the frame was rendered
+                continue
             index = self.counts[stream]
             self.counts[stream] = index + 1
             box = self.boxes.get(self.keys[stream])
