@@ -11,6 +11,7 @@ import pytest
 import torch
 from google.rpc import code_pb2
 
+from services.acoustic.server import Acoustic
 from services.common.errors import RequestError
 from services.render.audio_out import AudioRouter
 from services.render.local import LocalLink
@@ -230,3 +231,39 @@ async def test_a_step_answers_before_its_frames_reach_the_host_and_mailboxes_kee
     await link.close()
     frames = await collect(router, "a")
     assert [(f.index, f.audio[0]) for f in frames] == [(0, 1000.0), (1, 1001.0), (2, 1002.0)]
+
+
+class _Context:
+    def peer(self) -> str:
+        return "test"
+
+
+class _ServedEngine(RowsEngine):
+    """What the acoustic servicer's Render reads of its engine, beside `step`."""
+
+    def __init__(self) -> None:
+        self.ended: list[int] = []
+
+    def end(self, stream_id: int) -> None:
+        self.ended.append(stream_id)
+
+
+@on_loop
+async def test_the_acoustic_service_delivers_an_answered_step_even_if_the_llm_leaves_at_once():
+    """The service answers a step before its frames reach the host. An llm that goes away right after its last
+    answer (a drained llm exits) must not lose that step's frames or the end of its streams."""
+    router = AudioRouter()
+    servicer = Acoustic(_ServedEngine(), router)
+    step = RenderStep(0, [spec(1, "last")], [1], torch.zeros(1, 4), torch.zeros(1, 4), ends=[1])
+
+    async def requests():
+        yield step.to_proto()
+        await asyncio.Event().wait()  # the stream stays open until the llm goes
+
+    render = servicer.Render(requests(), _Context())
+    response = await anext(render)
+    assert list(response.stream_ids) == [1] and response.frames_routed
+    subscriber = asyncio.create_task(collect(router, "last"))
+    await render.aclose()  # the llm's call is gone while the service still holds the answered step
+    frames = await asyncio.wait_for(subscriber, 1)
+    assert [f.index for f in frames] == [0]  # the frame, then a clean end

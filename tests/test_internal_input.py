@@ -179,11 +179,15 @@ def test_a_prompt_over_the_limit_leaves_nothing_in_the_cache():
 
 
 def _big_script(rng: np.random.Generator, size: int) -> str:
+    """Lines of 400 random words of 2 to 8 letters, up to `size` characters."""
     letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
-    lines = []
-    while sum(map(len, lines)) < size:
-        words = ["".join(map(chr, rng.choice(letters, rng.integers(2, 9)))) for _ in range(400)]
+    lines, length = [], 0
+    while length < size:
+        ends = np.cumsum(rng.integers(2, 9, 400))
+        chars = rng.choice(letters, ends[-1]).tobytes().decode()
+        words = [chars[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
         lines.append(f"Speaker {rng.integers(1, 3)}: {' '.join(words)}.")
+        length += len(lines[-1]) + 1
     return "\n".join(lines)
 
 

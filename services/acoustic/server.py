@@ -192,6 +192,7 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         conn = next(self._connections)
         started: set[int] = set()
         shared: AcousticSharedMemory | None = None
+        undelivered: Gathered | None = None  # a step answered whose frames are not in their mailboxes yet
         log.info("render stream %d opened by %s", conn, context.peer())
         try:
             async for request in request_iterator:
@@ -218,7 +219,7 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
                 started.update(s.stream_id for s in request.starts)
                 started.difference_update(request.ends)
                 async with self.lock:
-                    response, gathered = await asyncio.to_thread(self._step, conn, request, shared)
+                    response, undelivered = await asyncio.to_thread(self._step, conn, request, shared)
                 # As of the steps delivered so far: a report one frame late holds a stream one frame later.
                 behind = set(self.audio_out.behind(_key(conn, s) for s in started))
                 response.behind_streams.extend(s for s in started if _key(conn, s) in behind)
@@ -226,8 +227,14 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
                 # The answer goes before the frames' copy to the host: with shared GPU memory the llm queues its
                 # next step while the GPU still renders this one. The next request is read after the delivery, so
                 # mailboxes get every stream's start, frames and end in render order.
-                self.audio_out.deliver(await asyncio.to_thread(gathered.to_host))
+                routed = await asyncio.to_thread(undelivered.to_host)
+                undelivered = None
+                self.audio_out.deliver(routed)
         finally:
+            if undelivered is not None:
+                # The llm went away after the answer (a drained llm exits after its last step): that step's frames
+                # and ends still reach their mailboxes.
+                self.audio_out.deliver(undelivered.to_host())
             # The llm went away: release whatever its streams held, and tell their audio's subscribers.
             lost = unavailable(f"the llm's render stream {conn} closed mid-stream")
             for s in started:
