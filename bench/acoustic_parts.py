@@ -2,6 +2,7 @@
 frame, semantic encode of that frame, and the whole captured step.
 
     python bench/acoustic_parts.py --shape 1.5b --batches 1,64,256
+    python bench/acoustic_parts.py --shape 1.5b --batches 1,256 --variants ,t2048w2,t1024w1,unfused
 
 Each part runs the engine's own compiled code for `n` streams, captured in a CUDA graph and replayed, as the
 acoustic step runs it. For each part it prints the GPU time, the kernels one replay launches (from a profile of
@@ -69,6 +70,19 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)
 
 
+SMALL, SMALLER = convnext_kernel.BlockTiles(2048, 2), convnext_kernel.BlockTiles(1024, 1)
+# The conv stacks' variants: name suffix -> (the widest stage the fused kernel takes, its tiles; None: the default)
+VARIANTS = {
+    "": (convnext_kernel.MAX_CHANNELS, None),
+    "_t2048w2": (convnext_kernel.MAX_CHANNELS, SMALL),
+    "_t1024w1": (convnext_kernel.MAX_CHANNELS, SMALLER),
+    "_upto256": (256, None),
+    "_upto256_t2048w2": (256, SMALL),
+    "_upto256_t1024w1": (256, SMALLER),
+    "_unfused": (0, None),
+}
+
+
 def stack(model, x, cache, block_step, limit: int, tiles: convnext_kernel.BlockTiles | None = None) -> torch.Tensor:
     """`streaming_forward` with the fused block kernel at stages of at most `limit` channels, launched with `tiles`
     (default: the kernel's own)."""
@@ -89,7 +103,7 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def parts(acoustic, n: int, bandwidth: float) -> dict:
+def parts(acoustic, n: int, bandwidth: float, variants: dict) -> dict:
     ac = acoustic
     hidden = ac.hidden_size
     condition = torch.randn(2 * n, hidden, device="cuda", dtype=ac.dtype)
@@ -109,16 +123,6 @@ def parts(acoustic, n: int, bandwidth: float) -> dict:
     # warps (a sample's channels, which each norm sums over, in fewer warps), and at no stage: every block as
     # compiled PyTorch, as before the kernel. The engine's block step reads the limit and the tiles when it is
     # called, so each variant's capture takes its own.
-    small, smaller = convnext_kernel.BlockTiles(2048, 2), convnext_kernel.BlockTiles(1024, 1)
-    variants = {
-        "": (convnext_kernel.MAX_CHANNELS, None),
-        "_t2048w2": (convnext_kernel.MAX_CHANNELS, small),
-        "_t1024w1": (convnext_kernel.MAX_CHANNELS, smaller),
-        "_upto256": (256, None),
-        "_upto256_t2048w2": (256, small),
-        "_upto256_t1024w1": (256, smaller),
-        "_unfused": (0, None),
-    }
     for suffix, (limit, tiles) in variants.items():
         for name, model, x, cache in (
             ("sigma_vae_decode", ac.audio_tower.decoder, latent, decoder_cache),
@@ -159,7 +163,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1.5b")
     p.add_argument("--batches", default="1,64,256")
+    p.add_argument(
+        "--variants",
+        default=",".join(v.lstrip("_") for v in VARIANTS),
+        help="the conv stacks' variants to time, by suffix without its '_' (empty: the engine's own), e.g. ',unfused'",
+    )
     args = p.parse_args()
+    chosen = [("_" + v if v else "") for v in args.variants.split(",")]
+    if unknown := [v for v in chosen if v not in VARIANTS]:
+        p.error(f"unknown variants {unknown}; choose from {[v.lstrip('_') for v in VARIANTS]}")
+    variants = {v: VARIANTS[v] for v in chosen}
     batches = [int(b) for b in args.batches.split(",")]
     defaults = user_defaults()
     path = common.checkpoint(args.shape)
@@ -177,7 +190,7 @@ def main() -> None:
         "rows": [],
     }
     for n in batches:
-        row = parts(acoustic, n, bandwidth)
+        row = parts(acoustic, n, bandwidth, variants)
         print(row, flush=True)
         results["rows"].append(row)
     common.save(f"acoustic-parts-{args.shape}", results)
