@@ -31,22 +31,43 @@ QUEUE = 2
 SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
 
 
-@pytest.fixture
-def small_mesh(tiny_checkpoint, tmp_path):
+def small(checkpoint: Path, log_dir: Path) -> Mesh:
     """A mesh that runs 2 streams and queues 2 more, so overload is cheap to reach."""
-    mesh = Mesh(
+    return Mesh(
         ports=new_ports(),
-        model=str(tiny_checkpoint),
+        model=str(checkpoint),
         device="cpu",
         dtype="float32",
         allow_fixed_frames=True,
         max_streams=SLOTS,
         gateway_args=["--queue-size", str(QUEUE)],
         llm_args=["--drain-grace", "60"],
-        log_dir=tmp_path / "logs",
+        log_dir=log_dir,
     )
-    with mesh:
+
+
+@pytest.fixture
+def small_mesh(tiny_checkpoint, tmp_path):
+    """A small mesh of the test's own: for tests that kill or stop its services."""
+    with small(tiny_checkpoint, tmp_path / "logs") as mesh:
         yield mesh
+
+
+@pytest.fixture(scope="module")
+def _shared_small_mesh(tiny_checkpoint, tmp_path_factory):
+    with small(tiny_checkpoint, tmp_path_factory.mktemp("small-mesh") / "logs") as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def idle_small_mesh(_shared_small_mesh):
+    """The module's small mesh, for tests that leave its services as they found them: each starts with no stream
+    running and Envoy's per-key buckets refilled."""
+    mesh = _shared_small_mesh
+    wait_for_active(mesh, 0, timeout=120)
+    time.sleep(1.0)  # a second of refill for every key's bucket; and nothing queued was about to start
+    wait_for_active(mesh, 0, timeout=120)
+    return mesh
 
 
 def rss_kib(pid: int) -> int:
@@ -65,14 +86,14 @@ def address(mesh: Mesh) -> str:
     return f"127.0.0.1:{mesh.ports.envoy}"
 
 
-def test_overload_admits_whole_streams_and_rejects_the_rest_cleanly(small_mesh, tmp_path):
-    warm = asyncio.run(run_load(address(small_mesh), clients=1, frames=5, count=2))
+def test_overload_admits_whole_streams_and_rejects_the_rest_cleanly(idle_small_mesh, tmp_path):
+    warm = asyncio.run(run_load(address(idle_small_mesh), clients=1, frames=5, count=2))
     assert all(o.status == "OK" for o in warm)
     services = ("text_parser", "acoustic", "llm", "gateway")
-    before = {s: rss_kib(small_mesh.processes[s].pid) for s in services}
+    before = {s: rss_kib(idle_small_mesh.processes[s].pid) for s in services}
 
     # Offered load: three times the streams the mesh can run, for 30 s.
-    outcomes = asyncio.run(run_load(address(small_mesh), clients=3 * SLOTS, frames=15, duration_s=30))
+    outcomes = asyncio.run(run_load(address(idle_small_mesh), clients=3 * SLOTS, frames=15, duration_s=30))
     summary = write_report(outcomes, tmp_path / "load")
     print("\n" + format_summary(summary))
 
@@ -86,23 +107,24 @@ def test_overload_admits_whole_streams_and_rejects_the_rest_cleanly(small_mesh, 
     assert (tmp_path / "load" / "load.png").stat().st_size > 0
 
     time.sleep(1.0)
-    after = {s: rss_kib(small_mesh.processes[s].pid) for s in services}
+    after = {s: rss_kib(idle_small_mesh.processes[s].pid) for s in services}
     for s in services:
         assert after[s] <= before[s] * 1.10, (s, before[s], after[s])
 
 
-def test_rejection_beyond_the_queue_is_fast(small_mesh):
-    long = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=200, seed=1)
+def test_rejection_beyond_the_queue_is_fast(idle_small_mesh):
+    long = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=80, seed=1)
     threads = [
-        threading.Thread(target=lambda: synthesize_quietly(address(small_mesh), long)) for _ in range(SLOTS + QUEUE)
+        threading.Thread(target=lambda: synthesize_quietly(address(idle_small_mesh), long))
+        for _ in range(SLOTS + QUEUE)
     ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while capacity(small_mesh).active < SLOTS and time.monotonic() < deadline:
+    while capacity(idle_small_mesh).active < SLOTS and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # the queue fills behind them
-    with grpc.insecure_channel(address(small_mesh)) as ch:
+    with grpc.insecure_channel(address(idle_small_mesh)) as ch:
         t0 = time.perf_counter()
         with pytest.raises(grpc.RpcError) as err:
             for _ in tts_pb2_grpc.TextToSpeechStub(ch).Synthesize(long, timeout=30):
@@ -121,13 +143,13 @@ def synthesize_quietly(addr: str, request) -> None:
         synthesize(addr, request, timeout=120)
 
 
-def test_one_api_key_over_its_rate_is_limited_while_another_is_served(small_mesh):
+def test_one_api_key_over_its_rate_is_limited_while_another_is_served(idle_small_mesh):
     # An unknown format is refused by the gateway before any work, so only Envoy's limiter tells them apart.
     cheap = tts_pb2.SynthesizeRequest(text=SCRIPT, format=99)
 
     def outcomes(key: str, n: int) -> list[str]:
         out = []
-        with grpc.insecure_channel(address(small_mesh)) as ch:
+        with grpc.insecure_channel(address(idle_small_mesh)) as ch:
             stub = tts_pb2_grpc.TextToSpeechStub(ch)
             for _ in range(n):
                 try:
@@ -197,18 +219,18 @@ def wait_for_active(mesh: Mesh, n: int, timeout: float = 30.0) -> float:
     return time.perf_counter() - t0
 
 
-def test_cancel_and_deadline_free_the_slot_within_a_step(small_mesh):
+def test_cancel_and_deadline_free_the_slot_within_a_step(idle_small_mesh):
     request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=500, seed=5)
-    with grpc.insecure_channel(address(small_mesh)) as ch:
+    with grpc.insecure_channel(address(idle_small_mesh)) as ch:
         stub = tts_pb2_grpc.TextToSpeechStub(ch)
         call = stub.Synthesize(request, timeout=120)
         for response in call:
             if response.WhichOneof("event") == "audio":
                 break
-        assert capacity(small_mesh).active == 1
-        step_ms = capacity(small_mesh).step_ms
+        assert capacity(idle_small_mesh).active == 1
+        step_ms = capacity(idle_small_mesh).step_ms
         call.cancel()
-        freed_s = wait_for_active(small_mesh, 0)
+        freed_s = wait_for_active(idle_small_mesh, 0)
         print(f"\ncancel: slot free after {freed_s * 1000:.0f} ms (a step takes {step_ms:.0f} ms)")
         assert freed_s * 1000 < step_ms + 250  # one step, plus the hops' latency
 
@@ -216,7 +238,7 @@ def test_cancel_and_deadline_free_the_slot_within_a_step(small_mesh):
             for _ in stub.Synthesize(request, timeout=1.5):
                 pass
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        freed_s = wait_for_active(small_mesh, 0)
+        freed_s = wait_for_active(idle_small_mesh, 0)
         assert freed_s * 1000 < step_ms + 250
 
 
@@ -249,7 +271,7 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones(small_mesh, service
     assert proc.wait(60) == 0
 
 
-def test_bad_requests_in_a_loop_never_disturb_good_ones(small_mesh):
+def test_bad_requests_in_a_loop_never_disturb_good_ones(idle_small_mesh):
     rng = np.random.default_rng(7)
     bad = [
         tts_pb2.SynthesizeRequest(text=""),
@@ -259,7 +281,7 @@ def test_bad_requests_in_a_loop_never_disturb_good_ones(small_mesh):
         build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_WAV, fixed_frames=2, diffusion_steps=0),
     ]
     good = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=3, seed=8)
-    with grpc.insecure_channel(address(small_mesh), options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    with grpc.insecure_channel(address(idle_small_mesh), options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         stub = tts_pb2_grpc.TextToSpeechStub(ch)
         for _ in range(3):
             for req in bad:
