@@ -31,7 +31,7 @@ def result(ids: list[int], step: int) -> RenderResult:
 
 def render(router: AudioRouter, step: int, ids: list[int], starts=(), ends=()) -> None:
     rs = RenderStep(step, list(starts), ids, ends=list(ends))
-    router.deliver(router.take(rs, result(ids, step)))
+    router.deliver(router.gather(rs, result(ids, step)).to_host())
 
 
 async def collect(router: AudioRouter, key: str) -> list:
@@ -78,7 +78,7 @@ async def test_resumed_stream_counts_on_and_mixed_steps_mark_rows():
     router = AudioRouter()
     history = StreamHistory(frames_made=7, replay_latents=torch.zeros(2, 2))
     step = RenderStep(0, [spec(4, "k", history), spec(5)], [5, 4], ends=[4])
-    routed = router.take(step, result([5, 4], 0))
+    routed = router.gather(step, result([5, 4], 0)).to_host()
     assert [s for s, _ in routed.frames] == [4]  # only the keyed row is copied out
     router.deliver(routed)
     assert [(f.index, f.audio[0].item()) for f in await collect(router, "k")] == [(7, 4000.0)]

@@ -153,10 +153,6 @@ class AudioRouter:
         a = parts[0].shape[1]
         return Gathered(starts, [s for _, s in rows], torch.cat(parts, dim=1), (a, a + parts[1].shape[1]), ends)
 
-    def take(self, step: RenderStep, result: RenderResult) -> Routed:
-        """`gather`, then wait for the copy."""
-        return self.gather(step, result).to_host()
-
     def deliver(self, routed: Routed) -> None:
         self.sweep()
         for stream, key, first in routed.starts:
