@@ -2,9 +2,9 @@
 
 Each client sends requests back to back (after a rejection it waits a little, as a well-behaved client
 would) for a duration or a count. The report: outcomes by status code (and whether each rejection carried a
-retry hint), time to first audio p50/p95/p99, the largest gap between consecutive chunks of any stream, and
-frames lost (frames asked for minus frames received, over the streams that completed), as text, JSON and
-a PNG.
+retry hint), how long rejections took, time to first audio p50/p95/p99, the largest gap between consecutive
+chunks of any stream, and frames lost (frames asked for minus frames received, over the streams that
+completed), as text, JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Outcome:
     first_audio: float | None
     chunk_times: list[float] = field(default_factory=list)
     message: str = ""
+    ended: float | None = None
 
     @property
     def ttfa_ms(self) -> float | None:
@@ -81,6 +82,7 @@ async def one_request(stub, client: int, frames: int, api_key: str | None, timeo
                 out.frames_received += 1
     except grpc.aio.AioRpcError as e:
         out.status, out.message, out.retry_hint = e.code().name, e.details() or "", _has_retry_hint(e)
+    out.ended = time.perf_counter()
     return out
 
 
@@ -119,20 +121,27 @@ async def run_load(
     return outcomes
 
 
+def _percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    if p == 0.5:
+        return statistics.median(values)
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p * len(values)))]
+
+
 def summarize(outcomes: list[Outcome]) -> dict:
     ok = [o for o in outcomes if o.status == "OK"]
-    ttfa = sorted(o.ttfa_ms for o in ok if o.ttfa_ms is not None)
-
-    def pct(p: float) -> float | None:
-        return ttfa[min(len(ttfa) - 1, int(p * len(ttfa)))] if ttfa else None
-
+    ttfa = [o.ttfa_ms for o in ok if o.ttfa_ms is not None]
     rejected = [o for o in outcomes if o.status in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") and o.frames_received == 0]
+    refusal = [(o.ended - o.sent) * 1000 for o in rejected if o.ended is not None]
     return {
         "requests": len(outcomes),
         "by_status": dict(Counter(o.status for o in outcomes)),
         "rejections_with_retry_hint": sum(o.retry_hint for o in rejected),
         "rejections": len(rejected),
-        "ttfa_ms": {"p50": statistics.median(ttfa) if ttfa else None, "p95": pct(0.95), "p99": pct(0.99)},
+        "rejection_ms": {"p50": _percentile(refusal, 0.5), "p99": _percentile(refusal, 0.99)},
+        "ttfa_ms": {"p50": _percentile(ttfa, 0.5), "p95": _percentile(ttfa, 0.95), "p99": _percentile(ttfa, 0.99)},
         "max_gap_ms": max((o.max_gap_ms for o in ok), default=0.0),
         "frames_lost": sum(o.frames_expected - o.frames_received for o in ok),
         "frames_received": sum(o.frames_received for o in outcomes),
@@ -169,6 +178,9 @@ def format_summary(s: dict) -> str:
     lines = [f"requests: {s['requests']}"]
     lines += [f"  {status}: {n}" for status, n in sorted(s["by_status"].items())]
     lines.append(f"rejections with a retry hint: {s['rejections_with_retry_hint']} of {s['rejections']}")
+    r = s["rejection_ms"]
+    if r["p50"] is not None:
+        lines.append(f"time to a rejection: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms")
     t = s["ttfa_ms"]
     if t["p50"] is not None:
         lines.append(f"time to first audio: p50 {t['p50']:.0f} ms, p95 {t['p95']:.0f} ms, p99 {t['p99']:.0f} ms")

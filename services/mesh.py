@@ -19,7 +19,6 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.memory import MALLOC_ENV
-from services.common.tiny_model import ensure_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_CONFIG = ROOT / "envoy" / "envoy.yaml"
@@ -287,6 +286,9 @@ class Mesh:
 
     def start(self, timeout_s: float = 600.0) -> None:
         if self.model == "tiny":
+            # Imported here: it needs torch, which the client commands that import this module never use.
+            from services.common.tiny_model import ensure_tiny_checkpoint
+
             self.model = str(ensure_tiny_checkpoint())  # built once, before the services race to it
         for service in self.services():
             self.start_service(service)

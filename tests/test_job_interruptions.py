@@ -44,7 +44,7 @@ from tests.test_jobs import (
 )
 
 SLOTS = 2
-FRAMES = 200  # a job long enough to interrupt
+FRAMES = 120  # a job long enough to interrupt after its checkpoint of 30 frames
 SEED = 5
 
 

@@ -267,14 +267,14 @@ def restart(mesh: Mesh, service: str) -> None:
 
 
 def test_a_killed_jobs_service_resumes_its_job_to_the_same_audio(jobs_mesh):
-    job = create(jobs_mesh, "killed", request(300, seed=21))
+    job = create(jobs_mesh, "killed", request(150, seed=21))
     wait_for(jobs_mesh, job.name, lambda j: j.frames_checkpointed >= 30)
     restart(jobs_mesh, "jobs")
     resumed = wait_for(jobs_mesh, job.name, succeeded)
-    assert resumed.resumes == 1 and resumed.frames_done == 300
+    assert resumed.resumes == 1 and resumed.frames_done == 150
     # It went on from its checkpoint with the stream rebuilt, making no stored frame again.
     assert (resumed.rebuilds, resumed.frames_regenerated) == (1, 0)
-    uninterrupted = wait_for(jobs_mesh, create(jobs_mesh, "not-killed", request(300, seed=21)).name, succeeded)
+    uninterrupted = wait_for(jobs_mesh, create(jobs_mesh, "not-killed", request(150, seed=21)).name, succeeded)
     assert uninterrupted.resumes == 0
     assert_close(samples(jobs_mesh, job.name), samples(jobs_mesh, uninterrupted.name))
 

@@ -5,6 +5,8 @@ what waits unread stays bounded, the other streams go on, and the held stream's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -13,15 +15,15 @@ import torch
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.acoustic.engine import AcousticEngine
+from services.acoustic.server import Acoustic
 from services.common import stream_size
 from services.common.checkpoint import resolve_checkpoint
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler
-from services.render.audio_out import LEAD_FRAMES, AudioRouter
+from services.render.audio_out import AudioRouter
 from services.render.local import LocalLink
 from services.render.values import StreamSpec
 from services.render.wire import WireLink
-from tests.conftest import acoustic_alone
 
 FRAMES = 24
 LEAD, RESUME = 6, 3
@@ -159,45 +161,55 @@ def test_a_stream_held_past_the_limit_ends_and_frees_its_row(ckpt):
     asyncio.run(main())
 
 
-@pytest.fixture(scope="module")
-def acoustic_address(tiny_checkpoint, tmp_path_factory):
-    """An acoustic service in its own process: the report comes back over the wire, as between two GPUs."""
-    with acoustic_alone(tiny_checkpoint, tmp_path_factory, "pacing") as address:
-        yield address
+WIRE_LEAD, WIRE_RESUME = 40, 20
 
 
-def test_over_the_wire_a_stream_audio_subscriber_that_stops_reading_gets_its_stream_held(ckpt, acoustic_address):
-    """At the service's own lead (a minute of audio), in pipelined steps beside a stream read as it comes: the llm
-    stops the slow stream although it reads its own events, the other goes on, and the subscriber then gets every
-    frame, in order."""
+@contextlib.asynccontextmanager
+async def acoustic_server(ckpt, lead: tuple[int, int]) -> AsyncIterator[str]:
+    """The acoustic servicer on a gRPC port of its own: its report comes back over the wire, as between two GPUs."""
+    server = grpc.aio.server()
+    servicer = Acoustic(AcousticEngine(ckpt, "cpu", max_streams=4), AudioRouter(lead=lead))
+    mesh_pb2_grpc.add_AcousticServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+def test_over_the_wire_a_stream_audio_subscriber_that_stops_reading_gets_its_stream_held(ckpt):
+    """In pipelined steps beside a stream read as it comes: the llm stops the slow stream although it reads its
+    own events, the other goes on, and the subscriber then gets every frame, in order."""
     # With its window grown by bandwidth probes, gRPC itself holds about 490 frames a subscriber has not read; this
-    # subscriber keeps HTTP/2's initial window (a few frames), so the mailbox reaches the lead sooner.
-    frames = LEAD_FRAMES + 150
+    # subscriber keeps HTTP/2's initial window (a few frames), so the mailbox reaches the lead after a few more.
+    frames = WIRE_LEAD + 150
 
     async def main():
-        lm = LMEngine(ckpt, "cpu", max_streams=4)
-        link = WireLink(acoustic_address)
-        scheduler = Scheduler(lm, link, pipelined=True)
-        stream = LMStream(prompt_ids=prompt(ckpt, 1), voice_embeddings=None, fixed_frames=frames, max_frames=10_000)
-        job = Job(stream, StreamSpec(scheduler.new_stream_id(), 1, 1.3, 10, audio_key="wire-slow"))
-        async with grpc.aio.insecure_channel(acoustic_address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
-            call = mesh_pb2_grpc.AcousticStub(channel).StreamAudio(
-                mesh_pb2.StreamAudioRequest(audio_key="wire-slow"), timeout=300
-            )
-            scheduler.submit(job)
-            fast = asyncio.create_task(frames_of(submit(scheduler, ckpt, 2, frames=frames)))
-            first = await call.read()
-            made = await asyncio.wait_for(_frames_while_held(job), 240)
-            assert LEAD_FRAMES < len(made) < frames, len(made)  # held past the lead, before its end
-            assert len(await fast) == frames  # the other stream, decoding beside it when it was held, went on
-            rest = []
-            while (part := await call.read()) is not grpc.aio.EOF:
-                rest.append(part.index)
-            made += await frames_of(job)
-        await until(lambda: not lm.streams)
-        await link.close()
-        assert scheduler.runner.pipelined_halves > 0
-        return [first.index, *rest], [f.index for f in made]
+        async with acoustic_server(ckpt, (WIRE_LEAD, WIRE_RESUME)) as address:
+            lm = LMEngine(ckpt, "cpu", max_streams=4)
+            link = WireLink(address)
+            scheduler = Scheduler(lm, link, pipelined=True)
+            stream = LMStream(prompt_ids=prompt(ckpt, 1), voice_embeddings=None, fixed_frames=frames, max_frames=10_000)
+            job = Job(stream, StreamSpec(scheduler.new_stream_id(), 1, 1.3, 10, audio_key="wire-slow"))
+            async with grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+                call = mesh_pb2_grpc.AcousticStub(channel).StreamAudio(
+                    mesh_pb2.StreamAudioRequest(audio_key="wire-slow"), timeout=300
+                )
+                scheduler.submit(job)
+                fast = asyncio.create_task(frames_of(submit(scheduler, ckpt, 2, frames=frames)))
+                first = await call.read()
+                made = await asyncio.wait_for(_frames_while_held(job), 240)
+                assert WIRE_LEAD < len(made) < frames, len(made)  # held past the lead, before its end
+                assert len(await fast) == frames  # the other stream, decoding beside it when it was held, went on
+                rest = []
+                while (part := await call.read()) is not grpc.aio.EOF:
+                    rest.append(part.index)
+                made += await frames_of(job)
+            await until(lambda: not lm.streams)
+            await link.close()
+            assert scheduler.runner.pipelined_halves > 0
+            return [first.index, *rest], [f.index for f in made]
 
     heard, made = asyncio.run(main())
     assert heard == list(range(frames)) == made

@@ -119,6 +119,32 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         self.encode_lock = asyncio.Lock()
         self._connections = itertools.count(1)
         self.stats = StepStats(log, "render step")
+        self.draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """SIGTERM: render streams end once no stream they started is left (`_requests`)."""
+        self.draining.set()
+
+    async def _requests(self, request_iterator: AsyncIterator, started: set[int]) -> AsyncIterator:
+        """The llm's render requests until it closes the stream, or, once this service drains, until none of the
+        streams it started here is left. An llm keeps its stream open while idle: that must not hold this
+        service's exit for the whole grace period."""
+        requests = aiter(request_iterator)
+        while not (self.draining.is_set() and not started):
+            if started:  # the llm sends a step for them soon
+                request = await anext(requests, None)
+            else:  # an idle llm may send nothing for hours
+                read = asyncio.ensure_future(anext(requests, None))
+                drained = asyncio.ensure_future(self.draining.wait())
+                await asyncio.wait((read, drained), return_when=asyncio.FIRST_COMPLETED)
+                drained.cancel()
+                if not read.done():
+                    read.cancel()
+                    return
+                request = read.result()
+            if request is None:
+                return
+            yield request
 
     async def EncodeVoice(self, request, context):  # noqa: N802
         # Checked, encoded and answered off the event loop, which relays every stream's audio: four voices are
@@ -195,7 +221,7 @@ class Acoustic(mesh_pb2_grpc.AcousticServicer):
         undelivered: Gathered | None = None  # a step answered whose frames are not in their mailboxes yet
         log.info("render stream %d opened by %s", conn, context.peer())
         try:
-            async for request in request_iterator:
+            async for request in self._requests(request_iterator, started):
                 if request.HasField("shared_offer"):
                     shared, why_not = await asyncio.to_thread(
                         AcousticSharedMemory.accept,
@@ -279,8 +305,9 @@ def main(argv: list[str] | None = None) -> None:
         service = Service(
             "acoustic", args.host, args.port, [mesh_pb2.DESCRIPTOR.services_by_name["Acoustic"].full_name]
         )
-        mesh_pb2_grpc.add_AcousticServicer_to_server(Acoustic(engine), service.server)
-        await service.run(grace_s=30)
+        acoustic = Acoustic(engine)
+        mesh_pb2_grpc.add_AcousticServicer_to_server(acoustic, service.server)
+        await service.run(grace_s=30, on_drain=acoustic.drain)
 
     asyncio.run(run())
 

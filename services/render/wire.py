@@ -44,6 +44,8 @@ class WireLink:
         self._sent: deque[tuple[int, bool]] = deque()  # steps sent and not yet received: (streams rendered, shared)
 
     async def _open(self):
+        if self.call is not None and self.call.done():  # a draining acoustic service ends an idle llm's stream
+            await self.close()
         if self.call is None:
             # no tracing interceptors: the stream lives as long as the process, one message per step
             self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
@@ -104,6 +106,9 @@ class WireLink:
             await call.write(step.to_proto(with_tensors=not shared))
         except grpc.aio.AioRpcError as e:
             await self._failed(e)
+        except asyncio.InvalidStateError as e:  # the acoustic service ended the stream just before this write
+            await self.close()
+            raise RenderUnavailable(f"acoustic service at {self.address} closed the render stream") from e
         self._sent.append((len(step.ids), shared))
 
     async def receive(self) -> RenderResult:
