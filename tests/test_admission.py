@@ -93,3 +93,17 @@ def test_requests_wait_for_kv_positions_as_well_as_for_streams():
         return adm.positions
 
     assert run(alone()) == 5000
+
+
+def test_a_script_beyond_the_context_costs_at_most_what_one_segment_holds():
+    """Such a script runs one segment after another: admission must not wait for a pool that holds all of it."""
+    from vibevoice.tts.v1 import tts_pb2
+
+    from services.common.stream_size import SEGMENT_FRAMES
+    from services.synthesis.estimates import estimated_positions
+
+    long = tts_pb2.SynthesizeRequest(text="Speaker 1: " + "word " * 30_000)
+    assert estimated_positions(long) > 3 * 8192
+    assert estimated_positions(long, max_positions=8192) == 2 * 8192 + SEGMENT_FRAMES
+    short = tts_pb2.SynthesizeRequest(text="Speaker 1: Hello there.")
+    assert estimated_positions(short, max_positions=8192) == estimated_positions(short)

@@ -228,6 +228,22 @@ def wait_for_active(mesh: Mesh, n: int, timeout: float = 30.0) -> float:
     return time.perf_counter() - t0
 
 
+def test_an_impossible_request_is_refused_while_others_run_not_after_them(idle_small_mesh):
+    """fixed_frames past anything a script's segments hold: refused by the plan once admitted, and admitted beside
+    the running streams (its cost is what one stream can hold), not after the mesh has emptied."""
+    long = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=80, seed=1)
+    running = threading.Thread(target=lambda: synthesize_quietly(address(idle_small_mesh), long))
+    running.start()
+    wait_for_active(idle_small_mesh, 1)
+    impossible = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=2**31, seed=2)
+    with pytest.raises(grpc.RpcError) as err:
+        synthesize(address(idle_small_mesh), impossible, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("options.fixed_frames"), err.value.details()
+    assert running.is_alive()
+    running.join(120)
+
+
 def test_cancel_and_deadline_free_the_slot_within_a_step(idle_small_mesh):
     request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=500, seed=5)
     with grpc.insecure_channel(address(idle_small_mesh)) as ch:

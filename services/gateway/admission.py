@@ -32,6 +32,7 @@ class Room:
 
     streams: int
     positions: int
+    stream_positions: int = 0  # what one stream's branch may hold (the llm's context); 0 until the llm answers
 
 
 @dataclass(order=True)

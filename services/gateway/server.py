@@ -36,7 +36,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
 
     async def _llm_room(self) -> Room:
         capacity = await self.backends.capacity()
-        return Room(capacity.slots, capacity.kv_pages * capacity.page_size)
+        return Room(capacity.slots, capacity.kv_pages * capacity.page_size, capacity.max_positions)
 
     async def Synthesize(self, request, context: grpc.aio.ServicerContext):  # noqa: N802
         started = time.monotonic()
@@ -47,7 +47,7 @@ class Gateway(tts_pb2_grpc.TextToSpeechServicer):
         try:
             options = check_options(request)
             try:
-                cost = estimated_positions(request)
+                cost = estimated_positions(request, self.admission.room.stream_positions)
                 admitted = await self.admission.acquire(key, cost)
                 mark("admitted")
             except grpc.aio.AioRpcError as e:

@@ -171,7 +171,7 @@ class Runner:
     async def _start_next(self, record: JobRecord, capacity: mesh_pb2.CapacityResponse) -> None:
         request = tts_pb2.SynthesizeRequest.FromString(self.store.read_request(record.job_id))
         starting = sum(1 for r in self.runs.values() if not r.streaming)
-        if not has_room(capacity, estimated_positions(request), self.reserve, starting):
+        if not has_room(capacity, estimated_positions(request, capacity.max_positions), self.reserve, starting):
             return
         record = self.store.get(record.job_id)
         if record is None or record.state != states.QUEUED:  # cancelled or deleted meanwhile

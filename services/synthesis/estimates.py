@@ -22,9 +22,12 @@ def estimated_frames(request: tts_pb2.SynthesizeRequest) -> int:
     return expected_frames(words(request))
 
 
-def estimated_positions(request: tts_pb2.SynthesizeRequest) -> int:
-    """The KV positions a job is expected to hold, over its three branches, for admission and shortest-job-first:
-    a prompt of about two tokens a word, the voices' frames and the system prompt, and the frames it makes."""
+def estimated_positions(request: tts_pb2.SynthesizeRequest, max_positions: int = 0) -> int:
+    """The KV positions a job is expected to hold at once, over its three branches, for admission and
+    shortest-job-first: a prompt of about two tokens a word, the voices' frames and the system prompt, and the
+    frames it makes. A script beyond the llm's context (`max_positions` per branch; 0: not known) runs as one
+    segment after another, and no branch of a segment holds more than the context."""
     voice_frames = sum(len(v.audio) for v in request.voices) // (2 * SAMPLES_PER_FRAME)  # as 16-bit samples
     prompt = 2 * words(request) + voice_frames + PROMPT_OVERHEAD_TOKENS
-    return sum(expected_branch_positions(prompt, estimated_frames(request)))
+    branches = expected_branch_positions(prompt, estimated_frames(request))
+    return sum(min(b, max_positions) if max_positions else b for b in branches)
