@@ -46,13 +46,6 @@ def small(checkpoint: Path, log_dir: Path) -> Mesh:
     )
 
 
-@pytest.fixture
-def small_mesh(tiny_checkpoint, tmp_path):
-    """A small mesh of the test's own: for tests that kill or stop its services."""
-    with small(tiny_checkpoint, tmp_path / "logs") as mesh:
-        yield mesh
-
-
 @pytest.fixture(scope="module")
 def _shared_small_mesh(tiny_checkpoint, tmp_path_factory):
     with small(tiny_checkpoint, tmp_path_factory.mktemp("small-mesh") / "logs") as mesh:
@@ -61,13 +54,26 @@ def _shared_small_mesh(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture
 def idle_small_mesh(_shared_small_mesh):
-    """The module's small mesh, for tests that leave its services as they found them: each starts with no stream
-    running and Envoy's per-key buckets refilled."""
+    """The module's small mesh: each test starts with no stream running and Envoy's per-key buckets refilled."""
     mesh = _shared_small_mesh
     wait_for_active(mesh, 0, timeout=120)
     time.sleep(1.0)  # a second of refill for every key's bucket; and nothing queued was about to start
     wait_for_active(mesh, 0, timeout=120)
     return mesh
+
+
+@pytest.fixture
+def small_mesh(idle_small_mesh):
+    """The module's small mesh, for tests that kill or stop its services: what they stopped runs again after
+    them, pass or fail, so the next test finds every service up."""
+    mesh = idle_small_mesh
+    yield mesh
+    for service in mesh.services():
+        proc = mesh.processes.get(service)
+        if proc is None or proc.poll() is not None:
+            mesh.processes.pop(service, None)
+            mesh.start_service(service)
+    mesh.wait_ready(120)
 
 
 def rss_kib(pid: int) -> int:
@@ -92,8 +98,8 @@ def test_overload_admits_whole_streams_and_rejects_the_rest_cleanly(idle_small_m
     services = ("text_parser", "acoustic", "llm", "gateway")
     before = {s: rss_kib(idle_small_mesh.processes[s].pid) for s in services}
 
-    # Offered load: three times the streams the mesh can run, for 30 s.
-    outcomes = asyncio.run(run_load(address(idle_small_mesh), clients=3 * SLOTS, frames=15, duration_s=30))
+    # Offered load: three times the streams the mesh can run, for 15 s.
+    outcomes = asyncio.run(run_load(address(idle_small_mesh), clients=3 * SLOTS, frames=15, duration_s=15))
     summary = write_report(outcomes, tmp_path / "load")
     print("\n" + format_summary(summary))
 
@@ -424,40 +430,32 @@ def test_deadline_mid_stream_reaches_the_client_as_deadline_exceeded(mesh):
     assert result.summary.frames == 2
 
 
-def test_gateway_killed_mid_stream(tiny_checkpoint, tmp_path):
-    mesh = Mesh(
-        ports=new_ports(),
-        model=str(tiny_checkpoint),
-        device="cpu",
-        dtype="float32",
-        allow_fixed_frames=True,
-        log_dir=tmp_path / "logs",
-    )
-    with mesh:
-        request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=400, seed=14)
-        chunks = 0
-        t0 = time.perf_counter()
-        key = [("x-api-key", "killed")]  # finds the call's line in Envoy's access log
-        with grpc.insecure_channel(address(mesh)) as ch, pytest.raises(grpc.RpcError) as err:
-            for response in tts_pb2_grpc.TextToSpeechStub(ch).Synthesize(request, timeout=120, metadata=key):
-                if response.WhichOneof("event") == "audio":
-                    chunks += 1
-                    if chunks == 3:
-                        mesh.processes["gateway"].send_signal(signal.SIGKILL)
-        failed_after = time.perf_counter() - t0
-        assert chunks == 3  # the stream ended at the kill, it did not play on or hang
-        assert failed_after < 30
+def test_gateway_killed_mid_stream(small_mesh):
+    mesh = small_mesh
+    request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=400, seed=14)
+    chunks = 0
+    t0 = time.perf_counter()
+    key = [("x-api-key", "killed")]  # finds the call's line in Envoy's access log
+    with grpc.insecure_channel(address(mesh)) as ch, pytest.raises(grpc.RpcError) as err:
+        for response in tts_pb2_grpc.TextToSpeechStub(ch).Synthesize(request, timeout=120, metadata=key):
+            if response.WhichOneof("event") == "audio":
+                chunks += 1
+                if chunks == 3:
+                    mesh.processes["gateway"].send_signal(signal.SIGKILL)
+    failed_after = time.perf_counter() - t0
+    assert chunks == 3  # the stream ended at the kill, it did not play on or hang
+    assert failed_after < 30
 
-        mesh.processes.pop("gateway").wait()
-        mesh.start_service("gateway")
-        mesh.wait_ready(120, ["gateway", "envoy"])
-        result = synthesize(
-            address(mesh), build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=2, seed=15), timeout=60
-        )
-        assert result.summary.frames == 2
+    mesh.processes.pop("gateway").wait()
+    mesh.start_service("gateway")
+    mesh.wait_ready(120, ["gateway", "envoy"])
+    result = synthesize(
+        address(mesh), build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=2, seed=15), timeout=60
+    )
+    assert result.summary.frames == 2
 
     code, details = err.value.code(), err.value.details() or ""
-    access = [line for line in (tmp_path / "logs" / "envoy.log").read_text().splitlines() if "key=killed" in line]
+    access = [line for line in (mesh.log_dir / "envoy.log").read_text().splitlines() if "key=killed" in line]
     if code == grpc.StatusCode.INTERNAL and "RST_STREAM with error code 2" in details:
         # Envoy had forwarded the gateway's response headers, so on the upstream reset (connection
         # termination) router.cc Filter::onUpstreamReset -> onUpstreamAbort -> sendLocalReply reaches
