@@ -29,7 +29,7 @@ from vibevoice.tts.v1 import tts_pb2
 from services.cli import build_parser, mesh_from_args
 from services.client import build_request, synthesize
 from services.common.audio import SAMPLES_PER_FRAME
-from services.mesh import BASE_PORT, AcousticConfig, GatewayConfig, LLMConfig, Mesh, Ports, free_ports
+from services.mesh import BASE_PORT, AcousticConfig, GatewayConfig, LLMConfig, Mesh, Ports, cpu_threads, free_ports
 from tests.conftest import SCRIPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,3 +340,14 @@ def test_second_mesh_on_its_own_base_port(mesh, envoy_address, tiny_checkpoint, 
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_a_cpu_mesh_splits_the_cores_between_its_model_services(mesh):
+    """Each torch process would start a thread per core; the llm and the acoustic service share them instead."""
+    cores = os.cpu_count() or 1
+    expected = {"llm": max(1, cores // 2), "acoustic": max(1, cores // 2), "gateway": 1, "text_parser": 1}
+    for service, threads in expected.items():
+        environ = Path(f"/proc/{mesh.processes[service].pid}/environ").read_bytes().split(b"\0")
+        assert f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', threads)}".encode() in environ, service
+    assert cpu_threads("llm", cores=16, colocated=True) == 16
+    assert cpu_threads("acoustic", cores=1) == cpu_threads("jobs", cores=16) == 1
