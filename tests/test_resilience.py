@@ -430,6 +430,16 @@ def test_deadline_mid_stream_reaches_the_client_as_deadline_exceeded(mesh):
     assert result.summary.frames == 2
 
 
+def envoy_access_lines(mesh: Mesh, marker: str, timeout_s: float = 30.0) -> list[str]:
+    """The running Envoy's access log lines holding `marker`: Envoy writes its access log every 10 s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [line for line in (mesh.log_dir / "envoy.log").read_text().splitlines() if marker in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.5)
+
+
 def test_gateway_killed_mid_stream(small_mesh):
     mesh = small_mesh
     request = build_request(SCRIPT, {}, tts_pb2.AUDIO_FORMAT_PCM16, fixed_frames=400, seed=14)
@@ -455,8 +465,8 @@ def test_gateway_killed_mid_stream(small_mesh):
     assert result.summary.frames == 2
 
     code, details = err.value.code(), err.value.details() or ""
-    access = [line for line in (mesh.log_dir / "envoy.log").read_text().splitlines() if "key=killed" in line]
     if code == grpc.StatusCode.INTERNAL and "RST_STREAM with error code 2" in details:
+        access = envoy_access_lines(mesh, "key=killed")
         # Envoy had forwarded the gateway's response headers, so on the upstream reset (connection
         # termination) router.cc Filter::onUpstreamReset -> onUpstreamAbort -> sendLocalReply reaches
         # DownstreamFilterManager::sendLocalReply's "Prior headers have already been sent" branch, which
