@@ -158,8 +158,9 @@ MODEL_SERVICES = ("llm", "acoustic")  # the services whose steps run the model
 def cpu_threads(service: str, cores: int | None = None, colocated: bool = False) -> int:
     """Torch threads for a service of a mesh on the CPU: the llm and the acoustic service split the cores, and the
     others, whose torch work is small, take one. Each would otherwise start a thread per core, and on a small
-    machine the two model services' threads would take turns on the same cores (measured on 2 cores: a stream's
-    frames took 28 % longer, three streams' 31 %). A `colocated` llm runs both models, with every core."""
+    machine the two model services' threads would take turns on the same cores (bench/cpu_threads.py: on 2 cores
+    one stream's frames came 2.35x faster split, three streams' 2.01x). A `colocated` llm runs both models, with
+    every core."""
     cores = cores or os.cpu_count() or 1
     if service not in MODEL_SERVICES:
         return 1
