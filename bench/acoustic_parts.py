@@ -56,20 +56,6 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB: the bandwidth a weight read can reach here."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    b.copy_(a)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1000)
-
-
 SMALL, SMALLER = convnext_kernel.BlockTiles(2048, 2), convnext_kernel.BlockTiles(1024, 1)
 # The conv stacks' variants: name suffix -> (the widest stage the fused kernel takes, its tiles; None: the default)
 VARIANTS = {
@@ -183,7 +169,7 @@ def main() -> None:
     acoustic = AcousticEngine(ckpt, defaults.device, dtype, max(batches), graphs, compiled)
     print(f"built in {time.perf_counter() - t:.0f} s", flush=True)
     acoustic.step(RenderStep(starts=[StreamSpec(i, i, 1.3, GRAPH_DIFFUSION_STEPS) for i in range(max(batches))]))
-    bandwidth = copy_bandwidth()
+    bandwidth = common.copy_bandwidth()
     results = {
         "configuration": {"compiled": not defaults.no_compile, "dtype": str(acoustic.dtype)},
         "copy_bandwidth_tb_per_s": bandwidth / 1e12,
