@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
+from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from services.common.tiny_model import build_tiny_checkpoint
 from services.mesh import Mesh, Ports
@@ -56,17 +59,25 @@ def acoustic_alone(checkpoint: Path, tmp_path_factory, name: str) -> Iterator[st
 
 @pytest.fixture(scope="session")
 def mesh(tiny_checkpoint, tmp_path_factory):
-    """Every service and Envoy as separate processes on loopback, CPU float32, fixed_frames allowed."""
-    m = Mesh(
-        ports=new_ports(),
-        model=str(tiny_checkpoint),
-        device="cpu",
-        dtype="float32",
-        allow_fixed_frames=True,
-        log_dir=tmp_path_factory.mktemp("mesh-logs"),
-    )
-    with m:
+    """Every service and Envoy as separate processes on loopback, CPU float32, fixed_frames allowed; its job store
+    in a folder of the test run."""
+    with cpu_mesh(tiny_checkpoint, tmp_path_factory, "mesh") as m:
         yield m
+
+
+def llm_active(mesh: Mesh) -> int:
+    """Streams the mesh's llm holds now."""
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.llm}") as channel:
+        return mesh_pb2_grpc.LLMStub(channel).Capacity(mesh_pb2.CapacityRequest(), timeout=10).active
+
+
+def wait_until_idle(mesh: Mesh, timeout: float = 120.0) -> Mesh:
+    """`mesh` once its llm holds no stream: what a test that counts the llm's streams starts from."""
+    deadline = time.monotonic() + timeout
+    while (active := llm_active(mesh)) != 0:
+        assert time.monotonic() < deadline, f"the llm still holds {active} streams"
+        time.sleep(0.05)
+    return mesh
 
 
 @pytest.fixture(scope="session")

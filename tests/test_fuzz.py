@@ -10,7 +10,7 @@ import pytest
 from services.fuzz import ALLOWED, GOOD_TOLERANCE, Generator, Report, Seeds, run_fuzz
 from services.synthesis.voice_cache import CACHE_BYTES
 
-REQUESTS = 600
+REQUESTS = 300
 FULL_RUN_SEED = 20251202  # `make fuzz`'s default seed
 
 

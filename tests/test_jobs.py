@@ -29,13 +29,13 @@ from services.common.errors import bad_request_fields
 from services.common.frames import SAMPLES_PER_FRAME
 from services.jobs.frame_log import RECORD_BYTES
 from services.mesh import Mesh
-from tests.conftest import SCRIPTS, VOICES, cpu_mesh
+from tests.conftest import SCRIPTS, VOICES, cpu_mesh, wait_until_idle
 from tests.test_api import grpcurl
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
 DEADLINE_S = 300.0
-CLI_JOB_FRAMES = 400
+CLI_JOB_FRAMES = 200
 # Frames the job must still have to make when the first watch is interrupted: a watch of a finished job replays
 # every stored frame faster than a signal reaches it.
 CLI_JOB_LEFT = 100
@@ -46,10 +46,10 @@ def new_jobs_mesh(tiny_checkpoint: Path, tmp_path_factory, name: str, **options)
     return cpu_mesh(tiny_checkpoint, tmp_path_factory, name, **options)
 
 
-@pytest.fixture(scope="module")
-def jobs_mesh(tiny_checkpoint, tmp_path_factory):
-    with new_jobs_mesh(tiny_checkpoint, tmp_path_factory, "jobs") as mesh:
-        yield mesh
+@pytest.fixture
+def jobs_mesh(mesh):
+    """The session's mesh, once no stream of an earlier test is left in its llm (these tests count them)."""
+    return wait_until_idle(mesh)
 
 
 def jobs(mesh: Mesh) -> jobs_pb2_grpc.JobsStub:
@@ -337,8 +337,8 @@ def vvmesh(mesh: Mesh, *args: str) -> subprocess.CompletedProcess:
 
 def interrupted_watch(mesh: Mesh, script: Path, tmp_path: Path, frames: int) -> tuple[str | None, int, Path, list[str]]:
     """Submit a job of `frames` through the CLI, watch it, and Ctrl-C the watch once it has written 5 frames while
-    the job still has CLI_JOB_LEFT to make. The watch's own start-up (a Python process importing torch) can outlast
-    a short job on a loaded machine: then (None, ...) and the caller tries a longer one."""
+    the job still has CLI_JOB_LEFT to make. The watch's own start-up (a Python process) can outlast a short job on a
+    loaded machine: then (None, ...) and the caller tries a longer one."""
     job_id = f"cli-job-{frames}"
     options = ["--job-id", job_id, "--format", "wav", "--fixed-frames", str(frames)]
     submitted = vvmesh(mesh, "submit", str(script), *options)

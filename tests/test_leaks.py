@@ -19,7 +19,8 @@ from services.client import build_request, synthesize
 from services.common.audio import voice_digest
 from services.common.checkpoint import resolve_checkpoint
 from services.common.errors import bad_request_fields
-from services.common.tensors import array_proto, to_proto
+from services.common.tensors import to_proto
+from services.common.wire_arrays import array_proto
 from services.llm.engine import LMEngine, LMStream
 from services.llm.scheduler import Failed, Finished, Job, Scheduler
 from services.render.local import LocalLink

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.tensors import array_proto, as_numpy, from_proto, to_proto
+from services.common.tensors import from_proto, to_proto
+from services.common.wire_arrays import array_proto, as_numpy
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32, np.int64])

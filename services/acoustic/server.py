@@ -26,7 +26,8 @@ from services.common.model_args import add_model_args, resolve_dtype
 from services.common.model_info import model_info
 from services.common.step_stats import StepStats
 from services.common.telemetry import setup_tracing
-from services.common.tensors import array_proto, from_proto, to_proto
+from services.common.tensors import from_proto, to_proto
+from services.common.wire_arrays import array_proto
 from services.render.audio_out import AudioRouter, Gathered, checked_key
 from services.render.shared_memory import AcousticSharedMemory
 from services.render.values import RenderStep

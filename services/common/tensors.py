@@ -1,8 +1,8 @@
-"""Tensors on the wire: raw little-endian bytes with a dtype name and a shape."""
+"""Tensors on the wire: raw little-endian bytes with a dtype name and a shape (`services/common/wire_arrays.py`
+reads and writes the same messages as numpy arrays, for the services that do not import torch)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from vibevoice.mesh.v1 import mesh_pb2
 
@@ -14,7 +14,6 @@ _DTYPES = {
     "int32": torch.int32,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8"), "int32": np.dtype("<i4")}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -41,23 +40,6 @@ def from_proto(msg: mesh_pb2.Tensor, device: torch.device | str = "cpu") -> torc
         return torch.empty(shape, dtype=dtype, device=device)
     flat = torch.frombuffer(bytearray(msg.data), dtype=dtype)
     return flat.reshape(shape).to(device)
-
-
-def array_proto(a: np.ndarray) -> mesh_pb2.Tensor:
-    """`to_proto` for a numpy array, with no torch call (see `as_numpy`): a request's voices on the gateway."""
-    name = next((k for k, v in _NUMPY.items() if v == a.dtype), None)
-    if name is None:
-        raise ValueError(f"unsupported array dtype {a.dtype}")
-    return mesh_pb2.Tensor(dtype=name, shape=list(a.shape), data=np.ascontiguousarray(a).tobytes())
-
-
-def as_numpy(msg: mesh_pb2.Tensor) -> np.ndarray:
-    """A tensor message as a read-only array over its bytes: no copy and no torch call, for the loop that relays
-    every stream's frames (each torch call lets other threads take the GIL, and the loop waits to get it back)."""
-    dtype = _NUMPY.get(msg.dtype)
-    if dtype is None:
-        return from_proto(msg).float().numpy()  # bfloat16 has no numpy type
-    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
 
 
 # Off only in bench/paged_bench.py --copies, which times the plain copies beside these in one run.

@@ -17,7 +17,7 @@ from services.common.grpc_server import Service
 from services.common.logs import escape, setup_logging
 from services.common.memory import LARGE_REQUEST_BYTES, Trimmer
 from services.common.telemetry import mark, setup_tracing
-from services.common.tensors import as_numpy
+from services.common.wire_arrays import as_numpy
 from services.gateway.admission import Admission, Room
 from services.synthesis.backends import Backends, api_key, decode_voices
 from services.synthesis.estimates import estimated_positions

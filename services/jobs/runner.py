@@ -40,7 +40,7 @@ from vibevoice.tts.v1 import tts_pb2
 from services.common.errors import RequestError
 from services.common.frames import FRAMES_PER_SECOND
 from services.common.logs import escape
-from services.common.tensors import as_numpy
+from services.common.wire_arrays import as_numpy
 from services.jobs import store as states
 from services.jobs.checks import check_job_audio
 from services.jobs.frame_log import FrameLog, read_frames

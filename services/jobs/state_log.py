@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from vibevoice.mesh.v1 import mesh_pb2
 
-from services.common.tensors import as_numpy, to_proto
+from services.common.wire_arrays import array_proto, as_numpy
 from services.jobs.appends import sync, write_at
 from services.jobs.store import Store
 
@@ -133,14 +132,14 @@ class StateLog:
             return None, "the state records are out of order"
         rows = np.frombuffer(data, dtype="<u1").reshape(stop - first, size)[:, _HEAD.size :]
         tokens = rows[:, : 4 * TOKEN_SLOTS].copy().view("<i4")
-        features = torch.from_numpy(rows[:, 4 * TOKEN_SLOTS :].copy().view("<f4"))
+        features = rows[:, 4 * TOKEN_SLOTS :].copy().view("<f4")
         counts = heads["count"].astype(int)
         return (
             mesh_pb2.ResumeHistory(
                 tokens_before=counts.tolist(),
                 tokens=[int(t) for row, n in zip(tokens, counts, strict=True) for t in row[:n]],
-                latents=to_proto(features[:, :latent]),
-                semantic=to_proto(features[:, latent : latent + semantic]),
+                latents=array_proto(features[:, :latent]),
+                semantic=array_proto(features[:, latent : latent + semantic]),
             ),
             "",
         )

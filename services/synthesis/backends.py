@@ -19,7 +19,7 @@ from services.common.errors import from_rpc_error, invalid_argument, unavailable
 from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import insecure_channel
 from services.common.logs import mark_random_weights
-from services.common.tensors import array_proto
+from services.common.wire_arrays import array_proto
 from services.synthesis.options import Options
 from services.synthesis.voice_cache import DecodedVoices, Voice
 
