@@ -1,6 +1,7 @@
-"""Tensor messages as numpy arrays, with no torch: the services that only relay audio and voices (the gateway,
-the jobs service, the client side of a synthesis) never import torch, which would cost each of them seconds of
-start-up and hundreds of MB. The message format is `services/common/tensors.py`'s."""
+"""Tensor messages as numpy arrays, with no torch call: the loops that relay every stream's frames (the gateway,
+the jobs service) and the client side of a synthesis read and write them here. A torch call lets other threads
+take the interpreter lock, and a relaying loop then waits to get it back. The message format is
+`services/common/tensors.py`'s."""
 
 from __future__ import annotations
 
