@@ -23,7 +23,6 @@ import torch
 from realtime_bench import VOICES  # the demo's four English voices
 
 from services.acoustic.engine import VOICE_CHUNK_SAMPLES, AcousticEngine
-from services.common.audio import normalize_voice
 from services.common.checkpoint import resolve_checkpoint
 from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 
@@ -56,7 +55,7 @@ def main() -> None:
     ckpt = resolve_checkpoint(str(common.checkpoint(args.shape)))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     engine = AcousticEngine(ckpt, args.device, dtype, 1, False, False)  # the encoder is eager in the service too
-    voices = [torch.from_numpy(normalize_voice(soundfile.read(path, dtype="float32")[0])) for path in VOICES]
+    voices = [torch.from_numpy(soundfile.read(path, dtype="float32")[0]) for path in VOICES]
     longest = max(v.numel() for v in voices)
     results: dict = {
         "shape": args.shape,

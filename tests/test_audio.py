@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 from transformers.models.vibevoice_acoustic_tokenizer import VibeVoiceAcousticTokenizerFeatureExtractor
 
+from services.acoustic.voice_prompts import normalize_voice
 from services.common.audio import (
     FORMATS,
     MAX_VOICE_BYTES,
@@ -20,7 +21,6 @@ from services.common.audio import (
     AudioError,
     StreamEncoder,
     decode_voice,
-    normalize_voice,
 )
 
 VOICES = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "vibevoice-demo" / "voices"
@@ -143,7 +143,7 @@ def reference_normalize(x: np.ndarray) -> torch.Tensor:
 
 def test_normalization_equals_the_feature_extractor_on_a_voice():
     voice = decode_voice((VOICES / "en-Carter_man.wav").read_bytes())
-    ours = torch.from_numpy(normalize_voice(voice))
+    ours = normalize_voice(torch.from_numpy(voice))
     # The voice's peak stays under 1 after scaling to -25 dBFS, so this is the plain-gain branch.
     assert ours.abs().max() <= 1.0
     assert torch.equal(ours, reference_normalize(voice))
@@ -152,6 +152,6 @@ def test_normalization_equals_the_feature_extractor_on_a_voice():
 def test_normalization_equals_the_feature_extractor_when_the_peak_exceeds_one():
     loud = SINE * 0.01
     loud[1000] = 0.9  # one spike: -25 dBFS RMS pushes it far above 1, so the peak division runs
-    ours = torch.from_numpy(normalize_voice(loud))
+    ours = normalize_voice(torch.from_numpy(loud))
     assert ours.abs().max() < 1.0 and ours.abs().max() > 0.999
     assert torch.equal(ours, reference_normalize(loud))

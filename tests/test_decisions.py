@@ -155,9 +155,7 @@ def voices_case(ckpt, reference) -> tuple[dict, np.ndarray, list[int]]:
     assert "EB" in letters(model.config, tokens)
     # the voice prompts as the acoustic service encodes them, seeded as the request is
     acoustic = AcousticEngine(ckpt)
-    from services.common.audio import normalize_voice
-
-    embeddings, voice_frames = acoustic.encode_voices([torch.from_numpy(normalize_voice(v)) for v in voices], 1)
+    embeddings, voice_frames = acoustic.encode_voices([torch.as_tensor(v) for v in voices], 1)
     assert voice_frames == frames
     request = {"prompt": prompt, "seed": 1, "voices": embeddings, "voice_shape": (2, max(frames))}
     return request, audio, tokens

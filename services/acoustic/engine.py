@@ -29,6 +29,7 @@ from services.acoustic.diffusion import fuse_head, guided_velocity
 from services.acoustic.dpm_solver import DPMSolverPlan
 from services.acoustic.receptive_field import state_frames
 from services.acoustic.streaming import convnext_step, streaming_forward
+from services.acoustic.voice_prompts import normalize_voice
 from services.common.audio import SAMPLES_PER_FRAME, voice_digest
 from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
@@ -183,13 +184,15 @@ class AcousticEngine:
 
     # ------------------------------------------------------------------ voice prompts
 
-    def _voice_mean(self, samples: torch.Tensor) -> torch.Tensor:
-        """The sigma-VAE encoder's latents for one voice, (frames, latent); cached by content hash."""
-        key = voice_digest(samples.numpy()).hex()
+    def _voice_mean(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The sigma-VAE encoder's latents for one voice as decoded (24 kHz mono float32), (frames, latent);
+        cached by the digest of those samples, which is what EncodeVoice's voice_digests name."""
+        key = voice_digest(decoded.numpy()).hex()
         cached = self._voice_means.get(key)
         if cached is not None:
             self._voice_means.move_to_end(key)
             return cached
+        samples = normalize_voice(decoded)
         frames = -(-samples.numel() // SAMPLES_PER_FRAME)
         padded = torch.zeros(1, 1, frames * SAMPLES_PER_FRAME, dtype=self.dtype, device=self.device)
         padded[0, 0, : samples.numel()] = samples.to(self.device, self.dtype)
@@ -218,7 +221,8 @@ class AcousticEngine:
         return std, noise.transpose(1, 2).normal_(generator=generator)
 
     def encode_voices(self, voices: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, list[int]]:
-        """Voice prompts -> embeddings for their placeholder positions, (sum of frames, hidden), on the CPU.
+        """Voice prompts (as decoded: 24 kHz mono float32, not yet normalised) -> embeddings for their placeholder
+        positions, (sum of frames, hidden), on the CPU.
 
         On the GPU this runs on its own CUDA stream, beside the frames being rendered.
         """

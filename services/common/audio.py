@@ -1,4 +1,5 @@
-"""Audio in and out: voice prompts to 24 kHz mono as the reference prepares them, and streaming encoders."""
+"""Audio in and out: voice files decoded to 24 kHz mono as the reference decodes them (its loudness normalisation is
+the acoustic service's, `services/acoustic/voice_prompts.py`), and streaming encoders."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import struct
 import numpy as np
 import soundfile as sf
 import soxr
-import torch
 
 from services.common.frames import FRAME_MS, MAX_VOICE_SECONDS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: F401
 
@@ -18,8 +18,6 @@ MAX_VOICE_BYTES = 10 * 1024 * 1024
 # absurd rate (a WAV header may say 2 GHz) costs seconds of CPU for a few samples of output.
 MIN_VOICE_RATE = 8000
 MAX_VOICE_RATE = 192000
-TARGET_DBFS = -25  # the feature extractor's default, an int there too
-NORM_EPS = 1e-6
 
 FORMATS = ("pcm16", "pcm_f32", "wav", "flac", "ogg_opus")
 MEDIA_TYPES: dict[str, str] = {
@@ -121,21 +119,6 @@ def voice_digest(samples: np.ndarray) -> bytes:
     """The SHA-256 of a voice's float32 samples as EncodeVoice carries them: the acoustic service's voice cache
     key, and what a caller sends instead of samples it has sent before (EncodeVoiceRequest.voice_digests)."""
     return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32)).digest()
-
-
-def normalize_voice(samples: np.ndarray) -> np.ndarray:
-    """-25 dBFS RMS, then divided by the peak if above 1.
-
-    The same float32 torch ops in the same order as transformers' VibeVoiceAcousticTokenizerFeatureExtractor,
-    so the result is bit-identical to what the reference feeds its acoustic tokenizer.
-    """
-    x = torch.tensor(samples, dtype=torch.float32)
-    rms = torch.sqrt(torch.mean(x**2))
-    x *= 10 ** (TARGET_DBFS / 20) / (rms + NORM_EPS)
-    peak = torch.max(torch.abs(x))
-    if peak > 1.0:
-        x = x / (peak + NORM_EPS)
-    return x.numpy()
 
 
 def _pcm16(samples: np.ndarray) -> bytes:

@@ -10,11 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from vibevoice.tts.v1 import tts_pb2
 
-from services.common.audio import MEDIA_TYPES, AudioError, decode_voice, normalize_voice
+from services.common.audio import MEDIA_TYPES, AudioError, decode_voice
 from services.common.errors import from_rpc_error, invalid_argument, unavailable
 from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.grpc_server import insecure_channel
@@ -45,17 +44,14 @@ def method_path(service: str, method: str) -> str:
 DECODED_VOICES = DecodedVoices()
 
 
-def _model_voice(data: bytes) -> np.ndarray:
-    return normalize_voice(decode_voice(data))
-
-
 def decode_voices(request: tts_pb2.SynthesizeRequest) -> list[Voice]:
-    """The request's voices as the model takes them (float32 at 24 kHz, normalised) with their digests; files seen
-    before come from `DECODED_VOICES`. The arrays may be shared with other requests: read them, never write them."""
+    """The request's voices decoded (float32 at 24 kHz; the acoustic service normalises them) with their digests;
+    files seen before come from `DECODED_VOICES`. The arrays may be shared with other requests: read them, never
+    write them."""
     voices = []
     for i, v in enumerate(request.voices):
         try:
-            voices.append(DECODED_VOICES.get(v.audio, _model_voice))
+            voices.append(DECODED_VOICES.get(v.audio, decode_voice))
         except AudioError as e:
             raise invalid_argument(f"voices[{i}].audio", str(e)) from e
     return voices

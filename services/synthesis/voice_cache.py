@@ -1,7 +1,7 @@
-"""Voices as the model takes them, kept by the bytes of their files: a voice sent again is not decoded again.
+"""Decoded voices, kept by the bytes of their files: a voice sent again is not decoded again.
 
 Hosts, narrators and brand voices come back request after request. Decoding a voice file (the container, a
-resample, the loudness normalisation) is CPU work in a worker thread of a process whose event loop relays every
+resample) is CPU work in a worker thread of a process whose event loop relays every
 playing stream's frames; under the GIL such threads slow that loop, and a burst of arrivals becomes a gap for
 everyone (`loop_stalls` names them). A file's bytes decide its samples, so its SHA-256 is the key. A file that
 fails to decode is not kept: it fails again, with the same reason, each time it is sent.
@@ -28,7 +28,7 @@ CACHE_BYTES = 64 << 20
 
 @dataclass(frozen=True, eq=False)
 class Voice:
-    """A voice as the model takes it (float32 at 24 kHz, normalised) and its `voice_digest`."""
+    """A voice as decoded (float32 at 24 kHz, before the acoustic service's normalisation) and its `voice_digest`."""
 
     samples: np.ndarray
     digest: bytes
