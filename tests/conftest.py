@@ -65,6 +65,21 @@ def mesh(tiny_checkpoint, tmp_path_factory):
         yield m
 
 
+# The two-row mesh: its llm runs this many streams and its gateway queues this many more.
+TWO_ROWS = 2
+TWO_ROWS_QUEUE = 2
+
+
+@pytest.fixture(scope="session")
+def two_row_mesh(tiny_checkpoint, tmp_path_factory):
+    """A mesh whose llm runs 2 streams and whose gateway queues 2 more, so overload, a job's pause for live calls
+    and a full pool are cheap to reach. The resilience and job-interruption tests share it; each starts again
+    whatever it stopped."""
+    options = {"max_streams": TWO_ROWS, "gateway_args": ["--queue-size", str(TWO_ROWS_QUEUE)]}
+    with cpu_mesh(tiny_checkpoint, tmp_path_factory, "two-rows", llm_args=["--drain-grace", "60"], **options) as m:
+        yield m
+
+
 def llm_active(mesh: Mesh) -> int:
     """Streams the mesh's llm holds now."""
     with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.llm}") as channel:

@@ -24,6 +24,7 @@ from services.jobs.frame_log import RECORD_BYTES, read_frames
 from services.jobs.runner import Run, Runner
 from services.jobs.store import Store
 from services.mesh import Mesh
+from tests.conftest import TWO_ROWS, wait_until_idle
 from tests.test_job_store import new_job
 from tests.test_jobs import (
     DEADLINE_S,
@@ -34,7 +35,6 @@ from tests.test_jobs import (
     get,
     jobs,
     key,
-    new_jobs_mesh,
     request,
     restart,
     samples,
@@ -43,15 +43,15 @@ from tests.test_jobs import (
     watch,
 )
 
-SLOTS = 2
+SLOTS = TWO_ROWS
 FRAMES = 120  # a job long enough to interrupt after its checkpoint of 30 frames
 SEED = 5
 
 
 @pytest.fixture(scope="module")
-def two_rows(tiny_checkpoint, tmp_path_factory):
-    with new_jobs_mesh(tiny_checkpoint, tmp_path_factory, "interrupted-jobs", max_streams=SLOTS) as mesh:
-        yield mesh
+def two_rows(two_row_mesh):
+    """The session's two-row mesh, once no stream of an earlier test is left in its llm."""
+    return wait_until_idle(two_row_mesh)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from services.common.errors import bad_request_fields
 from services.common.frames import SAMPLES_PER_FRAME
 from services.jobs.frame_log import RECORD_BYTES
 from services.mesh import Mesh
-from tests.conftest import SCRIPTS, VOICES, cpu_mesh, wait_until_idle
+from tests.conftest import SCRIPTS, VOICES, wait_until_idle
 from tests.test_api import grpcurl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +39,6 @@ CLI_JOB_FRAMES = 200
 # Frames the job must still have to make when the first watch is interrupted: a watch of a finished job replays
 # every stored frame faster than a signal reaches it.
 CLI_JOB_LEFT = 100
-
-
-def new_jobs_mesh(tiny_checkpoint: Path, tmp_path_factory, name: str, **options) -> Mesh:
-    """The tiny model on the CPU, fixed_frames allowed; its logs and job store in directories of the test run."""
-    return cpu_mesh(tiny_checkpoint, tmp_path_factory, name, **options)
 
 
 @pytest.fixture

@@ -24,38 +24,17 @@ from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.client import build_request, synthesize
 from services.loadgen import format_summary, run_load, summarize, write_report
 from services.mesh import Mesh
-from tests.conftest import SCRIPTS, VOICES, new_ports
+from tests.conftest import SCRIPTS, TWO_ROWS, TWO_ROWS_QUEUE, VOICES
 
-SLOTS = 2
-QUEUE = 2
+SLOTS = TWO_ROWS
+QUEUE = TWO_ROWS_QUEUE
 SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
 
 
-def small(checkpoint: Path, log_dir: Path) -> Mesh:
-    """A mesh that runs 2 streams and queues 2 more, so overload is cheap to reach."""
-    return Mesh(
-        ports=new_ports(),
-        model=str(checkpoint),
-        device="cpu",
-        dtype="float32",
-        allow_fixed_frames=True,
-        max_streams=SLOTS,
-        gateway_args=["--queue-size", str(QUEUE)],
-        llm_args=["--drain-grace", "60"],
-        log_dir=log_dir,
-    )
-
-
-@pytest.fixture(scope="module")
-def _shared_small_mesh(tiny_checkpoint, tmp_path_factory):
-    with small(tiny_checkpoint, tmp_path_factory.mktemp("small-mesh") / "logs") as mesh:
-        yield mesh
-
-
 @pytest.fixture
-def idle_small_mesh(_shared_small_mesh):
-    """The module's small mesh: each test starts with no stream running and Envoy's per-key buckets refilled."""
-    mesh = _shared_small_mesh
+def idle_small_mesh(two_row_mesh):
+    """The two-row mesh: each test starts with no stream running and Envoy's per-key buckets refilled."""
+    mesh = two_row_mesh
     wait_for_active(mesh, 0, timeout=120)
     time.sleep(1.0)  # a second of refill for every key's bucket; and nothing queued was about to start
     wait_for_active(mesh, 0, timeout=120)
@@ -64,7 +43,7 @@ def idle_small_mesh(_shared_small_mesh):
 
 @pytest.fixture
 def small_mesh(idle_small_mesh):
-    """The module's small mesh, for tests that kill or stop its services: what they stopped runs again after
+    """The two-row mesh, for tests that kill or stop its services: what they stopped runs again after
     them, pass or fail, so the next test finds every service up."""
     mesh = idle_small_mesh
     yield mesh

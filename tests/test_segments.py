@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import subprocess
 
 import pytest
 
+from services import cli
 from services.common.audio import decode_voice
 from services.common.frames import SAMPLES_PER_FRAME
 from services.common.stream_size import TURN_TOKENS
@@ -134,7 +136,7 @@ def test_voices_that_fill_the_context_are_refused(tiny):
     assert "the context holds 8192" in refused.value.reason
 
 
-def test_vvmesh_plan_prints_the_segments(tiny_checkpoint, tmp_path):
+def test_vvmesh_plan_prints_the_segments(tiny_checkpoint, tmp_path, capsys):
     name = SCRIPTS / "4p_climate_45min.txt"
     result = vvmesh("plan", str(name), "--model", str(tiny_checkpoint), "--voice", f"1={VOICES / VOICE_FILES[1]}")
     assert result.returncode == 0, result.stderr
@@ -153,6 +155,8 @@ def test_vvmesh_plan_prints_the_segments(tiny_checkpoint, tmp_path):
 
     too_long = tmp_path / "long.txt"
     too_long.write_text("Speaker 1: Hi.\nSpeaker 2: " + "word " * 3000 + "\n")
-    error = one_error_line(vvmesh("plan", str(too_long), "--model", str(tiny_checkpoint)))
+    # The same command in this process (a second interpreter would import transformers again for one line).
+    code = cli.main(["plan", str(too_long), "--model", str(tiny_checkpoint)])
+    error = one_error_line(subprocess.CompletedProcess([], code, *capsys.readouterr()))
     assert error.startswith("error: text: turn 2 (speaker 2, 3000 words) needs ")
     assert error.endswith("the context holds 8192: split it into shorter turns")
