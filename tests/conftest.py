@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from vibevoice.tts.v1 import jobs_pb2, jobs_pb2_grpc
 
 from services.common.tiny_model import build_tiny_checkpoint
 from services.mesh import Mesh, Ports
@@ -98,3 +99,15 @@ def wait_until_idle(mesh: Mesh, timeout: float = 120.0) -> Mesh:
 @pytest.fixture(scope="session")
 def envoy_address(mesh) -> str:
     return f"127.0.0.1:{mesh.ports.envoy}"
+
+
+def cancel_open_jobs(mesh: Mesh, owners: tuple[str, ...]) -> None:
+    """Cancel the queued and running jobs of `owners` and wait until the llm holds no stream: a module that shares
+    its mesh leaves no job behind to take a row from the tests after it."""
+    stub = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"127.0.0.1:{mesh.ports.envoy}"))
+    for owner in owners:
+        key = [("x-api-key", owner)]
+        for job in stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=1000), metadata=key, timeout=30).jobs:
+            if job.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING):
+                stub.CancelJob(jobs_pb2.CancelJobRequest(name=job.name), metadata=key, timeout=30)
+    wait_until_idle(mesh)

@@ -24,7 +24,7 @@ from services.jobs.frame_log import RECORD_BYTES, read_frames
 from services.jobs.runner import Run, Runner
 from services.jobs.store import Store
 from services.mesh import Mesh
-from tests.conftest import TWO_ROWS, wait_until_idle
+from tests.conftest import TWO_ROWS, cancel_open_jobs, wait_until_idle
 from tests.test_job_store import new_job
 from tests.test_jobs import (
     DEADLINE_S,
@@ -50,8 +50,10 @@ SEED = 5
 
 @pytest.fixture(scope="module")
 def two_rows(two_row_mesh):
-    """The session's two-row mesh, once no stream of an earlier test is left in its llm."""
-    return wait_until_idle(two_row_mesh)
+    """The session's two-row mesh, once no stream of an earlier test is left in its llm. Afterwards no job of these
+    tests is left to take a row from the tests that share the mesh next."""
+    yield wait_until_idle(two_row_mesh)
+    cancel_open_jobs(two_row_mesh, ("tests",))
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from services.common.errors import bad_request_fields
 from services.common.frames import SAMPLES_PER_FRAME
 from services.jobs.frame_log import RECORD_BYTES
 from services.mesh import Mesh
-from tests.conftest import SCRIPTS, VOICES, wait_until_idle
+from tests.conftest import SCRIPTS, VOICES, cancel_open_jobs, wait_until_idle
 from tests.test_api import grpcurl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +39,13 @@ CLI_JOB_FRAMES = 200
 # Frames the job must still have to make when the first watch is interrupted: a watch of a finished job replays
 # every stored frame faster than a signal reaches it.
 CLI_JOB_LEFT = 100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_job_left(mesh):
+    """These tests share the session's mesh: none of their jobs is left running for the modules after them."""
+    yield
+    cancel_open_jobs(mesh, ("tests", "cli", "grpcurl"))
 
 
 @pytest.fixture
