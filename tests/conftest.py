@@ -104,10 +104,11 @@ def envoy_address(mesh) -> str:
 def cancel_open_jobs(mesh: Mesh, owners: tuple[str, ...]) -> None:
     """Cancel the queued and running jobs of `owners` and wait until the llm holds no stream: a module that shares
     its mesh leaves no job behind to take a row from the tests after it."""
-    stub = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"127.0.0.1:{mesh.ports.envoy}"))
-    for owner in owners:
-        key = [("x-api-key", owner)]
-        for job in stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=1000), metadata=key, timeout=30).jobs:
-            if job.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING):
-                stub.CancelJob(jobs_pb2.CancelJobRequest(name=job.name), metadata=key, timeout=30)
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.ports.envoy}") as channel:
+        stub = jobs_pb2_grpc.JobsStub(channel)
+        for owner in owners:
+            key = [("x-api-key", owner)]
+            for job in stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=1000), metadata=key, timeout=30).jobs:
+                if job.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING):
+                    stub.CancelJob(jobs_pb2.CancelJobRequest(name=job.name), metadata=key, timeout=30)
     wait_until_idle(mesh)

@@ -1,4 +1,4 @@
-"""600 fuzzed requests through Envoy: no INTERNAL or UNKNOWN, no crash, memory back, a good stream unharmed.
+"""300 fuzzed requests through Envoy: no INTERNAL or UNKNOWN, no crash, memory back, a good stream unharmed.
 
 `make fuzz` runs the same fuzzer with 20,000 requests against a mesh of its own.
 """

@@ -24,7 +24,7 @@ from vibevoice.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.client import build_request, synthesize
 from services.loadgen import format_summary, run_load, summarize, write_report
 from services.mesh import Mesh
-from tests.conftest import SCRIPTS, TWO_ROWS, TWO_ROWS_QUEUE, VOICES
+from tests.conftest import SCRIPTS, TWO_ROWS, TWO_ROWS_QUEUE, VOICES, wait_until_idle
 
 SLOTS = TWO_ROWS
 QUEUE = TWO_ROWS_QUEUE
@@ -34,11 +34,9 @@ SCRIPT = (SCRIPTS / "2p_short.txt").read_text()
 @pytest.fixture
 def idle_small_mesh(two_row_mesh):
     """The two-row mesh: each test starts with no stream running and Envoy's per-key buckets refilled."""
-    mesh = two_row_mesh
-    wait_for_active(mesh, 0, timeout=120)
+    mesh = wait_until_idle(two_row_mesh)
     time.sleep(1.0)  # a second of refill for every key's bucket; and nothing queued was about to start
-    wait_for_active(mesh, 0, timeout=120)
-    return mesh
+    return wait_until_idle(mesh)
 
 
 @pytest.fixture
