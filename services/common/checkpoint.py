@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
+from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.tiny_model import TINY_MARKER, ensure_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,30 @@ def resolve_checkpoint(model: str) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a VibeVoice checkpoint directory (no config.json)")
     config = VibeVoiceConfig.from_pretrained(path)
+    check_config(path, config)
     random_weights = bool(getattr(config, TINY_MARKER, False))
     if random_weights:
         log.warning("model %s has RANDOM WEIGHTS: its audio is noise-like and its stop decisions meaningless", path)
     return Checkpoint(path=path, config=config, random_weights=random_weights)
+
+
+def check_config(path: Path, config) -> None:
+    """Refuse a checkpoint the mesh cannot serve, at start-up rather than as wrong audio later.
+
+    transformers reads any config.json into a VibeVoiceConfig (a Qwen2 one included, with default sub-configs),
+    and every service assumes the model's audio clock: frames of 3200 samples at 24 kHz.
+    """
+    if config.model_type != "vibevoice":
+        raise ValueError(f"{path} holds a {config.model_type!r} checkpoint, not a VibeVoice one")
+    for name in ("audio_config", "semantic_model_config"):
+        ratios = getattr(config, name).downsampling_ratios
+        samples = math.prod(ratios)
+        if samples != SAMPLES_PER_FRAME:
+            raise ValueError(
+                f"{path}: {name}.downsampling_ratios {list(ratios)} make frames of {samples} samples; the mesh "
+                f"serves VibeVoice's {SAMPLES_PER_FRAME}-sample frames ({SAMPLE_RATE} Hz audio, "
+                f"{SAMPLE_RATE / SAMPLES_PER_FRAME:g} frames a second)"
+            )
 
 
 def _weight_files(path: Path) -> list[Path]:
