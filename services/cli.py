@@ -24,6 +24,7 @@ import grpc
 
 from services.client import FORMAT_BY_SUFFIX, build_request, estimate_frames, synthesize, write
 from services.common.audio_files import ContainerError
+from services.common.errors import CheckpointError
 from services.mesh import (
     BASE_PORT,
     DEFAULT_JOBS_DATA_DIR,
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(_one_line(f"error: {e}"), file=sys.stderr)
         return e.exit_code
-    except (OSError, ContainerError) as e:
+    except (OSError, ContainerError, CheckpointError) as e:
         where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         print(_one_line(f"error: {where}"), file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
+from services.common.errors import CheckpointError
 from services.common.frames import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.common.tiny_model import TINY_MARKER, ensure_tiny_checkpoint
 
@@ -55,12 +56,12 @@ def check_config(path: Path, config) -> None:
     and every service assumes the model's audio clock: frames of 3200 samples at 24 kHz.
     """
     if config.model_type != "vibevoice":
-        raise ValueError(f"{path} holds a {config.model_type!r} checkpoint, not a VibeVoice one")
+        raise CheckpointError(f"{path} holds a {config.model_type!r} checkpoint, not a VibeVoice one")
     for name in ("audio_config", "semantic_model_config"):
         ratios = getattr(config, name).downsampling_ratios
         samples = math.prod(ratios)
         if samples != SAMPLES_PER_FRAME:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: {name}.downsampling_ratios {list(ratios)} make frames of {samples} samples; the mesh "
                 f"serves VibeVoice's {SAMPLES_PER_FRAME}-sample frames ({SAMPLE_RATE} Hz audio, "
                 f"{SAMPLE_RATE / SAMPLES_PER_FRAME:g} frames a second)"

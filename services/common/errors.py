@@ -8,6 +8,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
+class CheckpointError(ValueError):
+    """A checkpoint the mesh cannot serve; the message says what is wrong with it."""
+
+
 class RequestError(Exception):
     """Raised inside handlers; turned into a rich gRPC status at the service boundary."""
 
