@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from services.common.checkpoint import resolve_checkpoint
+from services.common.errors import CheckpointError
+from services.text_parser.prompt import TOKENIZER_PROBE, PromptBuilder
 
 
 def edited_config(tiny_checkpoint, tmp_path, edit) -> str:
@@ -39,3 +42,31 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_checkpoint, tmp_path):
     (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64}))
     with pytest.raises(ValueError, match="'qwen2' checkpoint, not a VibeVoice one"):
         resolve_checkpoint(str(path))
+
+
+def copied_checkpoint(tiny_checkpoint, tmp_path, drop: tuple[str, ...] = ()) -> Path:
+    path = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, path, ignore=shutil.ignore_patterns(*drop))
+    return path
+
+
+def test_without_a_generation_config_the_acoustic_side_uses_the_references_default_scheduler(tiny_checkpoint, tmp_path):
+    """from_pretrained gives the reference a generation config made from the model's config when the file is
+    missing, and generate() then builds its default scheduler: the acoustic engine starts and plans the same."""
+    from services.acoustic.engine import AcousticEngine
+
+    bare = AcousticEngine(
+        resolve_checkpoint(str(copied_checkpoint(tiny_checkpoint, tmp_path, ("generation_config.json",))))
+    )
+    full = AcousticEngine(resolve_checkpoint(str(tiny_checkpoint)))
+    assert bare._plan(10).steps == full._plan(10).steps
+
+
+def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_checkpoint, tmp_path):
+    """transformers makes a one-token tokenizer of an empty directory, which would turn every script into an
+    empty prompt."""
+    path = copied_checkpoint(tiny_checkpoint, tmp_path, ("tokenizer*", "vocab.json", "merges.txt"))
+    ckpt = resolve_checkpoint(str(path))
+    with pytest.raises(CheckpointError, match="makes no ids of .* needs its tokenizer files"):
+        PromptBuilder.from_pretrained(path, ckpt.config)
+    assert PromptBuilder.from_pretrained(tiny_checkpoint, ckpt.config).count(TOKENIZER_PROBE) > 3

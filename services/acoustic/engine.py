@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModel, GenerationConfig
+from transformers import AutoModel
 from transformers.models.vibevoice.generation_vibevoice import VibeVoiceGenerationMixin
 from transformers.models.vibevoice.modeling_vibevoice import VibeVoiceDiffusionHead, VibeVoiceMultiModalProjector
 from transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acoustic_tokenizer import (
@@ -31,7 +31,7 @@ from services.acoustic.receptive_field import state_frames
 from services.acoustic.streaming import convnext_step, streaming_forward
 from services.acoustic.voice_prompts import normalize_voice
 from services.common.audio import SAMPLES_PER_FRAME, voice_digest
-from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
+from services.common.checkpoint import Checkpoint, generation_config, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to, capture_fastest_convolutions, compiled
 from services.common.tensors import device_tensor, to_device
 from services.render.values import RenderResult, RenderStep, StreamHistory, StreamSpec
@@ -105,8 +105,8 @@ class AcousticEngine:
 
         # The reference's noise scheduler, built the way generate() builds its default one, turned into a
         # fixed tensor plan per step count.
-        generation_config = GenerationConfig.from_pretrained(ckpt.path)
-        self._scheduler_factory = lambda: VibeVoiceGenerationMixin._build_default_noise_scheduler(generation_config)
+        generation = generation_config(ckpt)
+        self._scheduler_factory = lambda: VibeVoiceGenerationMixin._build_default_noise_scheduler(generation)
         self._plans: dict[int, DPMSolverPlan] = {}
 
         # Per-stream convolution state, one row per stream, planned for the most streams we take.

@@ -68,6 +68,16 @@ def check_config(path: Path, config) -> None:
             )
 
 
+def generation_config(ckpt: Checkpoint):
+    """The generation config the reference model gets from `from_pretrained`: the checkpoint's
+    generation_config.json, or, where it has none, one made from its config (the default noise scheduler then)."""
+    from transformers import GenerationConfig
+
+    if (ckpt.path / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(ckpt.path)
+    return GenerationConfig.from_model_config(ckpt.config)
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():

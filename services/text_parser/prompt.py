@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from services.common.errors import CheckpointError
 from services.text_parser.script import ParsedScript, Turn
 
 SYSTEM_PROMPT = (
@@ -79,6 +80,10 @@ class TokenCache:
                 self.bytes -= self.cost(old_text, old_ids)
 
 
+# A line any tokenizer of the model's family turns into several ids.
+TOKENIZER_PROBE = "Speaker 1: Hello there."
+
+
 class PromptBuilder:
     def __init__(self, tokenizer, special: SpecialTokens, cache_bytes: int = TOKEN_CACHE_BYTES) -> None:
         self.tokenizer = tokenizer
@@ -92,7 +97,26 @@ class PromptBuilder:
         from transformers import AutoTokenizer
 
         special = SpecialTokens(config.audio_bos_token_id, config.audio_eos_token_id, config.audio_token_id)
-        return cls(AutoTokenizer.from_pretrained(tokenizer_dir), special)
+        builder = cls(AutoTokenizer.from_pretrained(tokenizer_dir), special)
+        builder.check(tokenizer_dir, config.text_config.vocab_size)
+        return builder
+
+    def check(self, tokenizer_dir: str | os.PathLike, vocab_size: int) -> None:
+        """Refuse a tokenizer that cannot make this model's prompts. transformers builds a Qwen2 tokenizer even
+        from a directory without its files, with a vocabulary of one that turns any text into no ids at all."""
+        probe = self._tokenize(TOKENIZER_PROBE)
+        if not probe:
+            raise CheckpointError(
+                f"{tokenizer_dir}: the tokenizer makes no ids of {TOKENIZER_PROBE!r}; the checkpoint needs its "
+                "tokenizer files (tokenizer.json and tokenizer_config.json, or vocab.json and merges.txt)"
+            )
+        special = self.special
+        largest = max(len(self.tokenizer) - 1, special.audio_bos, special.audio_eos, special.audio)
+        if largest >= vocab_size:
+            raise CheckpointError(
+                f"{tokenizer_dir}: token id {largest} is outside the model's vocabulary of {vocab_size} "
+                "(text_config.vocab_size): the tokenizer is not this model's"
+            )
 
     def _tokenize(self, text: str) -> tuple[int, ...]:
         # Control tokens a script contains ("<|endoftext|>", "<|vision_pad|>", ...) are text to speak, never
