@@ -9,6 +9,7 @@ whose model never speaks, which must end instead of spinning.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 
@@ -24,7 +25,14 @@ from services.common import stream_size
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_generate
 from services.llm import scheduler as scheduler_module
-from services.llm.engine import FINISH_CONTEXT, FINISH_EOS, FINISH_MAX_FRAMES, LMEngine, LMStream
+from services.llm.engine import (
+    FINISH_CONTEXT,
+    FINISH_EOS,
+    FINISH_MAX_FRAMES,
+    FINISH_MAX_NEW_TOKENS,
+    LMEngine,
+    LMStream,
+)
 from services.llm.piece_graphs import PieceGraphs
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler, StillWorking
 from services.render.local import LocalLink
@@ -197,6 +205,28 @@ def test_own_decisions_inside_a_batch_at_other_points(ckpt, reference):
             model, request["prompt"], [], request["seed"], cfg_scale=request.get("cfg", 1.3)
         )
         assert_same(model.config, ours, audio, tokens)
+
+
+def test_the_checkpoints_max_new_tokens_ends_a_stream_where_generate_ends(tiny_checkpoint, reference, tmp_path):
+    """A generation config that sets max_new_tokens (converted checkpoints do): generate() stops after that many
+    tokens, speech or not, and so does the stream, with the same tokens and audio up to there."""
+    model, _ = reference
+    request = no_voice_request(reference, seed=0)
+    _, full = reference_generate(model, request["prompt"], [], 0)
+    speech = [i for i, t in enumerate(full) if t == model.config.audio_token_id]
+    cap = speech[-2] + 1  # the last token made is speech (its frame is the reference's last), before its own eos
+    assert cap < len(full) - 1
+    path = tmp_path / "capped"
+    shutil.copytree(tiny_checkpoint, path)
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": cap}))
+    audio, tokens = reference_generate(load_reference(path), request["prompt"], [], 0, max_new_tokens=None)
+    assert tokens == full[:cap]
+    ((ours,), _) = run(resolve_checkpoint(str(path)), [request])
+    assert ours["finish"] == FINISH_MAX_NEW_TOKENS
+    assert letters(model.config, ours["tokens"]) == letters(model.config, tokens) + "X"
+    assert ours["audio"].shape == audio.shape
+    assert np.abs(ours["audio"] - audio).max() < 1e-4 * np.abs(audio).max()
 
 
 def test_a_model_that_never_says_eos_stops_at_the_frame_budget(ckpt, reference):

@@ -43,11 +43,12 @@ def reference_generate(
     fixed_frames: int | None = None,
     cfg_scale: float = 1.3,
     diffusion_steps: int = 10,
-    max_new_tokens: int = 200,
+    max_new_tokens: int | None = 200,
 ) -> tuple[np.ndarray, list[int]]:
     """The reference's audio and generated token ids for one request.
 
-    voices: decoded 24 kHz mono, in prompt order, not normalized. With `fixed_frames` the decisions are forced
+    voices: decoded 24 kHz mono, in prompt order, not normalized. `max_new_tokens` None: not passed, so the
+    checkpoint's generation config decides. With `fixed_frames` the decisions are forced
     as the mesh's option forces them; otherwise the model chooses every token.
     """
     from transformers.models.vibevoice_acoustic_tokenizer import VibeVoiceAcousticTokenizerFeatureExtractor
@@ -67,11 +68,12 @@ def reference_generate(
         kwargs["logits_processor"] = LogitsProcessorList(
             [ForceFrames(len(prompt_ids), fixed_frames, cfg.audio_token_id, cfg.eos_token_id)]
         )
+    if max_new_tokens is not None:  # passed as None it would override the generation config's with no limit
+        kwargs["max_new_tokens"] = max_new_tokens
     torch.manual_seed(seed)
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
         guidance_scale=cfg_scale,
         num_diffusion_steps=diffusion_steps,
         return_dict_in_generate=True,

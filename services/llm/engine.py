@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModel
 
-from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
+from services.common.checkpoint import Checkpoint, generation_config, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
 from services.common.frames import FRAMES_PER_SECOND
 from services.common.stream_size import expected_branch_positions
@@ -122,6 +122,7 @@ FINISH_EOS = "eos"
 FINISH_FIXED_FRAMES = "fixed_frames"
 FINISH_MAX_FRAMES = "max_frames"  # the request's frame budget (max_audio_seconds)
 FINISH_CONTEXT = "context"  # the stream's positions reached the end of the context
+FINISH_MAX_NEW_TOKENS = "max_new_tokens"  # the checkpoint's generation config caps the tokens a stream makes
 
 
 @dataclass(eq=False)
@@ -167,6 +168,9 @@ class LMEngine:
         self.audio_token_id = cfg.audio_token_id
         self.audio_bos_token_id = cfg.audio_bos_token_id
         self.eos_token_id = cfg.eos_token_id
+        # generate() stops after this many new tokens when the checkpoint's generation config sets it (converted
+        # checkpoints do: 40,500 for 1.5B); None: no cap but the context.
+        self.max_new_tokens: int | None = generation_config(ckpt).max_new_tokens
         self.hidden = text.hidden_size
         self.prefill_chunk = prefill_chunk
         self.idle_prefill_chunks = idle_prefill_chunks  # at most this many: the chunk buffers are sized for it
@@ -656,6 +660,9 @@ class LMEngine:
             finish = FINISH_FIXED_FRAMES if done else None
         elif stream.frames >= stream.max_frames and finish is None:
             token, finish = self.eos_token_id, FINISH_MAX_FRAMES
+        elif self.max_new_tokens is not None and stream.unconditional_len >= self.max_new_tokens and finish is None:
+            # The unconditional branch holds one position per token chosen so far: generate() made its last.
+            token, finish = self.eos_token_id, FINISH_MAX_NEW_TOKENS
         elif (stream.positive_len + 1 >= self.max_positions or stream.starved) and finish is None:
             # The next step would have no position left to write: stop here.
             token, finish = self.eos_token_id, FINISH_CONTEXT
