@@ -36,6 +36,14 @@ def test_frames_of_another_size_are_refused(tiny_checkpoint, tmp_path, part):
         resolve_checkpoint(edited_config(tiny_checkpoint, tmp_path, halve))
 
 
+def test_sliding_window_attention_is_refused(tiny_checkpoint, tmp_path):
+    def slide(config):
+        config["text_config"].update(use_sliding_window=True, sliding_window=64)
+
+    with pytest.raises(CheckpointError, match="use_sliding_window is set"):
+        resolve_checkpoint(edited_config(tiny_checkpoint, tmp_path, slide))
+
+
 def test_a_checkpoint_of_another_model_is_refused(tiny_checkpoint, tmp_path):
     path = tmp_path / "qwen"
     path.mkdir()

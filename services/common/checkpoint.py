@@ -57,6 +57,8 @@ def check_config(path: Path, config) -> None:
     """
     if config.model_type != "vibevoice":
         raise CheckpointError(f"{path} holds a {config.model_type!r} checkpoint, not a VibeVoice one")
+    if getattr(config.text_config, "use_sliding_window", False):
+        raise CheckpointError(f"{path}: text_config.use_sliding_window is set; the llm attends over the whole context")
     for name in ("audio_config", "semantic_model_config"):
         ratios = getattr(config, name).downsampling_ratios
         samples = math.prod(ratios)
