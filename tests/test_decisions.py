@@ -24,6 +24,7 @@ from services.acoustic.engine import AcousticEngine
 from services.common import stream_size
 from services.common.checkpoint import resolve_checkpoint
 from services.common.reference import load_reference, reference_generate
+from services.common.tiny_model import build_tiny_checkpoint
 from services.llm import scheduler as scheduler_module
 from services.llm.engine import (
     FINISH_CONTEXT,
@@ -187,6 +188,29 @@ def test_own_decisions_with_voices_through_the_piece_graphs_stages(ckpt, referen
     pieces = (len(request["prompt"]) - 1) // 64
     assert pieces >= 2 and starts == [64 * k for k in range(pieces)]
     assert_same(reference[0].config, ours, audio, tokens)
+
+
+@pytest.fixture(scope="module")
+def other_shapes(tmp_path_factory):
+    """A checkpoint of other shapes than the tests' (`tiny_config("tiny-other")`) and its reference."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("other-shapes") / "ckpt", shape="tiny-other")
+    return resolve_checkpoint(str(path)), (load_reference(path), AutoTokenizer.from_pretrained(path))
+
+
+@pytest.mark.parametrize("with_voices", [False, True], ids=["no-voices", "voices"])
+def test_own_decisions_on_a_checkpoint_of_other_shapes(other_shapes, with_voices):
+    """Grouped query heads of 24 lanes, an untied head, three diffusion layers, kernel-5 convolutions: the
+    engine's page tables, attention and acoustic state are sized from the checkpoint, not from the tests' model."""
+    ckpt, reference = other_shapes
+    model = reference[0]
+    if with_voices:
+        request, audio, tokens = voices_case(ckpt, reference)
+    else:
+        request = no_voice_request(reference, seed=3)
+        audio, tokens = reference_generate(model, request["prompt"], [], 3)
+    assert "EB" in letters(model.config, tokens), "the checkpoint must speak in several segments"
+    ((ours,), _) = run(ckpt, [request])
+    assert_same(model.config, ours, audio, tokens)
 
 
 def test_own_decisions_inside_a_batch_at_other_points(ckpt, reference):

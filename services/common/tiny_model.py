@@ -39,12 +39,13 @@ def qwen_tokenizer_dir() -> Path:
 
 
 def tiny_config(shape: str = "tiny"):
-    """A VibeVoice config: `tiny` (CPU tests), `1.5b` or `7b` (real shapes, random weights, for benchmarks)."""
+    """A VibeVoice config: `tiny` (CPU tests), `tiny-other` (CPU tests of other shapes), `1.5b` or `7b` (real
+    shapes, random weights, for benchmarks)."""
     from transformers import VibeVoiceConfig
 
     acoustic = {"num_filters": 8, "depths": [1, 1, 1, 1, 1, 1, 1], "hidden_size": 64}
     semantic = {"num_filters": 8, "depths": [1, 1, 1, 1, 1, 1, 1], "hidden_size": 128}
-    if shape == "tiny":
+    if shape in ("tiny", "tiny-other"):
         text = {
             "hidden_size": 64,
             "intermediate_size": 128,
@@ -57,6 +58,21 @@ def tiny_config(shape: str = "tiny"):
             "tie_word_embeddings": True,
         }
         head = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "latent_size": 64}
+        if shape == "tiny-other":
+            # Other shapes than the tests' model, as a user's checkpoint may have: three query heads per key
+            # head of 24 lanes, three layers, a head of its own (untied), three diffusion layers, convolutions
+            # of kernel 5 in blocks of two.
+            text.update(
+                hidden_size=72,
+                intermediate_size=100,
+                num_hidden_layers=3,
+                num_attention_heads=6,
+                head_dim=24,
+                tie_word_embeddings=False,
+            )
+            head.update(hidden_size=72, intermediate_size=96, num_hidden_layers=3)
+            for part in (acoustic, semantic):
+                part.update(kernel_size=5, depths=[2] * 7)
     elif shape in ("1.5b", "7b"):
         big = shape == "7b"
         acoustic = {"hidden_size": 64}
@@ -110,13 +126,20 @@ def _speak_in_segments(model) -> None:
     embed = model.model.language_model.embed_tokens.weight
     gen = torch.Generator().manual_seed(64)
     basis, _ = torch.linalg.qr(torch.randn(embed.shape[1], 5, generator=gen))
-    u1, u2, _, u4, _ = basis.T
+    u1, u2, _, u4, u5 = basis.T
     scale = 2.0
     embed[cfg.audio_bos_token_id] = scale * (u1 + 2 * u2)
     embed[cfg.audio_eos_token_id] = scale * u2
     embed[cfg.audio_token_id] = scale * (8 * u1 + 1.5 * u2)
     embed[cfg.eos_token_id] = scale * 2 * u4
     model.model.multi_modal_projector.linear_2.bias.copy_(0.5 * u1)
+    if not cfg.tie_word_embeddings:
+        # A head of its own: these rows there, and input embeddings moved apart from them (along a fifth
+        # direction), so a model that read its head from the embeddings would choose otherwise.
+        special = (cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id)
+        for sign, token in zip((1, -1, 1, -1), special, strict=True):
+            model.lm_head.weight[token] = embed[token]
+            embed[token] += sign * 3 * scale * u5
 
 
 def build_tiny_checkpoint(
@@ -133,7 +156,7 @@ def build_tiny_checkpoint(
     config = tiny_config(shape)
     with torch.device(device):
         model = VibeVoiceForConditionalGeneration(config).eval()
-    if shape == "tiny":
+    if shape in ("tiny", "tiny-other"):
         _make_audible(model)
         _speak_in_segments(model)
     model = model.to(dtype)
