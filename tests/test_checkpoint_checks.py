@@ -36,6 +36,31 @@ def test_frames_of_another_size_are_refused(tiny_checkpoint, tmp_path, part):
         resolve_checkpoint(edited_config(tiny_checkpoint, tmp_path, halve))
 
 
+def test_the_original_codes_layout_is_refused(tiny_checkpoint, tmp_path):
+    def original(config):
+        config["decoder_config"] = config.pop("text_config")
+        config["acoustic_tokenizer_config"] = config.pop("audio_config")
+
+    with pytest.raises(CheckpointError, match="layout of Microsoft's original VibeVoice code"):
+        resolve_checkpoint(edited_config(tiny_checkpoint, tmp_path, original))
+
+
+def test_a_config_that_is_not_json_is_refused(tiny_checkpoint, tmp_path):
+    path = tmp_path / "broken"
+    path.mkdir()
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json cannot be read as JSON"):
+        resolve_checkpoint(str(path))
+
+
+def test_a_config_transformers_refuses_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    def mismatch(config):
+        config["diffusion_head_config"]["hidden_size"] = 32  # the language model's is 64
+
+    with pytest.raises(CheckpointError, match="not a VibeVoice config transformers can read: .*must match"):
+        resolve_checkpoint(edited_config(tiny_checkpoint, tmp_path, mismatch))
+
+
 def test_sliding_window_attention_is_refused(tiny_checkpoint, tmp_path):
     def slide(config):
         config["text_config"].update(use_sliding_window=True, sliding_window=64)

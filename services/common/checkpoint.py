@@ -41,7 +41,12 @@ def resolve_checkpoint(model: str) -> Checkpoint:
     path = ensure_tiny_checkpoint() if model == "tiny" else Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a VibeVoice checkpoint directory (no config.json)")
-    config = VibeVoiceConfig.from_pretrained(path)
+    check_layout(path)
+    try:
+        config = VibeVoiceConfig.from_pretrained(path)
+    except Exception as e:  # transformers' validation raises its own types (huggingface_hub's, ValueError, ...)
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{path}/config.json is not a VibeVoice config transformers can read: {reason}") from e
     check_config(path, config)
     random_weights = bool(getattr(config, TINY_MARKER, False))
     if random_weights:
@@ -49,14 +54,26 @@ def resolve_checkpoint(model: str) -> Checkpoint:
     return Checkpoint(path=path, config=config, random_weights=random_weights)
 
 
-def check_config(path: Path, config) -> None:
-    """Refuse a checkpoint the mesh cannot serve, at start-up rather than as wrong audio later.
+def check_layout(path: Path) -> None:
+    """Refuse, from config.json as written, what transformers would read into a VibeVoiceConfig of defaults (a
+    Qwen2 config, say) or fail on with a validation error (the original VibeVoice code's layout)."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json cannot be read as JSON: {e}") from e
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind != "vibevoice":
+        raise CheckpointError(f"{path} holds a {kind!r} checkpoint, not a VibeVoice one")
+    if "decoder_config" in raw or "acoustic_tokenizer_config" in raw:
+        raise CheckpointError(
+            f"{path} is in the layout of Microsoft's original VibeVoice code (decoder_config, "
+            "acoustic_tokenizer_config); the mesh loads transformers' layout, e.g. vibevoice/VibeVoice-1.5B-hf"
+        )
 
-    transformers reads any config.json into a VibeVoiceConfig (a Qwen2 one included, with default sub-configs),
-    and every service assumes the model's audio clock: frames of 3200 samples at 24 kHz.
-    """
-    if config.model_type != "vibevoice":
-        raise CheckpointError(f"{path} holds a {config.model_type!r} checkpoint, not a VibeVoice one")
+
+def check_config(path: Path, config) -> None:
+    """Refuse a checkpoint the mesh cannot serve, at start-up rather than as wrong audio later: every service
+    assumes the model's audio clock (frames of 3200 samples at 24 kHz) and attention over the whole context."""
     if getattr(config.text_config, "use_sliding_window", False):
         raise CheckpointError(f"{path}: text_config.use_sliding_window is set; the llm attends over the whole context")
     for name in ("audio_config", "semantic_model_config"):
