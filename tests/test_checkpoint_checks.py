@@ -103,3 +103,15 @@ def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_checkpoint, tm
     with pytest.raises(CheckpointError, match="makes no ids of .* needs its tokenizer files"):
         PromptBuilder.from_pretrained(path, ckpt.config)
     assert PromptBuilder.from_pretrained(tiny_checkpoint, ckpt.config).count(TOKENIZER_PROBE) > 3
+
+
+def test_an_untied_config_without_a_head_is_refused(tiny_checkpoint, tmp_path):
+    """transformers would give such a model a randomly initialized head; the llm cannot match that."""
+    from services.llm.engine import LMEngine
+
+    path = copied_checkpoint(tiny_checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = False
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no lm_head.weight in its weights, and its config does not tie it"):
+        LMEngine(resolve_checkpoint(str(path)), max_streams=2)

@@ -41,6 +41,7 @@ from transformers import AutoModel
 
 from services.common.checkpoint import Checkpoint, generation_config, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
+from services.common.errors import CheckpointError
 from services.common.frames import FRAMES_PER_SECOND
 from services.common.stream_size import expected_branch_positions
 from services.common.tensors import device_tensor, to_device
@@ -163,7 +164,13 @@ class LMEngine:
         # Only four tokens can follow a speech prompt; their lm_head rows are all of the head we keep, in
         # ascending token-id order so that ties break as the reference's full-vocabulary argmax does.
         self.token_ids = sorted([cfg.audio_bos_token_id, cfg.audio_eos_token_id, cfg.audio_token_id, cfg.eos_token_id])
-        head = tensors.get("lm_head.weight", tensors["model.language_model.embed_tokens.weight"])  # tied
+        # transformers' loading: the file's head if it has one (even where the config says tied), else the tied
+        # embeddings; an untied config without a head would get a random one there, so it is refused here.
+        head = tensors.get("lm_head.weight")
+        if head is None and not cfg.tie_word_embeddings:
+            raise CheckpointError(f"{ckpt.path}: no lm_head.weight in its weights, and its config does not tie it")
+        if head is None:
+            head = tensors["model.language_model.embed_tokens.weight"]
         self.head_rows = head[self.token_ids].to(self.device, dtype)
         self.audio_token_id = cfg.audio_token_id
         self.audio_bos_token_id = cfg.audio_bos_token_id
