@@ -105,6 +105,16 @@ def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_checkpoint, tm
     assert PromptBuilder.from_pretrained(tiny_checkpoint, ckpt.config).count(TOKENIZER_PROBE) > 3
 
 
+def test_a_tokenizer_whose_ids_the_model_cannot_embed_is_refused(tiny_checkpoint, tmp_path):
+    path = copied_checkpoint(tiny_checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["vocab_size"] = 1000
+    (path / "config.json").write_text(json.dumps(config))
+    ckpt = resolve_checkpoint(str(path))
+    with pytest.raises(CheckpointError, match=r"token id \d+ .* outside the model's vocabulary of 1000"):
+        PromptBuilder.from_pretrained(path, ckpt.config)
+
+
 def test_an_untied_config_without_a_head_is_refused(tiny_checkpoint, tmp_path):
     """transformers would give such a model a randomly initialized head; the llm cannot match that."""
     from services.llm.engine import LMEngine

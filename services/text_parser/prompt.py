@@ -111,11 +111,11 @@ class PromptBuilder:
                 "tokenizer files (tokenizer.json and tokenizer_config.json, or vocab.json and merges.txt)"
             )
         special = self.special
-        largest = max(len(self.tokenizer) - 1, special.audio_bos, special.audio_eos, special.audio)
+        largest = max(*probe, special.audio_bos, special.audio_eos, special.audio)
         if largest >= vocab_size:
             raise CheckpointError(
-                f"{tokenizer_dir}: token id {largest} is outside the model's vocabulary of {vocab_size} "
-                "(text_config.vocab_size): the tokenizer is not this model's"
+                f"{tokenizer_dir}: token id {largest} (of {TOKENIZER_PROBE!r} or the audio tokens) is outside the "
+                f"model's vocabulary of {vocab_size} (text_config.vocab_size)"
             )
 
     def _tokenize(self, text: str) -> tuple[int, ...]:
