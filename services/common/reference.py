@@ -48,8 +48,8 @@ def reference_generate(
     """The reference's audio and generated token ids for one request.
 
     voices: decoded 24 kHz mono, in prompt order, not normalized. `max_new_tokens` None: not passed, so the
-    checkpoint's generation config decides. With `fixed_frames` the decisions are forced
-    as the mesh's option forces them; otherwise the model chooses every token.
+    checkpoint's generation config decides. With `fixed_frames` the decisions are forced as the mesh's option
+    forces them; otherwise the model chooses every token.
     """
     from transformers.models.vibevoice_acoustic_tokenizer import VibeVoiceAcousticTokenizerFeatureExtractor
 
