@@ -178,6 +178,8 @@ class LMEngine:
         # generate() stops after this many new tokens when the checkpoint's generation config sets it (converted
         # checkpoints do: 40,500 for 1.5B); None: no cap but the context.
         self.max_new_tokens: int | None = generation_config(ckpt).max_new_tokens
+        if self.max_new_tokens is not None:
+            log.info("streams end after %d new tokens (the checkpoint's generation config)", self.max_new_tokens)
         self.hidden = text.hidden_size
         self.prefill_chunk = prefill_chunk
         self.idle_prefill_chunks = idle_prefill_chunks  # at most this many: the chunk buffers are sized for it
