@@ -19,6 +19,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
+from vibevoice.mesh.v1 import mesh_pb2
 
 from services.acoustic.engine import AcousticEngine
 from services.common import stream_size
@@ -38,6 +39,7 @@ from services.llm.piece_graphs import PieceGraphs
 from services.llm.scheduler import Failed, Finished, Frame, Job, Scheduler, StillWorking
 from services.render.local import LocalLink
 from services.render.values import StreamSpec
+from services.text_parser.server import TextParser
 from tests.conftest import SCRIPTS, VOICES
 from tests.piece_stages import use_piece_stages
 from tests.prompts import reference_prompt
@@ -246,11 +248,15 @@ def test_the_checkpoints_max_new_tokens_ends_a_stream_where_generate_ends(tiny_c
     (path / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": cap}))
     audio, tokens = reference_generate(load_reference(path), request["prompt"], [], 0, max_new_tokens=None)
     assert tokens == full[:cap]
-    ((ours,), _) = run(resolve_checkpoint(str(path)), [request])
+    capped = resolve_checkpoint(str(path))
+    ((ours,), _) = run(capped, [request])
     assert ours["finish"] == FINISH_MAX_NEW_TOKENS
     assert letters(model.config, ours["tokens"]) == letters(model.config, tokens) + "X"
     assert ours["audio"].shape == audio.shape
     assert np.abs(ours["audio"] - audio).max() < 1e-4 * np.abs(audio).max()
+    # The frames a request may make, as the header reports them, count the cap too.
+    parsed = TextParser(capped).parse(mesh_pb2.ParseRequest(text=SCRIPT))
+    assert parsed.max_new_frames == cap < 8192 - len(parsed.prompt_ids)
 
 
 def test_a_model_that_never_says_eos_stops_at_the_frame_budget(ckpt, reference):

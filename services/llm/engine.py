@@ -667,11 +667,11 @@ class LMEngine:
             done = stream.frames >= stream.fixed_frames
             token = self.eos_token_id if done else self.audio_token_id
             finish = FINISH_FIXED_FRAMES if done else None
-        elif stream.frames >= stream.max_frames and finish is None:
-            token, finish = self.eos_token_id, FINISH_MAX_FRAMES
         elif self.max_new_tokens is not None and stream.unconditional_len >= self.max_new_tokens and finish is None:
             # The unconditional branch holds one position per token chosen so far: generate() made its last.
             token, finish = self.eos_token_id, FINISH_MAX_NEW_TOKENS
+        elif stream.frames >= stream.max_frames and finish is None:
+            token, finish = self.eos_token_id, FINISH_MAX_FRAMES
         elif (stream.positive_len + 1 >= self.max_positions or stream.starved) and finish is None:
             # The next step would have no position left to write: stop here.
             token, finish = self.eos_token_id, FINISH_CONTEXT

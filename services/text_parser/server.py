@@ -9,7 +9,7 @@ import logging
 import grpc
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from services.common.checkpoint import Checkpoint, resolve_checkpoint
+from services.common.checkpoint import Checkpoint, generation_config, resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument
 from services.common.grpc_server import Service
 from services.common.limits import MAX_VOICE_FRAMES
@@ -27,7 +27,13 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
     def __init__(self, ckpt: Checkpoint) -> None:
         self.builder = PromptBuilder.from_pretrained(ckpt.path, ckpt.config)
         self.context = ckpt.config.text_config.max_position_embeddings
+        # A segment's frames are bounded by its context and by the tokens generate() makes at most.
+        self.max_new_tokens = generation_config(ckpt).max_new_tokens
         self.trimmer = Trimmer()
+
+    def _max_new_frames(self, room: int) -> int:
+        """The most frames a prompt may make with `room` positions of context after it."""
+        return room if self.max_new_tokens is None else min(room, self.max_new_tokens)
 
     @staticmethod
     def _script(request: mesh_pb2.ParseRequest) -> ParsedScript:
@@ -73,7 +79,7 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
             speakers=self._speakers(script, voice_frames),
             warnings=script.warnings,
             voice_order=[by_model_speaker[k] for k in order],
-            max_new_frames=room - 1,
+            max_new_frames=self._max_new_frames(room - 1),
         )
 
     def plan(self, request: mesh_pb2.PlanRequest) -> mesh_pb2.PlanResponse:
@@ -109,7 +115,7 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
                     turns=len(segment.turns),
                     prompt_ids=ids,
                     voice_order=[by_model_speaker[k] for k in order],
-                    max_new_frames=context - len(ids) - 1,
+                    max_new_frames=self._max_new_frames(context - len(ids) - 1),
                     fixed_frames=segment.frames if fixed else 0,
                     expected_frames=segment.frames,
                 )
