@@ -7,6 +7,7 @@ The modules themselves are transformers' VibeVoice classes, built from the check
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -32,6 +33,12 @@ class Checkpoint:
     path: Path
     config: object  # transformers.VibeVoiceConfig
     random_weights: bool
+
+    @functools.cached_property
+    def max_new_tokens(self) -> int | None:
+        """The tokens generate() makes at most for this checkpoint (its generation config's cap; converted
+        checkpoints set 40,500 for 1.5B), or None: no cap but the context."""
+        return generation_config(self).max_new_tokens
 
 
 def resolve_checkpoint(model: str) -> Checkpoint:

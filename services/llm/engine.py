@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModel
 
-from services.common.checkpoint import Checkpoint, generation_config, load_module, parameter_count, read_tensors
+from services.common.checkpoint import Checkpoint, load_module, parameter_count, read_tensors
 from services.common.cuda_graphs import CapturedStep, bucket_for, buckets_up_to
 from services.common.errors import CheckpointError
 from services.common.frames import FRAMES_PER_SECOND
@@ -175,9 +175,7 @@ class LMEngine:
         self.audio_token_id = cfg.audio_token_id
         self.audio_bos_token_id = cfg.audio_bos_token_id
         self.eos_token_id = cfg.eos_token_id
-        # generate() stops after this many new tokens when the checkpoint's generation config sets it (converted
-        # checkpoints do: 40,500 for 1.5B); None: no cap but the context.
-        self.max_new_tokens: int | None = generation_config(ckpt).max_new_tokens
+        self.max_new_tokens = ckpt.max_new_tokens  # generate() stops after this many new tokens
         if self.max_new_tokens is not None:
             log.info("streams end after %d new tokens (the checkpoint's generation config)", self.max_new_tokens)
         self.hidden = text.hidden_size

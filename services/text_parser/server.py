@@ -9,7 +9,7 @@ import logging
 import grpc
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from services.common.checkpoint import Checkpoint, generation_config, resolve_checkpoint
+from services.common.checkpoint import Checkpoint, resolve_checkpoint
 from services.common.errors import RequestError, abort, invalid_argument
 from services.common.grpc_server import Service
 from services.common.limits import MAX_VOICE_FRAMES
@@ -28,7 +28,7 @@ class TextParser(mesh_pb2_grpc.TextParserServicer):
         self.builder = PromptBuilder.from_pretrained(ckpt.path, ckpt.config)
         self.context = ckpt.config.text_config.max_position_embeddings
         # A segment's frames are bounded by its context and by the tokens generate() makes at most.
-        self.max_new_tokens = generation_config(ckpt).max_new_tokens
+        self.max_new_tokens = ckpt.max_new_tokens
         self.trimmer = Trimmer()
 
     def _max_new_frames(self, room: int) -> int:
