@@ -122,7 +122,7 @@ def _encode_audio(samples: np.ndarray, rate: int, container: str, subtype: str) 
 class Seeds:
     scripts: dict[str, str]  # the short demo scripts, whole
     long_scripts: dict[str, str]  # the long ones: refused (context) or slow, sent rarely
-    voices: list[bytes]  # 1-2.5 s clips in WAV/FLAC/Ogg, various rates and channel counts
+    voices: list[bytes]  # 1-2.5 s clips in WAV/FLAC/Ogg/MP3, various rates and channel counts
     tiny_voices: list[bytes]  # 0.2 s clips, for requests with many voices
 
     @classmethod
@@ -141,6 +141,8 @@ class Seeds:
             ("FLAC", "PCM_24", 44100, 2),
             ("OGG", "VORBIS", 24000, 1),
             ("OGG", "OPUS", 48000, 1),
+            ("MP3", "MPEG_LAYER_III", 44100, 2),
+            ("MP3", "MPEG_LAYER_III", 16000, 1),
         ]
         voices, tiny = [], []
         for i, path in enumerate(sorted((testdata / "voices").glob("*.wav"))):
@@ -546,7 +548,8 @@ class Generator:
             seconds = 59.5 if r.random() < 0.1 else 60.5
             v.audio = _encode_audio(np.zeros(int(8000 * seconds), np.float32), 8000, "WAV", "PCM_U8")
         else:
-            magic = r.choice([b"RIFF\xff\xff\xff\xffWAVE", b"fLaC", b"OggS", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"FORM"])
+            magic = r.choice([b"RIFF\xff\xff\xff\xffWAVE", b"fLaC", b"OggS", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"FORM",
+                              b"ID3\x04\x00\x00\x00\x00\x00\x00", b"\xff\xfb\x90\x64"])  # fmt: skip
             v.audio = magic + r.randbytes(r.choice([0, 10, 1000]))
         return which
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 import subprocess
@@ -10,9 +11,10 @@ import sys
 from pathlib import Path
 
 import grpc
+import soundfile as sf
 from vibevoice.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from tests.conftest import SCRIPTS
+from tests.conftest import SCRIPTS, VOICES
 
 
 def grpcurl(*args: str, data: str | None = None) -> subprocess.CompletedProcess:
@@ -54,6 +56,23 @@ def test_grpcurl_synthesizes_a_script_through_envoy(envoy_address):
     assert sum(len(base64.b64decode(a["data"])) for a in audio) == 5 * 3200 * 2
     summary = events[-1]["summary"]
     assert int(summary["frames"]) == 5 and summary["finishReason"] == "fixed_frames"
+
+
+def test_grpcurl_takes_an_mp3_voice(envoy_address):
+    """A voice recorded as MP3, the format people most often have, sent as a user would."""
+    samples, rate = sf.read(VOICES / "en-Carter_man.wav", dtype="float32")
+    mp3 = io.BytesIO()
+    sf.write(mp3, samples[: 3 * rate], rate, format="MP3")
+    request = {
+        "text": "Speaker 1: Hello from a voice in an MP3 file.",
+        "voices": [{"speaker": 1, "audio": base64.b64encode(mp3.getvalue()).decode()}],
+        "format": "AUDIO_FORMAT_PCM16",
+        "options": {"seed": "7", "fixedFrames": 3},
+    }
+    out = grpcurl(envoy_address, "vibevoice.tts.v1.TextToSpeech/Synthesize", data=json.dumps(request))
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(chunk) for chunk in out.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert int(events[-1]["summary"]["frames"]) == 3
 
 
 def test_each_gpu_service_holds_only_its_own_weights(mesh):

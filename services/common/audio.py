@@ -29,9 +29,12 @@ MEDIA_TYPES: dict[str, str] = {
     "ogg_opus": "audio/ogg;codecs=opus",
 }
 
-# The containers decode_voice accepts: libsndfile reads more (AIFF, MP3, ...), but the API promises these.
-_VOICE_CONTAINERS = {"WAV", "WAVEX", "RF64", "FLAC", "OGG"}
-_NOT_AUDIO = "not a WAV, FLAC or Ogg audio file"
+# The containers decode_voice accepts: libsndfile reads more (AIFF, CAF, ...), but the API promises these.
+_VOICE_CONTAINERS = {"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3"}
+# Containers whose frame count libsndfile estimates (an MP3 without a Xing/LAME header: from its size and first
+# frame's bit rate): only the samples actually read are held to the length limit.
+_ESTIMATED_FRAMES = {"MP3"}
+_NOT_AUDIO = "not a WAV, FLAC, Ogg or MP3 audio file"
 # libsndfile reports this frame count when the header does not say (a streamed FLAC, an Ogg without an end).
 _UNKNOWN_FRAMES = 2**63 - 1
 _READ_BLOCK = 1 << 16  # frames per read; a fixed size, as a header may claim any sample rate
@@ -75,7 +78,7 @@ def _read_mono(f: sf.SoundFile, limit: int) -> np.ndarray:
 
 
 def decode_voice(data: bytes) -> np.ndarray:
-    """WAV, FLAC or Ogg (Vorbis/Opus) bytes, any rate, any channel count -> float32 mono at 24 kHz."""
+    """WAV, FLAC, Ogg (Vorbis/Opus) or MP3 bytes, any rate, any channel count -> float32 mono at 24 kHz."""
     if not data:
         raise AudioError("the voice file is empty")
     # Checked before decoding so an oversized upload costs nothing.
@@ -98,7 +101,7 @@ def decode_voice(data: bytes) -> np.ndarray:
                 f"{MIN_VOICE_RATE} to {MAX_VOICE_RATE} Hz"
             )
         limit = int(MAX_VOICE_SECONDS * rate)
-        if f.frames != _UNKNOWN_FRAMES and f.frames > limit:
+        if f.frames != _UNKNOWN_FRAMES and f.frames > limit and f.format not in _ESTIMATED_FRAMES:
             seconds = f.frames / rate
             raise AudioError(f"the voice is {seconds:.1f} s long; the limit is {MAX_VOICE_SECONDS:g} s")
         mono = _read_mono(f, limit)
