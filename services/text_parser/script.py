@@ -2,7 +2,8 @@
 
 The rules are the reference processor's: a turn is a line matching `^Speaker\\s+(\\d+)\\s*:\\s*(.*)$`
 (case-insensitive); other lines are skipped with a warning; if the smallest speaker number is above 0, every
-number is shifted down by one (Speaker 1..4 become the model's speakers 0..3).
+number is shifted down by one (Speaker 1..4 become the model's speakers 0..3). A byte-order mark before the first
+line (what some editors save UTF-8 files with) is not part of the script.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def parse_text(text: str) -> ParsedScript:
         raise ScriptError("text", "script is empty")
     turns: list[Turn] = []
     warnings: list[str] = []
+    text = text.removeprefix("\ufeff")
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:

@@ -1,0 +1,14 @@
+"""Scripts as people save them."""
+
+from __future__ import annotations
+
+from services.text_parser.script import parse_text
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_line():
+    # Editors that save UTF-8 with a byte-order mark put U+FEFF before "Speaker 1:", which the turn pattern
+    # would not match: the first line was skipped with a warning.
+    plain = parse_text("Speaker 1: Hello there.\r\nSpeaker 2: Hi!\r\n")
+    marked = parse_text("\ufeffSpeaker 1: Hello there.\r\nSpeaker 2: Hi!\r\n")
+    assert [(t.speaker, t.text) for t in marked.turns] == [(1, "Hello there."), (2, "Hi!")]
+    assert marked.turns == plain.turns and marked.shift == plain.shift and marked.warnings == []
