@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -191,6 +192,47 @@ def test_a_job_runs_is_watched_listed_and_downloaded(jobs_mesh):
 def test_bad_requests_name_the_field(jobs_mesh, call, field):
     code, fields = status_of(lambda: call(jobs(jobs_mesh)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fields and fields[0][0] == field, fields
+
+
+HOSTILE_NAMES = ["jobs/../../etc/passwd", "jobs/" + "a" * 10_000, "jobs/é", "jobs/a\x00b", "", "jobs/", "jobs/a/b",
+                 "JOBS/x", "jobs/-a", "jobs/" + "a" * 64, "x" * 70_000, "jobs/%2e%2e"]  # fmt: skip
+
+
+def test_hostile_calls_get_a_precise_answer(jobs_mesh):
+    """Names, page tokens, offsets and raw bodies no client library would send, straight to the jobs service (through
+    Envoy its rate limiter answers most of them first): each is answered, never with INTERNAL or UNKNOWN."""
+    rng = random.Random(7)
+    channel = grpc.insecure_channel(f"127.0.0.1:{jobs_mesh.ports.jobs}")
+    stub = jobs_pb2_grpc.JobsStub(channel)
+    calls: list[tuple] = []  # (method, request)
+    for name in HOSTILE_NAMES:
+        calls += [
+            (stub.GetJob, jobs_pb2.GetJobRequest(name=name)),
+            (stub.CancelJob, jobs_pb2.CancelJobRequest(name=name)),
+            (stub.DeleteJob, jobs_pb2.DeleteJobRequest(name=name)),
+            (stub.WatchJob, jobs_pb2.WatchJobRequest(name=name, from_frame=2**64 - 1)),
+            (stub.GetJobAudio, jobs_pb2.GetJobAudioRequest(name=name, format=-3)),
+        ]
+    for token in ["x", "=" * 100, "A" * 5000, "bm9uc2Vuc2U=", "LTE=", "OTk5OTk5OTk5OTk5OTk5OTk5OTk5"]:
+        sizes = (0, -(2**31), 2**31 - 1)
+        calls += [(stub.ListJobs, jobs_pb2.ListJobsRequest(page_size=n, page_token=token)) for n in sizes]
+    for method in ["CreateJob", "GetJob", "ListJobs", "CancelJob", "DeleteJob", "WatchJob", "GetJobAudio"]:
+        kind = channel.unary_stream if method in ("WatchJob", "GetJobAudio") else channel.unary_unary
+        raw = kind(f"/vibevoice.tts.v1.Jobs/{method}", request_serializer=bytes, response_deserializer=bytes)
+        calls += [(raw, rng.randbytes(size)) for size in [1, 7, 100, 5000] * 3]
+
+    def code_of(method, req) -> grpc.StatusCode:
+        try:
+            answer = method(req, metadata=key("tests"), timeout=10)
+            if not isinstance(answer, (bytes, type(None))) and not hasattr(answer, "ListFields"):
+                list(answer)  # a stream: read to its end
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    codes = {code_of(method, req) for method, req in calls}
+    assert codes <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OK}, codes
+    assert grpc.StatusCode.INVALID_ARGUMENT in codes
 
 
 def test_create_with_an_id_is_idempotent(jobs_mesh):
