@@ -194,15 +194,20 @@ def test_own_decisions_with_voices_through_the_piece_graphs_stages(ckpt, referen
 
 @pytest.fixture(scope="module")
 def other_shapes(tmp_path_factory):
-    """A checkpoint of other shapes than the tests' (`tiny_config("tiny-other")`) and its reference."""
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("other-shapes") / "ckpt", shape="tiny-other")
+    """A checkpoint of other shapes than the tests' (`tiny_config("tiny-other")`) and its reference, its weights
+    in several files with an index, as published checkpoints are."""
+    path = build_tiny_checkpoint(
+        tmp_path_factory.mktemp("other-shapes") / "ckpt", shape="tiny-other", max_shard_size="20MB"
+    )
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) >= 2
     return resolve_checkpoint(str(path)), (load_reference(path), AutoTokenizer.from_pretrained(path))
 
 
 @pytest.mark.parametrize("with_voices", [False, True], ids=["no-voices", "voices"])
 def test_own_decisions_on_a_checkpoint_of_other_shapes(other_shapes, with_voices):
-    """Grouped query heads of 24 lanes, an untied head, three diffusion layers, kernel-5 convolutions: the
-    engine's page tables, attention and acoustic state are sized from the checkpoint, not from the tests' model."""
+    """Grouped query heads of 24 lanes, an untied head, three diffusion layers, kernel-5 convolutions, sharded
+    weights: the engine's page tables, attention and acoustic state are sized from the checkpoint, not from the tests'
+    model, and each service reads its own tensors from whichever file holds them."""
     ckpt, reference = other_shapes
     model = reference[0]
     if with_voices:

@@ -143,11 +143,16 @@ def _speak_in_segments(model) -> None:
 
 
 def build_tiny_checkpoint(
-    path: str | os.PathLike, shape: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike,
+    shape: str = "tiny",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
 ) -> Path:
     """Write a random-weight checkpoint (config, safetensors, generation config, tokenizer) to `path`.
 
     The full-size shapes (`1.5b`, `7b`) are for benchmarks: build them on the GPU and save them in bfloat16.
+    `max_shard_size` (say "20MB"): weights in several files with an index, as published checkpoints are.
     """
     from transformers import AutoTokenizer, VibeVoiceForConditionalGeneration
 
@@ -167,7 +172,7 @@ def build_tiny_checkpoint(
     setattr(model.config, TINY_MARKER, True)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     AutoTokenizer.from_pretrained(qwen_tokenizer_dir()).save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
