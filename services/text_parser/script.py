@@ -53,7 +53,10 @@ class ParsedScript:
 
 def _finish(turns: list[Turn], warnings: list[str], field_name: str) -> ParsedScript:
     if not turns:
-        raise ScriptError(field_name, "no line in the form 'Speaker N: text'")
+        raise ScriptError(
+            field_name,
+            "no line in the form 'Speaker N: text' (for one narrator, start each paragraph with 'Speaker 1: ')",
+        )
     speakers = sorted({t.speaker for t in turns})
     if len(speakers) > MAX_SPEAKERS:
         raise ScriptError(
