@@ -1148,6 +1148,29 @@ def rss_within(name: str, before: int, after: int) -> bool:
     return -RSS_TOLERANCE * before <= after - before <= RSS_TOLERANCE * before + BOUNDED_CACHE_BYTES.get(name, 0)
 
 
+def settled_rss(
+    processes: dict[str, subprocess.Popen],
+    send: Callable[[Case], object],
+    seconds: int,
+    enough: Callable[[dict[str, int]], bool] | None = None,
+) -> dict[str, int]:
+    """Each process's lowest RSS over `seconds` (or until `enough` of the lowest so far). A service frees a finished
+    call's memory lazily: an idle gateway kept ~500 MiB of 80 refused 10 MB requests for 20 s and let it go only
+    once new calls came in (measured; also with a fixed mmap threshold, so live objects, not the allocator). So a
+    few tiny refused calls go each second."""
+    lowest: dict[str, int] = {}
+    poke = Case(-3, "settle", b"", (("x-api-key", "fuzz-settle"),))
+    for _ in range(seconds):
+        for _ in range(5):
+            send(poke)
+        time.sleep(0.5)
+        for name, value in rss(processes).items():
+            lowest[name] = min(value, lowest.get(name, value))
+        if enough is not None and enough(lowest):
+            break
+    return lowest
+
+
 def rss(processes: dict[str, subprocess.Popen]) -> dict[str, int]:
     out = {}
     for name, proc in processes.items():
@@ -1248,8 +1271,10 @@ def run_fuzz(
         with ThreadPoolExecutor(concurrency + 1) as pool:
             list(pool.map(send, warm))
         gc.collect()
-        time.sleep(1.0)
-        report.rss_before = rss(processes)
+        # Measured as the value after the fuzz is (below): each process's lowest sample while it settles. A single
+        # sample right after the warm-up could catch memory a service had not yet let go of, and the fuzz's
+        # settled value then came out over 10 % below it.
+        report.rss_before = settled_rss(processes, send, 3)
         log(f"fuzz: warm-up done ({len(warm)} calls); sending {requests} requests at {report.rate:.1f}/s")
 
         stop = threading.Event()
@@ -1328,21 +1353,14 @@ def run_fuzz(
             spent += _shrink_all(send, report.observations, observation, shrink_budget - spent)
             log(f"fuzz: shrinking used {spent} calls")
 
-        # Let the services settle, then compare memory. A service frees a finished call's memory lazily: an
-        # idle gateway kept ~500 MiB of 80 refused 10 MB requests for 20 s and let it go only once new calls
-        # came in (measured; also with a fixed mmap threshold, so live objects, not the allocator). So the
-        # settle sends a few tiny refused calls each second, and each process's lowest sample counts.
+        # Let the services settle, then compare memory.
         gc.collect()
-        report.rss_after = {}
-        poke = Case(-3, "settle", b"", (("x-api-key", "fuzz-settle"),))
-        for _ in range(settle_s):
-            for _ in range(5):
-                send(poke)
-            time.sleep(0.5)
-            for name, value in rss(processes).items():
-                report.rss_after[name] = min(value, report.rss_after.get(name, value))
-            if all(rss_within(n, b, report.rss_after[n]) for n, b in report.rss_before.items()):
-                break
+        report.rss_after = settled_rss(
+            processes,
+            send,
+            settle_s,
+            lambda lowest: all(rss_within(n, b, lowest[n]) for n, b in report.rss_before.items()),
+        )
         report.crashes.update({n: p.returncode for n, p in processes.items() if p.poll() is not None})
     finally:
         caller.close()
