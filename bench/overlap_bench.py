@@ -6,7 +6,8 @@ A plain step runs the language model's decode graph over every stream, then the 
 step (the two-GPU issue's halves) could run one half's render while the other half decodes, on two CUDA streams
 of one process. At 64 and 256 streams the decode is bound by KV bandwidth and the render by its kernel count, so
 the two might share the GPU well. This probe replays the engines' own captured graphs, as `vvmesh up` captures
-them, with streams placed at each case's positions (interleaved, so both halves hold the same spread):
+them, with streams placed at each case's positions. A half is the graph over slots [0, n/2), replayed for both
+halves: the positions are interleaved, so those slots hold the same spread of lengths as the other half.
 
 - plain: decode(n), then render(n), on one stream;
 - halves in turn on one stream: decode(A), render(A), decode(B), render(B);

@@ -21,3 +21,8 @@ def test_a_narration_without_speakers_is_refused_with_the_way_to_write_it():
         parse_text("Once upon a time there was a model.\n\nIt spoke in segments.\n")
     assert err.value.field == "text"
     assert "no line in the form 'Speaker N: text'" in err.value.reason and "'Speaker 1: '" in err.value.reason
+
+
+def test_a_byte_order_mark_alone_is_an_empty_script():
+    with pytest.raises(ScriptError, match="script is empty"):
+        parse_text("\ufeff\n")

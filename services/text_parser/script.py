@@ -94,11 +94,11 @@ def check_turn_count(count: int) -> None:
 def parse_text(text: str) -> ParsedScript:
     if len(text.encode()) > MAX_SCRIPT_BYTES:
         raise ScriptError("text", f"script is {len(text.encode())} bytes; the limit is {MAX_SCRIPT_BYTES}")
+    text = text.removeprefix("\ufeff")  # str.strip() keeps it: a mark alone would pass for a script
     if not text.strip():
         raise ScriptError("text", "script is empty")
     turns: list[Turn] = []
     warnings: list[str] = []
-    text = text.removeprefix("\ufeff")
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
